@@ -1,0 +1,201 @@
+"""IHipConfig: the one frozen configuration of the infinitehip backend.
+
+Options arrive as ``torch.compile(..., options={...})``, as an ``IHipConfig`` object, or as a JSON
+file of the same keys through the CLI. They are validated once, here; every error names the key
+and what is allowed. The object is hashable (value types only) so it can key caches and appear in
+every report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ROPE_REMAP_MODES = ("auto", "always", "off")
+
+# Decode refresh presets of the InfiniteHiP paper: steps between recomputations of each stage.
+REFRESH_PRESETS = {"fast": (16, 8, 4), "default": (32, 16, 8), "long": (96, 24, 8)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning stage: split candidates into ``chunk_size``-token chunks, keep ``keep_tokens``."""
+
+    chunk_size: int
+    keep_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1 or self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"stages: chunk_size must be a power of two >= 1, got {self.chunk_size}")
+        if self.keep_tokens < self.chunk_size or self.keep_tokens % self.chunk_size:
+            raise ValueError(
+                f"stages: keep_tokens must be a positive multiple of chunk_size "
+                f"({self.chunk_size}), got {self.keep_tokens}"
+            )
+
+
+DEFAULT_STAGES = (Stage(256, 32768), Stage(32, 8192), Stage(8, 2048))
+ALL_PASSES = (
+    "match_rope",
+    "match_attention",
+    "rewrite_attention",
+    "remove_dead_code",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IHipConfig:
+    # --- when to stay dense -------------------------------------------------------------------
+    dense_below_tokens: int = 8192
+    dense_layers: frozenset[int] = frozenset()
+    # --- selection ----------------------------------------------------------------------------
+    block_size_q: int = 64
+    sink_tokens: int = 256
+    sliding_window_tokens: int = 1024
+    selected_tokens: int = 2048
+    stages: tuple[Stage, ...] = DEFAULT_STAGES
+    wide_layers: frozenset[int] = frozenset({0, 1, 2})
+    # --- decode -------------------------------------------------------------------------------
+    refresh_intervals: tuple[int, ...] = REFRESH_PRESETS["default"]
+    # --- RoPE beyond the training window -------------------------------------------------------
+    rope_remap: str = "auto"
+    trained_context_tokens: int | None = None
+    # --- offload ------------------------------------------------------------------------------
+    offload_kv: bool = False
+    gpu_cache_tokens: int = 65536
+    # --- pipeline and reports -----------------------------------------------------------------
+    passes: tuple[str, ...] = ALL_PASSES
+    report_dir: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_int(self, "dense_below_tokens", minimum=0)
+        _check_int(self, "block_size_q", minimum=1)
+        _check_int(self, "sink_tokens", minimum=0)
+        _check_int(self, "sliding_window_tokens", minimum=0)
+        _check_int(self, "selected_tokens", minimum=0)
+        _check_int(self, "gpu_cache_tokens", minimum=1)
+        if self.trained_context_tokens is not None:
+            _check_int(self, "trained_context_tokens", minimum=1)
+        if self.block_size_q & (self.block_size_q - 1):
+            raise ValueError(f"block_size_q must be a power of two, got {self.block_size_q}")
+        if not self.stages:
+            raise ValueError("stages must name at least one (chunk_size, keep_tokens) stage")
+        for earlier, later in zip(self.stages, self.stages[1:]):
+            if later.chunk_size > earlier.chunk_size or later.keep_tokens > earlier.keep_tokens:
+                raise ValueError(
+                    "stages must shrink: each stage's chunk_size and keep_tokens at most the "
+                    f"previous one's, got {earlier} then {later}"
+                )
+        if self.selected_tokens % self.block_size_k:
+            raise ValueError(
+                f"selected_tokens must be a multiple of the last stage's chunk_size "
+                f"({self.block_size_k}), got {self.selected_tokens}"
+            )
+        if len(self.refresh_intervals) != len(self.stages) or min(self.refresh_intervals) < 1:
+            raise ValueError(
+                f"refresh_intervals needs one positive interval per stage ({len(self.stages)}), "
+                f"or a preset name in {sorted(REFRESH_PRESETS)}; got {self.refresh_intervals}"
+            )
+        if self.rope_remap not in ROPE_REMAP_MODES:
+            raise ValueError(f"rope_remap must be one of {ROPE_REMAP_MODES}, got {self.rope_remap!r}")
+        unknown = [name for name in self.passes if name not in ALL_PASSES]
+        if unknown:
+            raise ValueError(f"passes: unknown pass names {unknown}; allowed: {list(ALL_PASSES)}")
+        for name in ("dense_layers", "wide_layers"):
+            if any(not isinstance(i, int) or i < 0 for i in getattr(self, name)):
+                raise ValueError(f"{name} must hold layer indices >= 0, got {getattr(self, name)}")
+
+    # --- derived values -----------------------------------------------------------------------
+    @property
+    def block_size_k(self) -> int:
+        """Tokens per final selected block: the last stage's chunk size."""
+        return self.stages[-1].chunk_size
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able view, sorted keys (used by reports and the CLI)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "stages":
+                value = [[s.chunk_size, s.keep_tokens] for s in value]
+            elif isinstance(value, (frozenset, tuple)):
+                value = sorted(value) if isinstance(value, frozenset) else list(value)
+            out[f.name] = value
+        return dict(sorted(out.items()))
+
+    # --- constructors -------------------------------------------------------------------------
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | IHipConfig | None) -> IHipConfig:
+        """Build from ``torch.compile(options=...)``; unknown keys raise ``ValueError``."""
+        if options is None:
+            return cls()
+        if isinstance(options, IHipConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"options must be a dict or IHipConfig, got {type(options).__name__}")
+        allowed = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+        return cls(**{k: _coerce(k, v) for k, v in options.items()})
+
+    @classmethod
+    def from_json(cls, path: str) -> IHipConfig:
+        with open(path) as f:
+            return cls.from_options(json.load(f))
+
+    @classmethod
+    def from_env(cls, base: IHipConfig | None = None) -> IHipConfig:
+        """Apply ``IHIP_<OPTION>`` environment variables (JSON values) on top of ``base``.
+
+        Example: ``IHIP_DENSE_BELOW_TOKENS=16384``, ``IHIP_REPORT_DIR='"reports/x"'`` (a bare
+        string that is not valid JSON is taken as a string).
+        """
+        base = base or cls()
+        updates = {}
+        for f in dataclasses.fields(cls):
+            raw = os.environ.get(f"IHIP_{f.name.upper()}")
+            if raw is None or f.name == "extra":
+                continue
+            try:
+                updates[f.name] = json.loads(raw)
+            except json.JSONDecodeError:
+                updates[f.name] = raw
+        if not updates:
+            return base
+        merged = {**base.as_dict(), **updates}
+        return cls.from_options(merged)
+
+
+def _check_int(config: IHipConfig, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn JSON-style values (lists, preset names) into the dataclass's value types."""
+    if name == "stages":
+        try:
+            return tuple(s if isinstance(s, Stage) else Stage(*s) for s in value)
+        except TypeError as e:
+            raise ValueError(
+                f"stages must be a list of (chunk_size, keep_tokens) pairs, got {value!r}"
+            ) from e
+    if name == "refresh_intervals" and isinstance(value, str):
+        if value not in REFRESH_PRESETS:
+            raise ValueError(
+                f"refresh_intervals preset must be one of {sorted(REFRESH_PRESETS)}, got {value!r}"
+            )
+        return REFRESH_PRESETS[value]
+    if name in ("dense_layers", "wide_layers"):
+        return frozenset(value)
+    if name in ("refresh_intervals", "passes"):
+        return tuple(value)
+    return value
