@@ -2,10 +2,27 @@
 
     fast = torch.compile(model, backend="infinitehip", options={...})
 
-Importing this package registers nothing with Dynamo (the backend is found through the
-``torch_dynamo_backends`` entry point); it loads the ``ihip::`` ops lazily when a backend runs.
+The backend is found through the ``torch_dynamo_backends`` entry point, so no import of this package
+is needed for that. Public names are loaded on first use, keeping ``import ihip_compile`` light.
 """
+
+import importlib
 
 from ihip_compile.config import IHipConfig, Stage
 
-__all__ = ["IHipConfig", "Stage"]
+_LAZY = {
+    "backend": "ihip_compile.backend",
+    "hip_attention": "ihip_compile.attention",
+    "select_blocks": "ihip_compile.attention",
+    "OffloadedCache": "ihip_compile.offload",
+}
+
+__all__ = ["IHipConfig", "Stage", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ihip_compile' has no attribute {name!r}")

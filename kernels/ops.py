@@ -25,8 +25,8 @@ _ATTENTION_SCHEMA = (
 
 # rope_layout values: how the model rotated q and k before attention (0: no RoPE found).
 ROPE_NONE, ROPE_ROTATE_HALF, ROPE_INTERLEAVED = 0, 1, 2
-# pruning_rope values: positions given to keys while scoring chunks (DESIGN.md section 3).
-PRUNING_ROPE_RELATIVE, PRUNING_ROPE_CHUNK_INDEXED = 0, 1
+# pruning_rope values (positions given to keys while scoring chunks) and remap_beyond_tokens
+# (-1: never remap) are chosen per layer by ihip_compile.layer_policy.
 
 _lib = torch.library.Library("ihip", "DEF")
 _lib.define("attention" + _ATTENTION_SCHEMA)
