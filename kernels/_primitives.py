@@ -1,0 +1,114 @@
+"""Small ``@triton.jit`` helpers shared by the kernels: RoPE re-positioning, gathered row loads,
+soft-capping and the online-softmax update.
+
+``rotate_by_delta`` follows ``rope_delta_ref.rotate_by_delta`` (its torch reference and spec):
+rows already rotated at their true positions are turned by ``delta`` more positions, in fp32.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rope_pairing(cols, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr):
+    """Per column: partner column, sign, frequency index, and whether the column rotates."""
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    if LAYOUT == 1:  # rotate_half: pairs (c, c + R/2)
+        first = cols < HALF
+        partner = tl.where(first, cols + HALF, cols - HALF)
+        freq_index = cols % HALF
+    else:  # interleaved: pairs (2i, 2i + 1)
+        first = cols % 2 == 0
+        partner = tl.where(first, cols + 1, cols - 1)
+        freq_index = cols // 2
+    rotated = cols < ROTARY_DIM
+    partner = tl.where(rotated, partner, cols)
+    sign = tl.where(first, -1.0, 1.0)
+    freq_index = tl.minimum(freq_index, HALF - 1)
+    return partner, sign, freq_index, rotated
+
+
+@triton.jit
+def rotate_by_delta(x, x_partner, delta, freq, sign, rotated):
+    """x, x_partner [N, D] fp32; delta [N] positions; freq, sign, rotated [D] -> [N, D] fp32."""
+    angle = delta.to(tl.float32)[:, None] * freq[None, :]
+    turned = x * tl.cos(angle) + sign[None, :] * x_partner * tl.sin(angle)
+    return tl.where(rotated[None, :], turned, x)
+
+
+@triton.jit
+def load_rows(base_ptr, rows, row_ok, stride_row, cols, col_ok):
+    """Gather rows [N] of a row-major matrix -> [N, BLOCK_D] (masked entries are 0)."""
+    ptrs = base_ptr + rows[:, None] * stride_row + cols[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def load_rows_moved(base_ptr, rows, row_ok, stride_row, cols, col_ok, delta, inv_freq_ptr,
+                    ROPE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr):
+    """``load_rows``, then (ROPE) rotate each row by ``delta`` positions; keeps the input dtype."""
+    x = load_rows(base_ptr, rows, row_ok, stride_row, cols, col_ok)
+    if ROPE:
+        partner, sign, freq_index, rotated = rope_pairing(cols, ROTARY_DIM, LAYOUT)
+        freq = tl.load(inv_freq_ptr + freq_index).to(tl.float32)
+        x_partner = load_rows(base_ptr, rows, row_ok, stride_row, partner, col_ok)
+        moved = rotate_by_delta(x.to(tl.float32), x_partner.to(tl.float32), delta, freq, sign,
+                                rotated)
+        x = moved.to(x.dtype)
+    return x
+
+
+@triton.jit
+def soft_cap(scores, SOFTCAP: tl.constexpr, softcap):
+    """Gemma 2's ``c * tanh(s / c)`` when SOFTCAP, else the scores unchanged (fp32)."""
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): tl has no tanh on every backend (interpreter included).
+        scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+    return scores
+
+
+@triton.jit
+def online_softmax_update(acc, running_max, running_sum, scores, v, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of scores [M, N] (fp32, -inf = masked) and values [N, D] into the state."""
+    new_max = tl.maximum(running_max, tl.max(scores, 1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # all masked so far: no NaN
+    alpha = tl.exp(running_max - safe_max)
+    p = tl.exp(scores - safe_max[:, None])
+    running_sum = running_sum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, new_max, running_sum
+
+
+@triton.jit
+def attended_slots(slot, blocks_row_ptr, topk, sink, win_lo, win_len, n_valid, s_k,
+                   BLOCK_K: tl.constexpr):
+    """Map slot numbers of a query block's key list (sinks, selected blocks, window) to keys.
+
+    Returns key index, usable flag, is-selected, is-window and the RoPE renumbering delta of each
+    slot (``block_sparse_attention_ref`` has the rules).
+    """
+    n_sel = topk * BLOCK_K
+    is_sink = slot < sink
+    is_sel = (slot >= sink) & (slot < sink + n_sel)
+    u = slot - sink
+    rank = u // BLOCK_K
+    block = tl.load(blocks_row_ptr + rank, mask=is_sel, other=-1)
+    sel_start = block * BLOCK_K
+    w = slot - sink - n_sel
+    is_win = (w >= 0) & (w < win_len)
+    key = tl.where(is_sink, slot, tl.where(is_sel, sel_start + u % BLOCK_K, win_lo + w))
+    ok = (is_sink | (is_sel & (block >= 0)) | is_win) & (key < s_k) & (key >= 0)
+    delta = tl.where(is_sink, win_lo - sink - n_valid * BLOCK_K,
+                     tl.where(is_sel, win_lo - sel_start - (n_valid - rank) * BLOCK_K, 0))
+    return key, ok, is_sel, is_win, delta
+
+
+@triton.jit
+def visible_slots(key, ok, is_sel, is_win, pos, sink, window):
+    """[M, N] visibility of slot keys [N] to queries at key indices ``pos`` [M]: causal, the
+    selected blocks outside each query's window, the window inside it (disjoint sets)."""
+    k2, p2 = key[None, :], pos[:, None]
+    vis = ok[None, :] & (k2 <= p2)
+    vis = vis & (~is_sel[None, :] | ((k2 <= p2 - window) & (k2 >= sink)))
+    vis = vis & (~is_win[None, :] | (k2 >= tl.maximum(p2 - window + 1, sink)))
+    return vis

@@ -1,0 +1,169 @@
+"""Hierarchical block selection: pruning stages as data, chained on the device without host syncs.
+
+Stage i splits every candidate into ``stage_chunks[i]``-token chunks, scores each chunk with one
+probe search (``prune_stage_ref`` is the spec, ``prune_stage`` the Triton kernel) and keeps the
+best ``stage_keeps[i]`` tokens' worth of chunks. Between stages (plain torch ops on the device,
+shapes fixed by the arguments, so the whole chain can be captured in a CUDA graph):
+    top-k of the chunk scores -> empty slots (-inf) become -1 -> sort by position (-1 last)
+    -> split each kept chunk into the next stage's chunks
+The last stage keeps ``min(stage_keeps[-1], selected_tokens)`` tokens; its chunks are the
+8-token (``BLOCK_K``) blocks the attention reads.
+
+Per query block (``block_size_q`` queries, or all S_Q queries when fewer), candidates are keys in
+``[sink_tokens, key_hi)`` with ``key_hi = last query position - window_tokens + 1``: every older
+key that is neither a sink nor in the sliding window of the block's last query. The attention
+masks per query, so overlaps with a query's own window are never counted twice.
+
+Reuse across decode steps: ``select_blocks(..., return_stages=True)`` returns each stage's kept
+chunk starts; ``select_blocks(..., start_stage=i, candidates=stages[i - 1])`` re-runs only stages
+i.. from a cached output of stage i - 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ihip_compile.kernels.prune_stage_ref import score_chunks_ref
+
+_EMPTY_LAST = torch.iinfo(torch.int32).max
+
+
+def query_blocks(q_positions: torch.Tensor, batch: int, s_q: int, block_size_q: int):
+    """Query block size actually used and each block's first/last position, both [B, NQB] int32."""
+    pos = q_positions if q_positions.dim() == 2 else q_positions.unsqueeze(0)
+    pos = pos.expand(batch, s_q).to(torch.int32)
+    block_q = min(block_size_q, 1 << (s_q - 1).bit_length())
+    n_blocks = -(-s_q // block_q)
+    pad = n_blocks * block_q - s_q
+    if pad:
+        pos = torch.cat([pos, pos[:, -1:].expand(batch, pad)], dim=1)
+    blocks = pos.view(batch, n_blocks, block_q)
+    return block_q, blocks.amin(-1), blocks.amax(-1)
+
+
+def pool_queries(q: torch.Tensor, block_q: int, pool: int) -> torch.Tensor:
+    """[B, H, S_Q, D] -> [B, H, NQB, block_q // pool, D]: mean of ``pool`` consecutive queries.
+
+    The last block is padded by repeating the last query (it only adds a duplicate to a max).
+    """
+    b, h, s_q, d = q.shape
+    n_blocks = -(-s_q // block_q)
+    pad = n_blocks * block_q - s_q
+    if pad:
+        q = torch.cat([q, q[:, :, -1:].expand(b, h, pad, d)], dim=2)
+    pooled = q.float().view(b, h, n_blocks, block_q // pool, pool, d).mean(4)
+    return pooled.to(q.dtype)
+
+
+def candidate_window_end(pos_max: torch.Tensor, sink_tokens: int, window_tokens: int, s_k: int):
+    """Exclusive end of the selectable keys per query block: where the window begins."""
+    end = pos_max + 1 - window_tokens
+    return end.clamp(min=sink_tokens).clamp(max=s_k).to(torch.int32)
+
+
+def keep_best_chunks(scores: torch.Tensor, starts: torch.Tensor, keep: int) -> torch.Tensor:
+    """Top-``keep`` chunks by score, sorted by position; empty or unusable slots become -1 (last)."""
+    if keep < scores.shape[-1]:
+        scores, picked = torch.topk(scores, keep, dim=-1, sorted=False)
+        starts = torch.gather(starts.expand(scores.shape[:-1] + starts.shape[-1:]), -1, picked)
+    starts = torch.where(scores == float("-inf"), _EMPTY_LAST, starts.to(torch.int32))
+    starts = torch.sort(starts, dim=-1).values
+    return torch.where(starts == _EMPTY_LAST, -1, starts)
+
+
+def split_chunks(starts: torch.Tensor, chunk: int, next_chunk: int) -> torch.Tensor:
+    """[B, NQB, N] chunk starts -> [B, NQB, N * chunk / next_chunk] starts of the sub-chunks."""
+    if chunk == next_chunk:
+        return starts
+    offsets = torch.arange(0, chunk, next_chunk, device=starts.device, dtype=torch.int32)
+    parts = starts[..., None] + offsets
+    parts = torch.where(starts[..., None] < 0, -1, parts)
+    return parts.flatten(-2)
+
+
+def _check_stages(stage_chunks, stage_keeps, selected_tokens):
+    if len(stage_chunks) == 0 or len(stage_chunks) != len(stage_keeps):
+        raise ValueError(
+            f"stage_chunks and stage_keeps need the same non-zero length, got {list(stage_chunks)}"
+            f" and {list(stage_keeps)}"
+        )
+    for i, (chunk, keep) in enumerate(zip(stage_chunks, stage_keeps)):
+        if chunk < 1 or chunk & (chunk - 1) or keep < chunk or keep % chunk:
+            raise ValueError(
+                f"stage {i}: chunk size must be a power of two and keep a multiple of it, "
+                f"got chunk {chunk}, keep {keep}"
+            )
+        if i and (chunk > stage_chunks[i - 1] or keep > stage_keeps[i - 1]):
+            raise ValueError(f"stages must shrink, got {list(zip(stage_chunks, stage_keeps))}")
+    if selected_tokens < stage_chunks[-1] or selected_tokens % stage_chunks[-1]:
+        raise ValueError(
+            f"selected_tokens must be a positive multiple of the last chunk size "
+            f"({stage_chunks[-1]}), got {selected_tokens}"
+        )
+
+
+def select_blocks(
+    q: torch.Tensor,  # [B, H, S_Q, D]
+    k: torch.Tensor,  # [B, H_KV, S_K, D]
+    q_positions: torch.Tensor,  # [S_Q] or [B, S_Q] key index of each query
+    *,
+    block_size_q: int = 64,
+    sink_tokens: int = 256,
+    window_tokens: int = 1024,
+    selected_tokens: int = 2048,
+    stage_chunks=(256, 32, 8),
+    stage_keeps=(32768, 8192, 2048),
+    rope_mode: int = 0,
+    inv_freq: torch.Tensor | None = None,
+    rotary_dim: int = 0,
+    rope_layout: int = 0,
+    query_pool: int = 4,
+    start_stage: int = 0,
+    candidates: torch.Tensor | None = None,
+    return_stages: bool = False,
+    use_triton: bool | None = None,
+):
+    """Sorted selected block indices [B, NQB, TOPK] int32 (block j = keys [8j, 8j + 8)), -1 last.
+
+    With ``return_stages=True`` returns ``(block_indices, stages)``, ``stages[i]`` being the kept
+    chunk starts of stage i ([B, NQB, keep_i / chunk_i] int32, sorted, -1 last).
+    """
+    _check_stages(stage_chunks, stage_keeps, selected_tokens)
+    if not 0 <= start_stage < len(stage_chunks):
+        raise ValueError(f"start_stage must be in [0, {len(stage_chunks)}), got {start_stage}")
+    if (start_stage > 0) != (candidates is not None):
+        raise ValueError("candidates (stage start_stage - 1's output) is needed iff start_stage > 0")
+    b, h, s_q, _ = q.shape
+    s_k = k.shape[2]
+    if use_triton is None:
+        use_triton = q.is_cuda
+    if use_triton:
+        from ihip_compile.kernels.prune_stage import score_chunks
+    else:
+        score_chunks = score_chunks_ref
+    block_q, _, pos_max = query_blocks(q_positions.to(q.device), b, s_q, block_size_q)
+    q_pooled = pool_queries(q, block_q, min(query_pool, block_q))
+    key_hi = candidate_window_end(pos_max, sink_tokens, window_tokens, s_k)
+    keeps = list(stage_keeps)
+    keeps[-1] = min(keeps[-1], selected_tokens)
+    if start_stage == 0:
+        first = stage_chunks[0]
+        starts = torch.arange(0, s_k, first, device=k.device, dtype=torch.int32)
+        starts = starts.expand(b, pos_max.shape[1], -1)
+    else:
+        starts = split_chunks(candidates, stage_chunks[start_stage - 1], stage_chunks[start_stage])
+    stages = []
+    for i in range(start_stage, len(stage_chunks)):
+        chunk = stage_chunks[i]
+        if i > start_stage:
+            starts = split_chunks(starts, stage_chunks[i - 1], chunk)
+        scores = score_chunks(
+            q_pooled, k, starts, key_hi, pos_max, key_lo=sink_tokens, chunk_size=chunk,
+            rope_mode=rope_mode, inv_freq=inv_freq, rotary_dim=rotary_dim,
+            rope_layout=rope_layout, window_tokens=window_tokens,
+        )
+        starts = keep_best_chunks(scores, starts, keeps[i] // chunk)
+        stages.append(starts)
+    last = stage_chunks[-1]
+    blocks = torch.where(starts < 0, -1, starts // last).to(torch.int32)
+    return (blocks, stages) if return_stages else blocks

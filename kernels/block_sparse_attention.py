@@ -1,0 +1,110 @@
+"""Triton prefill kernel of block-sparse attention (InfiniteHiP section 3, final step).
+
+Spec: ``block_sparse_attention_ref`` (same arguments). One program per (query block, query head):
+the query block's key list (sinks, selected 8-key blocks, sliding window) is walked in tiles of
+BLOCK_N slots; keys and values are gathered by index (GQA: head h reads KV head h // GROUP, K/V
+never expanded), keys optionally re-positioned by RoPE delta rotation (StreamingLLM renumbering),
+scores folded into an online softmax.
+
+Changes vs hip-attention: one walk over a unified slot list instead of separate sink/window/sparse
+passes; the window is per query block and masked per query, so the three key sets are disjoint.
+Caution: the window length per block is read on the device, so spread-out q_positions inside one
+block (not consecutive) make that block's walk longer, never wrong.
+Differences vs the reference: probabilities are cast to V's dtype tile by tile (flash-style
+rescaling), the reference casts once after an exact softmax.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ihip_compile.kernels._primitives import (
+    attended_slots, load_rows, load_rows_moved, online_softmax_update, soft_cap, visible_slots,
+)
+from ihip_compile.kernels.block_sparse_attention_ref import attention_block_plan
+from ihip_compile.kernels.block_selection import query_blocks
+
+
+@triton.jit
+def _block_sparse_attention_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, blocks_ptr, win_lo_ptr, win_len_ptr, n_valid_ptr,
+    inv_freq_ptr, out_ptr,
+    s_q, s_k, block_q, n_blocks, topk, sink, window, head_dim, scale, softcap,
+    stride_q_b, stride_q_h, stride_q_s, stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s, stride_o_b, stride_o_h, stride_o_s,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    blk, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = blk * block_q + tl.arange(0, BLOCK_Q)
+    row_ok = (tl.arange(0, BLOCK_Q) < block_q) & (rows < s_q)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < head_dim
+    pos = tl.load(pos_ptr + b * s_q + rows, mask=row_ok, other=-1)
+    q = load_rows(q_ptr + b * stride_q_b + h * stride_q_h, rows, row_ok, stride_q_s, cols, col_ok)
+    plan = b * n_blocks + blk
+    win_lo, win_len = tl.load(win_lo_ptr + plan), tl.load(win_len_ptr + plan)
+    n_valid = tl.load(n_valid_ptr + plan)
+    kv = h // GROUP
+    k_base = k_ptr + b * stride_k_b + kv * stride_k_h
+    v_base = v_ptr + b * stride_v_b + kv * stride_v_h
+    blocks_row = blocks_ptr + plan * topk
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    running_max = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((BLOCK_Q,), tl.float32)
+    total = sink + topk * BLOCK_K + win_len
+    for start in range(0, total, BLOCK_N):
+        slot = start + tl.arange(0, BLOCK_N)
+        key, ok, is_sel, is_win, delta = attended_slots(
+            slot, blocks_row, topk, sink, win_lo, win_len, n_valid, s_k, BLOCK_K)
+        keys = load_rows_moved(k_base, key, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
+                               REMAP, ROTARY_DIM, LAYOUT)
+        scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
+        scores = soft_cap(scores, SOFTCAP, softcap)
+        vis = visible_slots(key, ok, is_sel, is_win, pos, sink, window)
+        scores = tl.where(vis, scores, float("-inf"))
+        values = load_rows(v_base, key, ok, stride_v_s, cols, col_ok)
+        acc, running_max, running_sum = online_softmax_update(
+            acc, running_max, running_sum, scores, values, DOT_PRECISION)
+    out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+    o_ptrs = out_ptr + b * stride_o_b + h * stride_o_h + rows[:, None] * stride_o_s + cols[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def block_sparse_attention(
+    q, k, v, q_positions, block_indices, *, scale: float, block_size_q: int, sink_tokens: int,
+    window_tokens: int, block_size_k: int = 8, softcap: float = 0.0, remap: bool = False,
+    inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
+):
+    """Triton twin of ``block_sparse_attention_ref``: q [B, H, S_Q, D], k/v [B, H_KV, S_K, D],
+    q_positions [B, S_Q], block_indices [B, NQB, TOPK] int32 (NQB from ``query_blocks``)."""
+    b, h, s_q, d = q.shape
+    h_kv, s_k = k.shape[1], k.shape[2]
+    pos = q_positions.expand(b, s_q).to(torch.int32).contiguous()
+    block_q, pos_min, pos_max = query_blocks(pos, b, s_q, block_size_q)
+    nqb, topk = block_indices.shape[1], block_indices.shape[2]
+    if block_indices.shape[0] != b or nqb != -(-s_q // block_q):
+        raise ValueError(f"block_indices must be [B={b}, NQB={-(-s_q // block_q)}, TOPK], "
+                         f"got {tuple(block_indices.shape)}")
+    win_lo, win_len, n_valid = attention_block_plan(pos_min, pos_max, block_indices,
+                                                     sink_tokens, window_tokens)
+    rope = remap and rope_layout != 0
+    out = torch.empty_like(q)
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    grid = (nqb, h, b)
+    _block_sparse_attention_kernel[grid](
+        q, k, v, pos, block_indices.to(torch.int32).contiguous(), win_lo.contiguous(),
+        win_len.contiguous(), n_valid.contiguous(),
+        inv_freq.float().contiguous() if rope else win_lo, out,
+        s_q, s_k, block_q, nqb, topk, min(sink_tokens, s_k), window_tokens, d, scale, softcap,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        GROUP=h // h_kv, BLOCK_Q=max(16, block_q), BLOCK_N=64, BLOCK_K=block_size_k,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), SOFTCAP=softcap > 0, REMAP=rope,
+        ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out

@@ -1,0 +1,144 @@
+"""Triton kernel of one pruning stage: score every candidate chunk by a halving probe search.
+
+Algorithm and shapes: ``prune_stage_ref.score_chunks_ref`` (the spec); InfiniteHiP section 3.
+One program scores CHUNK_TILE chunks of one query block: log2(CHUNK) halving steps, each probing
+the middle key of both halves for every KV head (keys gathered, never expanded for GQA; the query
+rows of a KV head are its GROUP query heads times NPQ pooled queries, one tensor-core product).
+
+Changes vs hip-attention: one stage kernel reused for every stage (stages are data), scores are
+the max over all heads of the layer (one selection per layer), RoPE is re-applied to the cached
+(already rotated) keys by a delta rotation instead of rotating raw keys.
+Caution: the halving search can miss an isolated high key whose chunk's probes are all low; a
+needle a few dozen keys wide is found (tests/kernels/test_block_selection.py).
+Differences vs the reference: probes that tie exactly (s_right == s_left) keep the left half in
+both; fp32 inputs use IEEE products so that ties are as rare as in the reference.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ihip_compile.kernels._primitives import load_rows_moved
+from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE
+from ihip_compile.kernels.prune_stage_ref import RELATIVE_QUERY_DISTANCE
+
+
+@triton.jit
+def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos, s_k,
+                 n_chunks, window_tokens, stride_k_h, stride_k_s, stride_q_h, head_dim,
+                 H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr,
+                 QROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                 ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, CHUNK_TILE: tl.constexpr):
+    """Max over heads and pooled queries of <q, key at probe> for CHUNK_TILE probes -> [CHUNK_TILE]."""
+    probe = tl.minimum(tl.maximum(probe, vlo), vhi - 1)
+    probe = tl.minimum(tl.maximum(probe, 0), s_k - 1)
+    if ROPE_MODE == 1:
+        delta = block_pos - RELATIVE_QUERY_DISTANCE - probe
+    elif ROPE_MODE == 2:
+        query_at = tl.minimum(block_pos, n_chunks + window_tokens)
+        delta = probe // CHUNK - probe - (query_at - block_pos)
+    else:
+        delta = probe * 0
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < head_dim
+    rows = tl.arange(0, QROWS)
+    row_ok = rows < GROUP * NPQ
+    q_row_offsets = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
+    score = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
+    for g in range(H_KV):
+        keys = load_rows_moved(k_ptr + g * stride_k_h, probe, usable, stride_k_s, cols, col_ok,
+                               delta, inv_freq_ptr, ROPE_MODE != 0, ROTARY_DIM, LAYOUT)
+        q_ptrs = q_ptr + g * GROUP * stride_q_h + q_row_offsets[:, None] + cols[None, :]
+        queries = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)  # [TILE, QROWS]
+        dots = tl.where(row_ok[None, :], dots, float("-inf"))
+        score = tl.maximum(score, tl.max(dots, 1))
+    return score
+
+
+@triton.jit
+def _score_chunks_kernel(
+    q_ptr, k_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr,
+    n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim,
+    stride_q_b, stride_q_h, stride_q_blk, stride_k_b, stride_k_h, stride_k_s,
+    stride_c_b, stride_c_blk,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
+    CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, CHUNK_TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr,
+    LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile, blk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n = tile * CHUNK_TILE + tl.arange(0, CHUNK_TILE)
+    n_ok = n < n_cand
+    starts = tl.load(starts_ptr + b * stride_c_b + blk * stride_c_blk + n, mask=n_ok, other=-1)
+    key_hi = tl.load(key_hi_ptr + b * n_blocks + blk)
+    block_pos = tl.load(block_pos_ptr + b * n_blocks + blk)
+    vlo = tl.maximum(starts, key_lo)
+    vhi = tl.minimum(starts + CHUNK, key_hi)
+    usable = n_ok & (starts >= 0) & (vlo < vhi)
+    q_base = q_ptr + b * stride_q_b + blk * stride_q_blk
+    k_base = k_ptr + b * stride_k_b
+    lo = starts
+    best = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
+    if LOG2_CHUNK == 0:
+        best = _probe_score(q_base, k_base, inv_freq_ptr, lo, usable, vlo, vhi, block_pos, s_k,
+                            n_chunks, window_tokens, stride_k_h, stride_k_s, stride_q_h,
+                            head_dim, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
+                            ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
+    for step in tl.static_range(LOG2_CHUNK):
+        half: tl.constexpr = CHUNK >> (step + 1)
+        s_left = _probe_score(q_base, k_base, inv_freq_ptr, lo + half // 2, usable, vlo, vhi,
+                              block_pos, s_k, n_chunks, window_tokens, stride_k_h, stride_k_s,
+                              stride_q_h, head_dim, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
+                              ROPE_MODE, ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
+        s_right = _probe_score(q_base, k_base, inv_freq_ptr, lo + half + half // 2, usable, vlo,
+                               vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
+                               stride_k_s, stride_q_h, head_dim, H_KV, GROUP, NPQ, QROWS, CHUNK,
+                               BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
+        best = tl.maximum(best, tl.maximum(s_left, s_right))
+        lo = tl.where(s_right > s_left, lo + half, lo)
+    best = tl.where(usable, best, float("-inf"))
+    tl.store(out_ptr + (b * n_blocks + blk) * n_cand + n, best, mask=n_ok)
+
+
+def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
+                 rope_mode: int = 0, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
+                 window_tokens: int = 0):
+    """Triton twin of ``score_chunks_ref`` (same arguments, shapes and result)."""
+    b, h, nqb, npq, d = q_pooled.shape
+    h_kv, s_k = k.shape[1], k.shape[2]
+    if k.dim() != 4 or k.shape[0] != b or k.shape[3] != d or h % h_kv:
+        raise ValueError(f"k must be [B, H_KV, S_K, D] with H % H_KV == 0 for q_pooled "
+                         f"{tuple(q_pooled.shape)}, got {tuple(k.shape)}")
+    if chunk_starts.shape[:2] != (b, nqb) or key_hi.shape != (b, nqb):
+        raise ValueError(f"chunk_starts [B, NQB, N] and key_hi [B, NQB] must match B={b}, "
+                         f"NQB={nqb}; got {tuple(chunk_starts.shape)}, {tuple(key_hi.shape)}")
+    rope = rope_mode in (PRUNE_ROPE_RELATIVE, PRUNE_ROPE_CHUNK_INDEXED) and rope_layout != 0
+    q_pooled = q_pooled.to(k.dtype).contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    starts = chunk_starts.to(torch.int32)
+    if starts.stride(-1) != 1:
+        starts = starts.contiguous()
+    n_cand = starts.shape[-1]
+    out = torch.empty((b, nqb, n_cand), device=k.device, dtype=torch.float32)
+    if n_cand == 0:
+        return out
+    group = h // h_kv
+    tile = 16 if b * nqb * n_cand < 16 * 4096 else 32
+    inv = inv_freq.float().contiguous() if rope else out
+    grid = (triton.cdiv(n_cand, tile), nqb, b)
+    _score_chunks_kernel[grid](
+        q_pooled, k, starts, key_hi.to(torch.int32).contiguous(),
+        block_pos.to(torch.int32).contiguous(), inv, out,
+        n_cand, nqb, s_k, key_lo, -(-s_k // chunk_size), window_tokens, d,
+        q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), starts.stride(0), starts.stride(1),
+        H_KV=h_kv, GROUP=group, NPQ=npq, QROWS=max(16, triton.next_power_of_2(group * npq)),
+        CHUNK=chunk_size, LOG2_CHUNK=chunk_size.bit_length() - 1, CHUNK_TILE=tile,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), ROPE_MODE=rope_mode if rope else 0,
+        ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
+        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+    )
+    return out

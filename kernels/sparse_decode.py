@@ -1,0 +1,154 @@
+"""Triton split-K decode kernel of block-sparse attention (one query token per sequence).
+
+Spec: ``sparse_decode_ref.sparse_decode_ref`` (block-sparse attention with S_Q == 1). The key
+list of the query (sinks, selected 8-key blocks, sliding window; ~3.3k keys at the defaults) is
+cut into NUM_SPLITS contiguous pieces; one program per (split, KV head, batch) walks its piece
+for all GROUP query heads of that KV head at once (each K/V tile is read once for the group),
+and writes a partial (acc, max, sum). A second small kernel merges the splits.
+
+Changes vs hip-attention: GQA handled by putting the group's query heads on the rows of one
+tensor-core product (rows padded to 16) rather than one program per query head.
+Caution: ``block_indices``, ``q_positions`` and the plan are read on the device: nothing here
+synchronises with the host, so a decode step can be captured in a CUDA graph.
+Differences vs the reference: per-split softmax then a log-sum-exp merge (same math, other
+rounding); probabilities cast to V's dtype per tile.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ihip_compile.kernels._primitives import (
+    attended_slots, load_rows, load_rows_moved, online_softmax_update, soft_cap, visible_slots,
+)
+from ihip_compile.kernels.block_sparse_attention_ref import attention_block_plan
+
+
+@triton.jit
+def _sparse_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, blocks_ptr, win_lo_ptr, win_len_ptr, n_valid_ptr,
+    inv_freq_ptr, acc_ptr, max_ptr, sum_ptr,
+    s_k, topk, sink, window, head_dim, scale, softcap, slots_per_split,
+    stride_q_b, stride_q_h, stride_k_b, stride_k_h, stride_k_s, stride_v_b, stride_v_h,
+    stride_v_s,
+    GROUP: tl.constexpr, QROWS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    split, kv, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_kv = tl.num_programs(1)
+    rows = tl.arange(0, QROWS)
+    row_ok = rows < GROUP
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < head_dim
+    heads = kv * GROUP + rows
+    q = load_rows(q_ptr + b * stride_q_b, heads, row_ok, stride_q_h, cols, col_ok)
+    pos = tl.load(pos_ptr + b) + rows * 0
+    win_lo, win_len = tl.load(win_lo_ptr + b), tl.load(win_len_ptr + b)
+    n_valid = tl.load(n_valid_ptr + b)
+    k_base = k_ptr + b * stride_k_b + kv * stride_k_h
+    v_base = v_ptr + b * stride_v_b + kv * stride_v_h
+    acc = tl.zeros((QROWS, BLOCK_D), tl.float32)
+    running_max = tl.full((QROWS,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((QROWS,), tl.float32)
+    total = sink + topk * BLOCK_K + win_len
+    first = split * slots_per_split
+    last = tl.minimum(first + slots_per_split, total)
+    for start in range(first, last, BLOCK_N):
+        slot = start + tl.arange(0, BLOCK_N)
+        key, ok, is_sel, is_win, delta = attended_slots(
+            slot, blocks_ptr + b * topk, topk, sink, win_lo, win_len, n_valid, s_k, BLOCK_K)
+        ok = ok & (slot < last)
+        keys = load_rows_moved(k_base, key, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
+                               REMAP, ROTARY_DIM, LAYOUT)
+        scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
+        scores = soft_cap(scores, SOFTCAP, softcap)
+        vis = visible_slots(key, ok, is_sel, is_win, pos, sink, window)
+        scores = tl.where(vis, scores, float("-inf"))
+        values = load_rows(v_base, key, ok, stride_v_s, cols, col_ok)
+        acc, running_max, running_sum = online_softmax_update(
+            acc, running_max, running_sum, scores, values, DOT_PRECISION)
+    part = (b * n_kv * GROUP + heads) * NUM_SPLITS + split  # [B, H, NUM_SPLITS] order
+    tl.store(acc_ptr + part[:, None] * BLOCK_D + cols[None, :], acc, mask=row_ok[:, None])
+    tl.store(max_ptr + part, running_max, mask=row_ok)
+    tl.store(sum_ptr + part, running_sum, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, head_dim, stride_o_b, stride_o_h,
+                         n_heads, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    h, b = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, SPLITS_P2)
+    split_ok = splits < NUM_SPLITS
+    cols = tl.arange(0, BLOCK_D)
+    base = (b * n_heads + h) * NUM_SPLITS
+    maxes = tl.load(max_ptr + base + splits, mask=split_ok, other=float("-inf"))
+    sums = tl.load(sum_ptr + base + splits, mask=split_ok, other=0.0)
+    accs = tl.load(acc_ptr + (base + splits)[:, None] * BLOCK_D + cols[None, :],
+                   mask=split_ok[:, None], other=0.0)
+    top = tl.max(maxes, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp(maxes - top)
+    total = tl.sum(sums * weight, 0)
+    out = tl.sum(accs * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_o_b + h * stride_o_h + cols, out.to(out_ptr.dtype.element_ty),
+             mask=cols < head_dim)
+
+
+def sparse_decode(
+    q, k, v, block_indices, q_positions=None, *, scale: float, sink_tokens: int,
+    window_tokens: int, block_size_k: int = 8, softcap: float = 0.0, remap: bool = False,
+    inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0, num_splits: int | None = None,
+):
+    """Decode attention for one query token per sequence.
+
+    q [B, H, 1, D]; k, v [B, H_KV, S_K, D]; block_indices [B, 1, TOPK] int32 (sorted, -1 last);
+    q_positions [B, 1] or [1] key index of the query (default: the last key, S_K - 1).
+    Returns [B, H, 1, D] in q's dtype.
+    """
+    b, h, s_q, d = q.shape
+    h_kv, s_k = k.shape[1], k.shape[2]
+    if s_q != 1:
+        raise ValueError(f"sparse_decode takes one query token (S_Q == 1), got S_Q={s_q}")
+    if block_indices.dim() != 3 or tuple(block_indices.shape[:2]) != (b, 1):
+        raise ValueError(f"block_indices must be [B={b}, 1, TOPK], got {tuple(block_indices.shape)}")
+    if q_positions is None:
+        q_positions = torch.full((b, 1), s_k - 1, device=q.device, dtype=torch.int32)
+    pos = q_positions.expand(b, 1).to(torch.int32).contiguous()
+    win_lo, win_len, n_valid = attention_block_plan(pos, pos, block_indices, sink_tokens,
+                                                    window_tokens)
+    topk = block_indices.shape[2]
+    sink = min(sink_tokens, s_k)
+    max_slots = sink + topk * block_size_k + max(window_tokens, 0)
+    block_n = 64
+    if num_splits is None:  # about two programs per SM on an H200, at least one tile each
+        num_splits = max(1, min(triton.cdiv(max_slots, block_n), 264 // max(b * h_kv, 1)))
+    slots_per_split = triton.cdiv(triton.cdiv(max_slots, num_splits), block_n) * block_n
+    block_d = max(16, triton.next_power_of_2(d))
+    acc = torch.empty((b, h, num_splits, block_d), device=q.device, dtype=torch.float32)
+    maxes = torch.empty((b, h, num_splits), device=q.device, dtype=torch.float32)
+    sums = torch.empty_like(maxes)
+    rope = remap and rope_layout != 0
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    group = h // h_kv
+    _sparse_decode_split_kernel[(num_splits, h_kv, b)](
+        q, k, v, pos, block_indices.to(torch.int32).contiguous(), win_lo.contiguous(),
+        win_len.contiguous(), n_valid.contiguous(),
+        inv_freq.float().contiguous() if rope else maxes, acc, maxes, sums,
+        s_k, topk, sink, window_tokens, d, scale, softcap, slots_per_split,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
+        BLOCK_N=block_n, BLOCK_K=block_size_k, BLOCK_D=block_d, SOFTCAP=softcap > 0,
+        REMAP=rope, ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    out = torch.empty_like(q)
+    _merge_splits_kernel[(h, b)](
+        acc, maxes, sums, out, d, out.stride(0), out.stride(1), h, NUM_SPLITS=num_splits,
+        SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+    )
+    return out
