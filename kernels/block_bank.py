@@ -1,0 +1,124 @@
+"""A GPU bank of recently used K/V blocks of one layer, least recently used evicted first.
+
+Host memory holds every block (``kv_store``); reading a block that is not in the bank (a miss)
+copies it from host memory over PCIe into a staging buffer, serves the read from there, and admits
+it into the bank, evicting the least recently used blocks that this read did not touch. Between
+selection refreshes a decode step asks for the same blocks again, so it is served from the bank.
+
+The bookkeeping lives on the bank's device as tensors, so a read costs one host sync (the number
+of misses, needed to size the PCIe copy), not one Python operation per block:
+    slot_of_block  [N_BLOCKS] int64   bank slot holding each block, -1 when it is only in host memory
+    block_of_slot  [N_SLOTS]  int64   block held by each slot, -1 when the slot is free
+    last_used      [N_SLOTS]  int64   read counter value of the slot's last use (-1: never)
+Blocks are written through: tokens appended to a block that is in the bank land in both copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ihip_compile.kernels.block_cache_ref import as_bits, gather_blocks_ref
+
+
+def gather_blocks(bank, staging, slots, staged, *, out_dtype):
+    """Kernel on CUDA, reference elsewhere (the two agree bit for bit, tests/offload)."""
+    if bank.is_cuda:
+        from ihip_compile.kernels.block_cache import gather_blocks as triton_gather
+
+        return triton_gather(bank, staging, slots, staged, out_dtype=out_dtype)
+    return gather_blocks_ref(bank, staging, slots, staged, out_dtype=out_dtype)
+
+
+class BlockBank:
+    """LRU bank of ``n_slots`` blocks; ``tensors`` names what each block carries (keys, values)."""
+
+    def __init__(self, *, n_slots: int, n_blocks: int, block_shapes: dict[str, tuple[int, ...]],
+                 dtype: torch.dtype, device: torch.device):
+        if n_slots < 1:
+            raise ValueError(f"a block bank needs at least one slot, got n_slots={n_slots}")
+        self.n_slots = n_slots
+        # One extra slot at the end absorbs write-through writes to blocks not in the bank.
+        self.tensors = {
+            name: torch.zeros((n_slots + 1, *shape), dtype=dtype, device=device)
+            for name, shape in block_shapes.items()
+        }
+        self.slot_of_block = torch.full((n_blocks,), -1, dtype=torch.int64, device=device)
+        self.block_of_slot = torch.full((n_slots,), -1, dtype=torch.int64, device=device)
+        self.last_used = torch.full((n_slots,), -1, dtype=torch.int64, device=device)
+        self.reads = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def read(self, block_ids: torch.Tensor, host: dict[str, torch.Tensor],
+             out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Blocks ``block_ids`` [N] (distinct) of every tensor, [N, *block_shape] on the device.
+
+        ``host`` holds the full block-major host copies, [N_BLOCKS, *block_shape] each.
+        """
+        device = self.block_of_slot.device
+        block_ids = block_ids.to(device=device, dtype=torch.int64)
+        self.reads += 1
+        slots = self.slot_of_block[block_ids]
+        hit = slots >= 0
+        self.last_used[slots[hit]] = self.reads
+        miss_ids = block_ids[~hit]
+        n_miss = miss_ids.numel()  # the one host sync of a read
+        self.hits += block_ids.numel() - n_miss
+        self.misses += n_miss
+        staged = torch.cumsum((~hit).to(torch.int64), 0) - 1
+        host_rows = miss_ids.cpu()
+        staging = {name: _fetch(host[name], host_rows, device) for name in self.tensors}
+        out = {
+            name: gather_blocks(self.tensors[name][: self.n_slots], staging[name], slots, staged,
+                                out_dtype=out_dtype)
+            for name in self.tensors
+        }
+        self._admit(miss_ids, staging, n_hit=block_ids.numel() - n_miss)
+        return out
+
+    def _admit(self, miss_ids: torch.Tensor, staging: dict[str, torch.Tensor], n_hit: int) -> None:
+        """Move fetched blocks into the least recently used slots this read did not touch."""
+        n_admit = min(miss_ids.numel(), self.n_slots - n_hit)
+        if n_admit <= 0:
+            return
+        # Slots touched by this read carry the newest counter value, so they sort last.
+        victims = torch.topk(self.last_used, n_admit, largest=False).indices
+        evicted = self.block_of_slot[victims]
+        self.slot_of_block[evicted[evicted >= 0]] = -1
+        admitted = miss_ids[-n_admit:]
+        self.block_of_slot[victims] = admitted
+        self.slot_of_block[admitted] = victims
+        self.last_used[victims] = self.reads
+        for name, bank in self.tensors.items():
+            as_bits(bank)[victims] = as_bits(staging[name][-n_admit:])
+
+    def write_through(self, block_ids: torch.Tensor, offsets: torch.Tensor,
+                      rows: dict[str, torch.Tensor]) -> None:
+        """Tokens just appended to host memory: update the bank's copy of blocks it holds.
+
+        block_ids, offsets: [S] block and position in block of each token; rows[name]: [S, ...].
+        """
+        slots = self.slot_of_block[block_ids]
+        target = torch.where(slots >= 0, slots, self.n_slots)
+        for name, bank in self.tensors.items():
+            row = rows[name].to(device=bank.device, dtype=bank.dtype)
+            as_bits(bank)[target, :, offsets] = as_bits(row)
+
+    def clear(self) -> None:
+        self.slot_of_block.fill_(-1)
+        self.block_of_slot.fill_(-1)
+        self.last_used.fill_(-1)
+
+
+def _fetch(host: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy host blocks ``rows`` to the device (through pinned memory when the host copy is)."""
+    picked = as_bits(host).index_select(0, rows).view(host.dtype)
+    if picked.device == device:
+        return picked
+    if host.is_pinned():
+        picked = picked.pin_memory()
+    return picked.to(device, non_blocking=True)

@@ -1,0 +1,108 @@
+"""Mask caching across decode steps: each pruning stage's output is reused until its refresh step.
+
+The selection barely changes from one generated token to the next (InfiniteHiP §3, "decode"), so
+stage i is recomputed only every ``refresh_intervals[i]`` steps, restarting from the cached output
+of stage i - 1 (``select_blocks(start_stage=i, candidates=...)``); recomputing a stage recomputes
+every later one. Keys appended since stage 0 last ran were never candidates, so attention widens
+its sliding window by that many tokens (``extra_window``): new tokens fall in the window.
+
+State is per layer and per sequence batch, held by an owner: the offloaded KV store of a cache, or
+``DENSE_PATH_STATES`` for keys that live in the graph (DynamicCache). It lives outside any graph,
+in the op's Python side, so nothing is recompiled per step. A call continues the previous state
+only when it is the next decode step of the same sequences (S_K grew by exactly one, same batch,
+same schedule); anything else (a prefill, a new prompt) starts over from stage 0, so a stale
+selection never leaks into another sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class SelectionState:
+    """Cached stage outputs of one layer: stages[i] is [B, NQB, keep_i / chunk_i] chunk starts."""
+
+    blocks: torch.Tensor
+    stages: list[torch.Tensor]
+    ages: list[int]  # decode steps since stage i was computed
+    s_k: int  # keys at the last step
+    stage0_s_k: int  # keys when stage 0 last ran: later keys are covered by the window
+    schedule: tuple[int, ...]
+
+
+@dataclass
+class SelectionStates:
+    """Selection states of one owner (one sequence batch), by layer; with refresh statistics."""
+
+    by_layer: dict[int, SelectionState] = field(default_factory=dict)
+    stage_runs: dict[int, list[int]] = field(default_factory=dict)  # layer -> runs per stage
+    steps: dict[int, int] = field(default_factory=dict)  # layer -> decode steps served
+
+    def forget(self, layer: int | None = None) -> None:
+        """Drop cached selections (of one layer, or all): the next step starts from stage 0."""
+        if layer is None:
+            self.by_layer.clear()
+        else:
+            self.by_layer.pop(layer, None)
+
+
+# Keys held by the graph (DynamicCache): one owner per process, keyed by layer.
+DENSE_PATH_STATES = SelectionStates()
+
+# run_stages(start_stage, candidates or None) -> (blocks [B, NQB, TOPK], stages from start_stage on)
+RunStages = Callable[[int, "torch.Tensor | None"], "tuple[torch.Tensor, list[torch.Tensor]]"]
+
+
+def first_stage_to_run(state: SelectionState | None, s_k: int, batch: int,
+                       refresh_intervals: tuple[int, ...]) -> int:
+    """Index of the first stage to recompute at this step; ``len(refresh_intervals)``: none."""
+    if (state is None or s_k != state.s_k + 1 or state.schedule != tuple(refresh_intervals)
+            or state.blocks.shape[0] != batch):
+        return 0
+    for i, (age, interval) in enumerate(zip(state.ages, refresh_intervals)):
+        if age + 1 >= interval:
+            return i
+    return len(refresh_intervals)
+
+
+def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
+                     refresh_intervals: tuple[int, ...], run_stages: RunStages):
+    """Blocks for this decode step and the extra window tokens, recomputing only due stages.
+
+    Returns ``(blocks [B, NQB, TOPK] int32, extra_window_tokens)``.
+    """
+    refresh_intervals = tuple(int(i) for i in refresh_intervals)
+    state = states.by_layer.get(layer)
+    start = first_stage_to_run(state, s_k, batch, refresh_intervals)
+    n = len(refresh_intervals)
+    runs = states.stage_runs.setdefault(layer, [0] * n)
+    states.steps[layer] = states.steps.get(layer, 0) + 1
+    if start == n:
+        state.ages = [a + 1 for a in state.ages]
+        state.s_k = s_k
+        return state.blocks, s_k - state.stage0_s_k
+    blocks, new_stages = run_stages(start, state.stages[start - 1] if start else None)
+    if len(new_stages) != n - start:
+        raise ValueError(f"run_stages returned {len(new_stages)} stages, expected {n - start}")
+    for i in range(start, n):
+        runs[i] += 1
+    if start == 0:
+        state = SelectionState(blocks, list(new_stages), [0] * n, s_k, s_k, refresh_intervals)
+        states.by_layer[layer] = state
+    else:
+        state.stages[start:] = new_stages
+        state.ages = [a + 1 for a in state.ages[:start]] + [0] * (n - start)
+        state.blocks, state.s_k = blocks, s_k
+    return blocks, s_k - state.stage0_s_k
+
+
+def reuse_ratio(states: SelectionStates) -> dict[int, list[float]]:
+    """Per layer, per stage: fraction of decode steps served without recomputing the stage."""
+    return {
+        layer: [1.0 - r / max(states.steps.get(layer, 0), 1) for r in runs]
+        for layer, runs in sorted(states.stage_runs.items())
+    }

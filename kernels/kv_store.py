@@ -1,0 +1,289 @@
+"""Keys and values in host memory, owned by the op layer, and the op that appends to them.
+
+Why the op layer owns them: a compiled graph cannot own tensors that live in host memory and grow
+every step. So the offloaded cache (``ihip_compile.offload.OffloadedCache``) keeps only a store id;
+its ``update()`` calls ``torch.ops.ihip.kv_store_append(key, value, store_id, layer)``, which copies
+the new tokens into the store and returns a one-element NaN marker on the model's device. The cache
+hands attention ``marker.expand(B, H_KV, S_K, D)``: a tensor of the right shape and no memory
+(all strides 0), which depends on the append, so no scheduler can run attention before it. The
+attention op recognises such a proxy (``is_offload_proxy``) and reads the real keys from the store
+that last appended to its layer. A proxy that reaches any other attention sees NaN, never a silent
+wrong number.
+
+Layout per layer: block-major host copies [B * N_BLOCKS, H_KV, BLOCK_K, D] (pinned when the model
+runs on CUDA, so a block crosses PCIe as one contiguous DMA), and two GPU banks
+(``block_bank.BlockBank``): one of keys for pruning, one of keys and values for attention.
+Storage may be float8_e4m3fn (half the bytes; values beyond +-448 saturate).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import weakref
+
+import torch
+
+from ihip_compile.kernels.block_bank import BlockBank
+from ihip_compile.kernels.block_cache_ref import as_bits
+from ihip_compile.kernels.decode_selection_cache import SelectionStates
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# Stream host memory in pieces of this many blocks, bounding the staging copy on the device.
+_STREAM_BLOCKS = 8192
+
+
+def available_host_bytes() -> int:
+    """Host memory the kernel reports as available to new allocations (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class HostKVStore:
+    """All layers' K/V of one cache in host memory, with per-layer GPU block banks."""
+
+    def __init__(self, *, num_layers: int, batch: int, kv_heads: int, head_dim: int,
+                 value_dim: int, capacity_tokens: int, block_tokens: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None, storage_dtype: torch.dtype | None = None,
+                 attention_bank_tokens: int, pruning_bank_tokens: int):
+        for name, value in (("num_layers", num_layers), ("batch", batch), ("kv_heads", kv_heads),
+                            ("head_dim", head_dim), ("value_dim", value_dim),
+                            ("capacity_tokens", capacity_tokens), ("block_tokens", block_tokens)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_layers, self.batch, self.kv_heads = num_layers, batch, kv_heads
+        self.head_dim, self.value_dim, self.block_tokens = head_dim, value_dim, block_tokens
+        self.blocks_per_row = -(-capacity_tokens // block_tokens)
+        self.capacity_tokens = self.blocks_per_row * block_tokens
+        # The device of the banks: given, or that of the first keys appended.
+        self.dtype, self.device = dtype, None if device is None else torch.device(device)
+        self.storage_dtype = storage_dtype or dtype
+        self.bank_slots = {"attention": max(1, attention_bank_tokens // block_tokens),
+                           "pruning": max(1, pruning_bank_tokens // block_tokens)}
+        needed, available = self.host_bytes, available_host_bytes()
+        if needed > available:
+            raise ValueError(
+                f"the offloaded KV cache needs {needed:,} bytes of host memory "
+                f"({needed / 2**30:.1f} GiB for {num_layers} layers x {self.capacity_tokens:,} "
+                f"tokens x batch {batch}) but only {available:,} bytes "
+                f"({available / 2**30:.1f} GiB) are available: lower max_cache_tokens, use "
+                f"storage_dtype=float8_e4m3fn, or free host memory"
+            )
+        self.lengths = [0] * num_layers
+        self._host: list[dict[str, torch.Tensor] | None] = [None] * num_layers
+        self._banks: list[dict[str, BlockBank] | None] = [None] * num_layers
+        self.streamed_blocks = [0] * num_layers
+        self.selection_states = SelectionStates()  # decode mask caching of this sequence batch
+
+    # --- sizes ---------------------------------------------------------------------------------
+    @property
+    def host_bytes(self) -> int:
+        """Host bytes of all layers' K/V at full capacity (what the store may allocate)."""
+        per_token = self.kv_heads * (self.head_dim + self.value_dim)
+        item = torch.empty((), dtype=self.storage_dtype).element_size()
+        return self.num_layers * self.batch * self.capacity_tokens * per_token * item
+
+    @property
+    def gpu_bytes(self) -> int:
+        """Device bytes the banks of the layers allocated so far take."""
+        return sum(b.nbytes for banks in self._banks if banks for b in banks.values())
+
+    # --- writing -------------------------------------------------------------------------------
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Copy new tokens ``key`` [B, H_KV, S, D], ``value`` [B, H_KV, S, D_V] after the others."""
+        self._check_layer(layer)
+        batch, heads, s_new, _ = key.shape
+        if (batch, heads) != (self.batch, self.kv_heads) or key.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"layer {layer}: keys of shape {tuple(key.shape)} do not fit a store of batch "
+                f"{self.batch}, {self.kv_heads} KV heads, head dim {self.head_dim}"
+            )
+        start, end = self.lengths[layer], self.lengths[layer] + s_new
+        if end > self.capacity_tokens:
+            raise ValueError(
+                f"layer {layer}: {end:,} tokens exceed the cache's max_cache_tokens "
+                f"({self.capacity_tokens:,}); create the cache with a larger max_cache_tokens"
+            )
+        if key.dtype != self.dtype:
+            raise ValueError(f"layer {layer}: keys of dtype {key.dtype} in a store of {self.dtype}")
+        self.device = self.device or key.device
+        host = self._layer_host(layer)
+        positions = torch.arange(start, end)
+        blocks, offsets = positions // self.block_tokens, positions % self.block_tokens
+        rows = {"keys": key, "values": value}
+        for name, new in rows.items():
+            stored = self._to_storage(new).permute(2, 0, 1, 3).to("cpu")  # [S, B, H_KV, D]
+            by_row = as_bits(host[name]).view(batch, self.blocks_per_row, heads, self.block_tokens,
+                                              -1)
+            by_row[:, blocks, :, offsets, :] = as_bits(stored)
+        self.lengths[layer] = end
+        flat_blocks = (torch.arange(batch)[:, None] * self.blocks_per_row + blocks).reshape(-1)
+        flat_offsets = offsets.repeat(batch)
+        for kind, bank in self._banks[layer].items():
+            bank.write_through(
+                flat_blocks.to(self.device), flat_offsets.to(self.device),
+                {n: self._to_storage(t).transpose(1, 2).reshape(batch * s_new, heads, -1)
+                 for n, t in rows.items() if n in bank.tensors},
+            )
+
+    def reset(self) -> None:
+        """Forget every token (a new sequence); host memory stays allocated for reuse."""
+        self.lengths = [0] * self.num_layers
+        self.selection_states = SelectionStates()
+        for banks in self._banks:
+            for bank in (banks or {}).values():
+                bank.clear()
+
+    # --- reading -------------------------------------------------------------------------------
+    def read_tokens(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every key and value of a layer, [B, H_KV, S_K, D] on the device, from host memory."""
+        self._check_layer(layer)
+        padded = -(-self.lengths[layer] // self.block_tokens) * self.block_tokens
+        out = {name: torch.empty((self.batch, self.kv_heads, padded, dim), dtype=self.dtype,
+                                 device=self.device)
+               for name, dim in (("keys", self.head_dim), ("values", self.value_dim))}
+        self.stream_into(layer, out)
+        length = self.lengths[layer]
+        return out["keys"][:, :, :length], out["values"][:, :, :length]
+
+    def stream_into(self, layer: int, dst: dict[str, torch.Tensor]) -> None:
+        """Copy every block of a layer from host memory into ``dst`` ({"keys"/"values":
+        [B, H_KV, >= S_K rounded up to blocks, D]}), past the banks, a piece at a time."""
+        host = self._layer_host(layer)
+        n_blocks = -(-self.lengths[layer] // self.block_tokens)
+        self.streamed_blocks[layer] += n_blocks * self.batch
+        bk = self.block_tokens
+        for name, out in dst.items():
+            by_row = host[name].view(self.batch, self.blocks_per_row, self.kv_heads, bk, -1)
+            for lo in range(0, n_blocks, _STREAM_BLOCKS):
+                hi = min(n_blocks, lo + _STREAM_BLOCKS)
+                piece = as_bits(by_row[:, lo:hi])
+                piece = piece.to(out.device, non_blocking=piece.is_pinned())
+                piece = piece.view(self.storage_dtype).to(out.dtype)
+                out[:, :, lo * bk: hi * bk] = piece.permute(0, 2, 1, 3, 4).flatten(2, 3)
+
+    def read_blocks(self, layer: int, block_ids: torch.Tensor,
+                    kind: str = "attention") -> dict[str, torch.Tensor]:
+        """Blocks ``block_ids`` [B, N] (distinct per row) through the layer's ``kind`` bank.
+
+        Returns {"keys": [B, H_KV, N * BLOCK_K, D]} (and "values" for the attention bank) in the
+        model dtype. Tokens of a block past the layer's length are whatever was last written there.
+        """
+        self._check_layer(layer)
+        if kind not in self.bank_slots:
+            raise ValueError(f"kind must be one of {sorted(self.bank_slots)}, got {kind!r}")
+        host = self._layer_host(layer)
+        batch, n = block_ids.shape
+        rows = torch.arange(batch, device=block_ids.device)[:, None] * self.blocks_per_row
+        bank = self._banks[layer][kind]
+        got = bank.read((block_ids + rows).reshape(-1), host, self.dtype)
+        return {
+            name: t.view(batch, n, self.kv_heads, self.block_tokens, -1)
+            .permute(0, 2, 1, 3, 4).reshape(batch, self.kv_heads, n * self.block_tokens, -1)
+            for name, t in got.items()
+        }
+
+    def hit_counts(self) -> list[dict[str, int]]:
+        """Per layer: hits and misses of each bank, and blocks streamed past the banks."""
+        out = []
+        for layer, banks in enumerate(self._banks):
+            row = {"layer": layer, "streamed_blocks": self.streamed_blocks[layer]}
+            for kind in self.bank_slots:
+                bank = (banks or {}).get(kind)
+                row[f"{kind}_hits"] = bank.hits if bank else 0
+                row[f"{kind}_misses"] = bank.misses if bank else 0
+            out.append(row)
+        return out
+
+    # --- internals -----------------------------------------------------------------------------
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+
+    def _to_storage(self, t: torch.Tensor) -> torch.Tensor:
+        if self.storage_dtype == torch.float8_e4m3fn and t.dtype != self.storage_dtype:
+            t = t.clamp(-FP8_MAX, FP8_MAX)
+        return t.to(self.storage_dtype)
+
+    def _layer_host(self, layer: int) -> dict[str, torch.Tensor]:
+        """Allocate a layer's host copies and banks on first use."""
+        if self._host[layer] is None:
+            pin = self.device.type == "cuda"
+            rows = self.batch * self.blocks_per_row
+            shapes = {"keys": (self.kv_heads, self.block_tokens, self.head_dim),
+                      "values": (self.kv_heads, self.block_tokens, self.value_dim)}
+            self._host[layer] = {
+                name: torch.zeros((rows, *shape), dtype=self.storage_dtype, pin_memory=pin)
+                for name, shape in shapes.items()
+            }
+            self._banks[layer] = {
+                "attention": BlockBank(n_slots=self.bank_slots["attention"], n_blocks=rows,
+                                       block_shapes=shapes, dtype=self.storage_dtype,
+                                       device=self.device),
+                "pruning": BlockBank(n_slots=self.bank_slots["pruning"], n_blocks=rows,
+                                     block_shapes={"keys": shapes["keys"]},
+                                     dtype=self.storage_dtype, device=self.device),
+            }
+        return self._host[layer]
+
+
+# --- the op layer's registry ---------------------------------------------------------------------
+_STORES: weakref.WeakValueDictionary[int, HostKVStore] = weakref.WeakValueDictionary()
+_NEXT_ID = itertools.count(1)
+# Store that last appended to each layer: the attention that follows reads from it.
+_LAST_APPENDED: dict[int, HostKVStore] = {}
+
+
+def register_store(store: HostKVStore) -> torch.Tensor:
+    """Register ``store``; returns the id tensor the cache passes to ``ihip.kv_store_append``."""
+    store_id = next(_NEXT_ID)
+    _STORES[store_id] = store
+    return torch.tensor([store_id], dtype=torch.int64)
+
+
+def is_offload_proxy(t: torch.Tensor) -> bool:
+    """True for the zero-stride stand-ins the offloaded cache returns instead of keys/values."""
+    return t.dim() == 4 and t.numel() > 1 and all(s == 0 for s in t.stride())
+
+
+def store_for_layer(layer: int, s_k: int) -> HostKVStore:
+    """The store whose keys an attention call of ``layer`` over ``s_k`` keys must read."""
+    store = _LAST_APPENDED.get(layer)
+    if store is None or store.lengths[layer] != s_k:
+        have = None if store is None else store.lengths[layer]
+        raise ValueError(
+            f"attention of layer {layer} got an offloaded-cache proxy of {s_k} keys, but the "
+            f"store last appended to that layer holds {have}; the attention op's layer index "
+            f"must match the cache's layer_idx"
+        )
+    return store
+
+
+_lib = torch.library.Library("ihip", "FRAGMENT")
+_lib.define("kv_store_append(Tensor key, Tensor value, Tensor store_id, int layer) -> Tensor")
+
+
+def _kv_store_append(key, value, store_id, layer):
+    store_key = int(store_id.reshape(-1)[0])
+    store = _STORES.get(store_key)
+    if store is None:
+        raise ValueError(f"no offloaded KV store with id {store_key} (was its cache deleted?)")
+    store.append(layer, key, value)
+    _LAST_APPENDED[layer] = store
+    return torch.full((1,), float("nan"), dtype=key.dtype, device=key.device)
+
+
+torch.library.impl("ihip::kv_store_append", "CompositeExplicitAutograd", lib=_lib)(
+    _kv_store_append
+)
+
+
+@torch.library.register_fake("ihip::kv_store_append", lib=_lib)
+def _kv_store_append_fake(key, value, store_id, layer):
+    return key.new_empty((1,))

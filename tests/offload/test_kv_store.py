@@ -1,0 +1,114 @@
+"""Host KV store and its GPU block banks: nothing lost, LRU eviction, memory limits."""
+
+import pytest
+import torch
+
+from ihip_compile.kernels import kv_store
+from ihip_compile.kernels.kv_store import HostKVStore
+
+
+def _store(**overrides):
+    args = dict(num_layers=2, batch=2, kv_heads=2, head_dim=4, value_dim=3, capacity_tokens=200,
+                block_tokens=8, dtype=torch.float32, attention_bank_tokens=32,
+                pruning_bank_tokens=16)
+    return HostKVStore(**{**args, **overrides})
+
+
+def _fill(store, layer, sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys, values = [], []
+    for n in sizes:
+        k = torch.randn(store.batch, store.kv_heads, n, store.head_dim, generator=g)
+        v = torch.randn(store.batch, store.kv_heads, n, store.value_dim, generator=g)
+        store.append(layer, k.to(store.dtype), v.to(store.dtype))
+        keys.append(k.to(store.dtype))
+        values.append(v.to(store.dtype))
+    return torch.cat(keys, 2), torch.cat(values, 2)
+
+
+def _tokens_of_blocks(x, blocks, block_tokens):
+    idx = torch.cat([torch.arange(b * block_tokens, (b + 1) * block_tokens) for b in blocks])
+    return x[:, idx]
+
+
+def test_every_key_and_value_reads_back_bit_exact_after_evictions():
+    store = _store()
+    keys, values = _fill(store, 1, [13, 1, 1, 57, 3, 1, 100])  # 176 tokens, 22 blocks per row
+    n_blocks = 22
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):  # random block subsets through a 4-slot bank: constant eviction
+        ids = torch.stack([torch.randperm(n_blocks, generator=g)[:5] for _ in range(2)])
+        got = store.read_blocks(1, ids, "attention")
+        for row in range(2):
+            want_k = _tokens_of_blocks(keys[row], ids[row].tolist(), 8)
+            want_v = _tokens_of_blocks(values[row], ids[row].tolist(), 8)
+            n_valid = want_k.shape[1]
+            assert torch.equal(got["keys"][row][:, :n_valid], want_k)
+            assert torch.equal(got["values"][row][:, :n_valid], want_v)
+    counts = store.hit_counts()[1]
+    assert counts["attention_misses"] > 0 and counts["attention_hits"] >= 0
+    k_all, v_all = store.read_tokens(1)
+    assert torch.equal(k_all, keys) and torch.equal(v_all, values)
+    assert store.read_tokens(0)[0].shape[2] == 0
+
+
+def test_repeated_reads_hit_and_least_recently_used_block_is_evicted():
+    store = _store()
+    _fill(store, 0, [64])
+    bank = lambda: store._banks[0]["pruning"]  # noqa: E731  (2 slots)
+    row1 = store.blocks_per_row  # block ids are row * blocks_per_row + block
+    store.read_blocks(0, torch.tensor([[0], [1]]), "pruning")  # 2 misses
+    store.read_blocks(0, torch.tensor([[0], [1]]), "pruning")
+    assert (bank().hits, bank().misses) == (2, 2)
+    store.read_blocks(0, torch.tensor([[2], [1]]), "pruning")  # evicts row 0's block 0
+    assert int(bank().slot_of_block[0]) == -1 and int(bank().slot_of_block[row1 + 1]) >= 0
+    assert (bank().hits, bank().misses) == (3, 3)
+
+
+def test_appends_write_through_to_blocks_held_in_the_bank():
+    store = _store()
+    keys, _ = _fill(store, 0, [10])
+    store.read_blocks(0, torch.tensor([[1], [1]]))  # block 1 (tokens 8..15) now in the bank
+    new_k, new_v = torch.full((2, 2, 3, 4), 7.0), torch.full((2, 2, 3, 3), 5.0)
+    store.append(0, new_k, new_v)
+    got = store.read_blocks(0, torch.tensor([[1], [1]]))
+    assert store._banks[0]["attention"].hits == 2
+    assert torch.equal(got["keys"][:, :, :2], keys[:, :, 8:10])
+    assert torch.equal(got["keys"][:, :, 2:5], new_k)
+    assert torch.equal(got["values"][:, :, 2:5], new_v)
+
+
+def test_fp8_storage_reads_back_the_fp8_rounding():
+    store = _store(dtype=torch.float32, storage_dtype=torch.float8_e4m3fn)
+    keys, values = _fill(store, 0, [9, 7])
+    k_all, v_all = store.read_tokens(0)
+    assert torch.equal(k_all, keys.to(torch.float8_e4m3fn).to(torch.float32))
+    got = store.read_blocks(0, torch.tensor([[0, 1], [1, 0]]))
+    assert torch.equal(got["values"][0], v_all[0])
+    assert store.host_bytes == 2 * 2 * 200 * 2 * (4 + 3) * 1
+
+
+def test_appending_past_capacity_names_the_limit():
+    store = _store(capacity_tokens=16)
+    _fill(store, 0, [16])
+    with pytest.raises(ValueError, match="exceed the cache's max_cache_tokens"):
+        _fill(store, 0, [1])
+
+
+def test_request_beyond_host_memory_fails_before_allocating(monkeypatch):
+    monkeypatch.setattr(kv_store, "available_host_bytes", lambda: 10_000)
+    with pytest.raises(ValueError, match=r"needs 44,800 bytes .* only 10,000 bytes"):
+        _store()
+
+
+def test_real_host_memory_is_checked():
+    with pytest.raises(ValueError, match="bytes of host memory"):
+        _store(capacity_tokens=10**13)
+
+
+def test_bad_layer_and_shapes_are_rejected():
+    store = _store()
+    with pytest.raises(ValueError, match="layer must be in"):
+        store.append(2, torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 3))
+    with pytest.raises(ValueError, match="do not fit"):
+        store.append(0, torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 3))
