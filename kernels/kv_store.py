@@ -249,7 +249,9 @@ def register_store(store: HostKVStore) -> torch.Tensor:
 
 def is_offload_proxy(t: torch.Tensor) -> bool:
     """True for the zero-stride stand-ins the offloaded cache returns instead of keys/values."""
-    return t.dim() == 4 and t.numel() > 1 and all(s == 0 for s in t.stride())
+    return t.dim() == 4 and t.numel() > 1 and all(
+        stride == 0 or size == 1 for size, stride in zip(t.shape, t.stride())
+    )
 
 
 def store_for_layer(layer: int, s_k: int) -> HostKVStore:

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from ihip_compile.kernels.block_selection import select_blocks
 from ihip_compile.kernels.decode_selection_cache import cached_selection
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
 
@@ -138,3 +139,50 @@ def offloaded_inputs(
     ])
     fill_blocks(store, layer, needed, "attention", {"keys": k, "values": v})
     return OffloadedInputs(k[:, :, :s_k], v[:, :, :s_k], blocks, window)
+
+
+def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **args):
+    """``ihip.attention`` over an offloaded cache; ``args`` are the op's keyword scalars.
+
+    Decode at S_K >= dense_below_tokens (no padding mask, no model window): cached selection and
+    split-K sparse decode over the banked blocks. Everything else: ``attend`` (the op's own
+    implementation) on K/V streamed from host memory, so it gives exactly the in-memory result.
+    """
+    s_q, s_k = q.shape[2], k.shape[2]
+    chunks = list(args["stage_chunks"])
+    refresh = list(args.get("refresh_intervals") or [1] * len(chunks))
+    sparse = (s_q == 1 and s_k >= args["dense_below_tokens"] and kv_valid is None
+              and args.get("model_window", 0) <= 0)
+
+    def select(keys, start, candidates):
+        return select_blocks(
+            q, keys, q_positions, block_size_q=args["block_size_q"],
+            sink_tokens=args["sink_tokens"], window_tokens=args["window_tokens"],
+            selected_tokens=args["selected_tokens"], stage_chunks=chunks,
+            stage_keeps=list(args["stage_keeps"]), rope_mode=args.get("pruning_rope", 0),
+            inv_freq=inv_freq, rotary_dim=args.get("rotary_dim", 0),
+            rope_layout=args.get("rope_layout", 0), start_stage=start, candidates=candidates,
+            return_stages=True,
+        )
+
+    got = offloaded_inputs(
+        q, k, v, q_positions, layer=args["layer"], sparse=sparse,
+        sink_tokens=args["sink_tokens"], window_tokens=args["window_tokens"],
+        stage_chunks=chunks, refresh_intervals=refresh, select=select,
+    )
+    if got.blocks is None:
+        return attend(q, got.k, got.v, q_positions, kv_valid, inv_freq, **args)
+    remap_beyond = args.get("remap_beyond_tokens", -1)
+    if q.is_cuda:
+        from ihip_compile.kernels.sparse_decode import sparse_decode as decode
+    else:
+        from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref as decode
+    positions = q_positions.reshape(-1, 1)[-1:].expand(q.shape[0], 1) \
+        if q_positions.dim() == 1 else q_positions
+    return decode(
+        q, got.k, got.v, got.blocks, positions, scale=args["scale"],
+        sink_tokens=args["sink_tokens"], window_tokens=got.window_tokens,
+        block_size_k=chunks[-1], softcap=args.get("softcap", 0.0),
+        remap=remap_beyond >= 0 and s_k > remap_beyond, inv_freq=inv_freq,
+        rotary_dim=args.get("rotary_dim", 0), rope_layout=args.get("rope_layout", 0),
+    )
