@@ -44,4 +44,5 @@ def sparse_args_for_layer(config: IHipConfig, layer: int) -> dict[str, Any]:
         "stage_keeps": [s.keep_tokens * factor for s in config.stages],
         "pruning_rope": PRUNING_ROPE_CHUNK_INDEXED if wide else PRUNING_ROPE_RELATIVE,
         "remap_beyond_tokens": remap_beyond_tokens(config),
+        "refresh_intervals": list(config.refresh_intervals),
     }

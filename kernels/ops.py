@@ -5,6 +5,13 @@ Inductor treats it as opaque (it has a fake implementation for tracing). It disp
     S_K < dense_below_tokens, or no sparse path for the inputs  -> exact dense attention
     otherwise                                                    -> InfiniteHiP sparse attention
 Arguments are plain tensors and scalars: the kernels never see the config object.
+
+The sparse path (``sparse_attention.sparse_attention``; Triton on CUDA, the torch references on
+CPU) does not model padding or a model's own sliding window: calls with ``kv_valid`` given or
+``model_window > 0`` take the exact dense path, as do value head dims other than q's and dtypes
+the kernels lack (fp64 on CUDA). RoPE is remapped (StreamingLLM renumbering in the attention,
+``pruning_rope`` positions in the pruning) when ``remap_beyond_tokens >= 0`` and
+S_K > remap_beyond_tokens, and only when ``rope_layout`` and ``inv_freq`` describe the model's RoPE.
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ from __future__ import annotations
 import torch
 
 from ihip_compile.kernels.dense_attention_ref import dense_attention
+from ihip_compile.kernels.sparse_attention import GPU_DTYPES, REFERENCE_DTYPES, sparse_attention
+from ihip_compile.kernels.kv_store import is_offload_proxy
+from ihip_compile.kernels.offloaded_attention import offloaded_attention
 
 _ATTENTION_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor q_positions, Tensor? kv_valid, Tensor? inv_freq, *, "
@@ -20,13 +30,15 @@ _ATTENTION_SCHEMA = (
     "int dense_below_tokens=8192, int block_size_q=64, int sink_tokens=256, "
     "int window_tokens=1024, int selected_tokens=2048, "
     "int[] stage_chunks=[256, 32, 8], int[] stage_keeps=[32768, 8192, 2048], "
-    "int pruning_rope=0, int remap_beyond_tokens=-1) -> Tensor"
+    "int pruning_rope=0, int remap_beyond_tokens=-1, int[] refresh_intervals=[]) -> Tensor"
 )
 
 # rope_layout values: how the model rotated q and k before attention (0: no RoPE found).
 ROPE_NONE, ROPE_ROTATE_HALF, ROPE_INTERLEAVED = 0, 1, 2
 # pruning_rope values (positions given to keys while scoring chunks) and remap_beyond_tokens
 # (-1: never remap) are chosen per layer by ihip_compile.layer_policy.
+# refresh_intervals: decode steps between recomputations of each pruning stage (mask caching,
+# kernels/decode_selection_cache.py); empty: recompute every step.
 
 _lib = torch.library.Library("ihip", "DEF")
 _lib.define("attention" + _ATTENTION_SCHEMA)
@@ -37,10 +49,32 @@ def _attention(
     rotary_dim=0, rope_layout=0, dense_below_tokens=8192, block_size_q=64, sink_tokens=256,
     window_tokens=1024, selected_tokens=2048, stage_chunks=(256, 32, 8),
     stage_keeps=(32768, 8192, 2048), pruning_rope=0, remap_beyond_tokens=-1,
+    refresh_intervals=(),
 ):
-    return dense_attention(
-        q, k, v, q_positions, kv_valid, scale=scale, softcap=softcap, model_window=model_window
+    if is_offload_proxy(k):  # keys in host memory (OffloadedCache): kernels/offloaded_attention.py
+        scalars = {name: value for name, value in locals().items()
+                   if name not in ("q", "k", "v", "q_positions", "kv_valid", "inv_freq")}
+        return offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, attend=_attention,
+                                   **scalars)
+    if not _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens):
+        return dense_attention(
+            q, k, v, q_positions, kv_valid, scale=scale, softcap=softcap, model_window=model_window
+        )
+    return sparse_attention(
+        q, k, v, q_positions, scale=scale, softcap=softcap, block_size_q=block_size_q,
+        sink_tokens=sink_tokens, window_tokens=window_tokens, selected_tokens=selected_tokens,
+        stage_chunks=tuple(stage_chunks), stage_keeps=tuple(stage_keeps),
+        pruning_rope=pruning_rope, remap=0 <= remap_beyond_tokens < k.shape[-2],
+        inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout, use_triton=q.is_cuda,
     )
+
+
+def _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens) -> bool:
+    """Sparse only at long keys and for inputs the sparse kernels model (see the docstring)."""
+    if k.shape[-2] < dense_below_tokens or kv_valid is not None or model_window > 0:
+        return False
+    allowed = GPU_DTYPES if q.is_cuda else REFERENCE_DTYPES
+    return v.shape[-1] == q.shape[-1] and q.dtype in allowed and q.device.type in ("cpu", "cuda")
 
 
 torch.library.impl("ihip::attention", "CompositeExplicitAutograd", lib=_lib)(_attention)
