@@ -112,3 +112,24 @@ def visible_slots(key, ok, is_sel, is_win, pos, sink, window):
     vis = vis & (~is_sel[None, :] | ((k2 <= p2 - window) & (k2 >= sink)))
     vis = vis & (~is_win[None, :] | (k2 >= tl.maximum(p2 - window + 1, sink)))
     return vis
+
+
+@triton.jit
+def fold_slot_tile(q, acc, running_max, running_sum, slot, slot_ok, pos, blocks_row, topk, sink,
+                   window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s,
+                   stride_v_s, cols, col_ok, inv_freq_ptr, scale, softcap,
+                   BLOCK_K: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
+                   ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One tile of a query block's key list: gather K (re-positioned if REMAP) and V, mask,
+    and fold into the online-softmax state of the query rows ``q`` at key indices ``pos``."""
+    key, ok, is_sel, is_win, delta = attended_slots(
+        slot, blocks_row, topk, sink, win_lo, win_len, n_valid, s_k, BLOCK_K)
+    ok = ok & slot_ok
+    keys = load_rows_moved(k_base, key, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
+                           REMAP, ROTARY_DIM, LAYOUT)
+    scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
+    scores = soft_cap(scores, SOFTCAP, softcap)
+    vis = visible_slots(key, ok, is_sel, is_win, pos, sink, window)
+    scores = tl.where(vis, scores, float("-inf"))
+    values = load_rows(v_base, key, ok, stride_v_s, cols, col_ok)
+    return online_softmax_update(acc, running_max, running_sum, scores, values, DOT_PRECISION)

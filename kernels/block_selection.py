@@ -125,8 +125,9 @@ def select_blocks(
 ):
     """Sorted selected block indices [B, NQB, TOPK] int32 (block j = keys [8j, 8j + 8)), -1 last.
 
-    With ``return_stages=True`` returns ``(block_indices, stages)``, ``stages[i]`` being the kept
-    chunk starts of stage i ([B, NQB, keep_i / chunk_i] int32, sorted, -1 last).
+    With ``return_stages=True`` returns ``(block_indices, stages)``: the kept chunk starts of each
+    stage run, ``stages[j]`` for stage ``start_stage + j`` ([B, NQB, keep / chunk] int32, sorted,
+    -1 last). ``candidates`` for ``start_stage=i`` is such an output of stage i - 1.
     """
     _check_stages(stage_chunks, stage_keeps, selected_tokens)
     if not 0 <= start_stage < len(stage_chunks):

@@ -18,9 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import (
-    attended_slots, load_rows, load_rows_moved, online_softmax_update, soft_cap, visible_slots,
-)
+from ihip_compile.kernels._primitives import fold_slot_tile, load_rows
 from ihip_compile.kernels.block_sparse_attention_ref import attention_block_plan
 from ihip_compile.kernels.block_selection import query_blocks
 
@@ -56,17 +54,11 @@ def _block_sparse_attention_kernel(
     total = sink + topk * BLOCK_K + win_len
     for start in range(0, total, BLOCK_N):
         slot = start + tl.arange(0, BLOCK_N)
-        key, ok, is_sel, is_win, delta = attended_slots(
-            slot, blocks_row, topk, sink, win_lo, win_len, n_valid, s_k, BLOCK_K)
-        keys = load_rows_moved(k_base, key, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
-                               REMAP, ROTARY_DIM, LAYOUT)
-        scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
-        scores = soft_cap(scores, SOFTCAP, softcap)
-        vis = visible_slots(key, ok, is_sel, is_win, pos, sink, window)
-        scores = tl.where(vis, scores, float("-inf"))
-        values = load_rows(v_base, key, ok, stride_v_s, cols, col_ok)
-        acc, running_max, running_sum = online_softmax_update(
-            acc, running_max, running_sum, scores, values, DOT_PRECISION)
+        acc, running_max, running_sum = fold_slot_tile(
+            q, acc, running_max, running_sum, slot, slot >= 0, pos, blocks_row, topk, sink,
+            window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s, stride_v_s, cols,
+            col_ok, inv_freq_ptr, scale, softcap, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM, LAYOUT,
+            DOT_PRECISION)
     out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
     o_ptrs = out_ptr + b * stride_o_b + h * stride_o_h + rows[:, None] * stride_o_s + cols[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

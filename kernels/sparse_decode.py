@@ -18,9 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import (
-    attended_slots, load_rows, load_rows_moved, online_softmax_update, soft_cap, visible_slots,
-)
+from ihip_compile.kernels._primitives import fold_slot_tile, load_rows
 from ihip_compile.kernels.block_sparse_attention_ref import attention_block_plan
 
 
@@ -51,23 +49,17 @@ def _sparse_decode_split_kernel(
     acc = tl.zeros((QROWS, BLOCK_D), tl.float32)
     running_max = tl.full((QROWS,), float("-inf"), tl.float32)
     running_sum = tl.zeros((QROWS,), tl.float32)
+    blocks_row = blocks_ptr + b * topk
     total = sink + topk * BLOCK_K + win_len
     first = split * slots_per_split
     last = tl.minimum(first + slots_per_split, total)
     for start in range(first, last, BLOCK_N):
         slot = start + tl.arange(0, BLOCK_N)
-        key, ok, is_sel, is_win, delta = attended_slots(
-            slot, blocks_ptr + b * topk, topk, sink, win_lo, win_len, n_valid, s_k, BLOCK_K)
-        ok = ok & (slot < last)
-        keys = load_rows_moved(k_base, key, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
-                               REMAP, ROTARY_DIM, LAYOUT)
-        scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
-        scores = soft_cap(scores, SOFTCAP, softcap)
-        vis = visible_slots(key, ok, is_sel, is_win, pos, sink, window)
-        scores = tl.where(vis, scores, float("-inf"))
-        values = load_rows(v_base, key, ok, stride_v_s, cols, col_ok)
-        acc, running_max, running_sum = online_softmax_update(
-            acc, running_max, running_sum, scores, values, DOT_PRECISION)
+        acc, running_max, running_sum = fold_slot_tile(
+            q, acc, running_max, running_sum, slot, slot < last, pos, blocks_row, topk, sink,
+            window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s, stride_v_s, cols,
+            col_ok, inv_freq_ptr, scale, softcap, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM, LAYOUT,
+            DOT_PRECISION)
     part = (b * n_kv * GROUP + heads) * NUM_SPLITS + split  # [B, H, NUM_SPLITS] order
     tl.store(acc_ptr + part[:, None] * BLOCK_D + cols[None, :], acc, mask=row_ok[:, None])
     tl.store(max_ptr + part, running_max, mask=row_ok)

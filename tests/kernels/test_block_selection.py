@@ -1,0 +1,112 @@
+"""Hierarchical block selection: Triton stages equal the reference stages, the output is well
+formed, a budget covering every key selects every candidate block, planted needles are found,
+and a cached stage output restarts the chain exactly."""
+
+import math
+
+import pytest
+import torch
+
+from ihip_compile.kernels.block_selection import select_blocks
+from tests.kernels.conftest import DEVICE
+
+STAGES = dict(stage_chunks=(32, 16, 8), stage_keeps=(128, 64, 32), selected_tokens=32)
+
+
+def _qk(heads, kv_heads, s_q, s_k, dtype=torch.float32, seed=0, d=32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, s_q, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(1, kv_heads, s_k, d, generator=gen).to(DEVICE, dtype)
+    return q, k, torch.arange(s_k - s_q, s_k, device=DEVICE)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (3, 1), (4, 1), (8, 1)])
+@pytest.mark.parametrize("s_q", [1, 19])
+def test_triton_selection_equals_reference(heads, kv_heads, s_q):
+    q, k, pos = _qk(heads, kv_heads, s_q, 203, seed=heads + s_q)
+    kw = dict(block_size_q=16, sink_tokens=5, window_tokens=11, **STAGES)
+    got = select_blocks(q, k, pos, use_triton=True, **kw)
+    want = select_blocks(q, k, pos, use_triton=False, **kw)
+    assert torch.equal(got, want)
+
+
+def test_output_is_sorted_unique_and_inside_the_candidate_range():
+    q, k, pos = _qk(4, 2, 37, 301, seed=3)
+    sink, window = 6, 13
+    blocks = select_blocks(q, k, pos, block_size_q=16, sink_tokens=sink, window_tokens=window,
+                           use_triton=False, **STAGES)
+    assert blocks.shape == (1, 3, 4) and blocks.dtype == torch.int32
+    for qb, row in enumerate(blocks[0].tolist()):
+        valid = [x for x in row if x >= 0]
+        assert row == valid + [-1] * (len(row) - len(valid)), "-1 slots must come last"
+        assert valid == sorted(set(valid)), "blocks sorted and unique"
+        last_pos = int(pos[min(qb * 16 + 15, 36)])
+        for blk in valid:  # overlaps [sink, last_pos - window + 1)
+            assert blk * 8 + 8 > sink and blk * 8 < last_pos - window + 1
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_budget_covering_all_keys_selects_every_candidate_block(use_triton):
+    q, k, pos = _qk(3, 1, 1, 150, seed=5)
+    blocks = select_blocks(q, k, pos, block_size_q=16, sink_tokens=5, window_tokens=13,
+                           stage_chunks=(32, 8), stage_keeps=(1024, 1024), selected_tokens=1024,
+                           use_triton=use_triton)
+    end = 150 - 13  # window of the query at 149 starts at 137
+    assert [x for x in blocks[0, 0].tolist() if x >= 0] == list(range(0, math.ceil(end / 8)))
+
+
+def _plant_needle(q, k, center, width, strength, block_rows):
+    """Keys around ``center`` turn towards the query block's mean direction, peaking at center."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    group = heads // kv_heads
+    j = torch.arange(k.shape[2], device=k.device, dtype=torch.float32)
+    bump = torch.exp(-(((j - center) / width) ** 2))
+    for g in range(kv_heads):
+        direction = q[0, g * group:(g + 1) * group, block_rows].float().mean((0, 1))
+        direction = direction / direction.norm()
+        k[0, g] += (strength * bump[:, None] * direction).to(k.dtype)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_planted_needles_are_always_found(use_triton):
+    d, s_k, s_q = 32, 2048, 16
+    sink, window = 16, 64
+    gen = torch.Generator().manual_seed(11)
+    centers = [sink + 3, 300, 777, 1001, 1500, s_k - window - 9] if not use_triton else [520, 1801]
+    for trial, center in enumerate(centers):
+        direction = torch.randn(d, generator=gen)
+        direction = 4 * direction / direction.norm()
+        q = (direction + 0.5 * torch.randn(1, 4, s_q, d, generator=gen)).to(DEVICE)
+        k = torch.randn(1, 2, s_k, d, generator=gen).to(DEVICE)
+        _plant_needle(q, k, center, width=24.0, strength=12.0, block_rows=slice(0, s_q))
+        pos = torch.arange(s_k - s_q, s_k, device=DEVICE)
+        blocks = select_blocks(q, k, pos, block_size_q=16, sink_tokens=sink, window_tokens=window,
+                               stage_chunks=(64, 16, 8), stage_keeps=(512, 128, 64),
+                               selected_tokens=64, use_triton=use_triton)
+        assert center // 8 in blocks[0, 0].tolist(), f"needle at {center} missed (trial {trial})"
+
+
+def test_restart_from_cached_stage_equals_full_run():
+    q, k, pos = _qk(4, 1, 1, 400, seed=9)
+    kw = dict(block_size_q=16, sink_tokens=4, window_tokens=16, use_triton=False, **STAGES)
+    full, stages = select_blocks(q, k, pos, return_stages=True, **kw)
+    assert len(stages) == 3
+    for start in (1, 2):
+        again, tail = select_blocks(q, k, pos, start_stage=start, candidates=stages[start - 1],
+                                    return_stages=True, **kw)
+        assert torch.equal(again, full) and len(tail) == 3 - start
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(stage_chunks=(32, 12), stage_keeps=(64, 48)), "power of two"),
+    (dict(stage_chunks=(8, 32), stage_keeps=(64, 64)), "shrink"),
+    (dict(stage_chunks=(32,), stage_keeps=(64, 32)), "same non-zero length"),
+    (dict(selected_tokens=12), "selected_tokens"),
+    (dict(start_stage=1), "candidates"),
+])
+def test_bad_stage_arguments_are_rejected(bad, match):
+    q, k, pos = _qk(2, 1, 1, 100)
+    kw = dict(block_size_q=16, sink_tokens=4, window_tokens=8, use_triton=False, **STAGES)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        select_blocks(q, k, pos, **kw)

@@ -1,0 +1,52 @@
+"""The pruning-stage kernel against its reference: chunk scores of the halving probe search."""
+
+import pytest
+import torch
+
+from ihip_compile.kernels.prune_stage_ref import score_chunks_ref
+from tests.helpers import assert_matches_reference
+from tests.kernels.conftest import DEVICE
+
+
+def _inputs(heads, kv_heads, blocks, pooled, keys, chunk, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    d = 32
+    q = torch.randn(1, heads, blocks, pooled, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(1, kv_heads, keys, d, generator=gen).to(DEVICE, dtype)
+    starts = torch.arange(0, keys, chunk, dtype=torch.int32).expand(1, blocks, -1).clone()
+    starts[..., -1] = -1  # an empty slot
+    key_hi = torch.randint(keys // 2, keys, (1, blocks), generator=gen, dtype=torch.int32)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    return q, k, starts.to(DEVICE), key_hi.to(DEVICE), (key_hi + 9).to(DEVICE), inv_freq.to(DEVICE)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (3, 1), (4, 1), (8, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_scores_match_reference_gqa(heads, kv_heads, dtype):
+    from ihip_compile.kernels.prune_stage import score_chunks
+
+    q, k, starts, key_hi, pos, _ = _inputs(heads, kv_heads, 2, 4, 157, 16, dtype, heads)
+    kw = dict(key_lo=3, chunk_size=16)
+    out = score_chunks(q, k, starts, key_hi, pos, **kw)
+    assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
+    assert torch.isinf(out[..., -1]).all()  # the empty slot
+
+
+@pytest.mark.parametrize("rope_mode", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 8, 32])
+def test_scores_match_reference_with_pruning_rope(rope_mode, chunk):
+    from ihip_compile.kernels.prune_stage import score_chunks
+
+    q, k, starts, key_hi, pos, inv = _inputs(4, 2, 1, 1, 131, chunk, torch.float32, chunk)
+    kw = dict(key_lo=5, chunk_size=chunk, rope_mode=rope_mode, inv_freq=inv, rotary_dim=32,
+              rope_layout=1, window_tokens=7)
+    out = score_chunks(q, k, starts, key_hi, pos, **kw)
+    assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
+
+
+def test_chunks_outside_candidate_range_score_minus_inf():
+    q, k, starts, key_hi, pos, _ = _inputs(2, 1, 1, 1, 96, 16, torch.float32, 1)
+    key_hi.fill_(40)
+    scores = score_chunks_ref(q, k, starts, key_hi, pos, key_lo=20, chunk_size=16)
+    finite = torch.isfinite(scores)[0, 0].tolist()
+    assert finite == [False, True, True, False, False, False]  # chunks [16,32) and [32,48) only
