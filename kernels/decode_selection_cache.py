@@ -106,3 +106,22 @@ def reuse_ratio(states: SelectionStates) -> dict[int, list[float]]:
         layer: [1.0 - r / max(states.steps.get(layer, 0), 1) for r in runs]
         for layer, runs in sorted(states.stage_runs.items())
     }
+
+
+def cached_decode_blocks(q, k, q_positions, *, layer: int, refresh_intervals, window_tokens: int,
+                         states: SelectionStates = DENSE_PATH_STATES, **select_args):
+    """``select_blocks`` for a decode step of keys held in memory, with mask caching.
+
+    q [B, H, 1, D], k [B, H_KV, S_K, D]; ``select_args`` are select_blocks' keyword arguments
+    other than window_tokens/start_stage/candidates/return_stages. Returns
+    ``(blocks [B, 1, TOPK] int32, window_tokens to attend with)``.
+    """
+    from ihip_compile.kernels.block_selection import select_blocks
+
+    def run_stages(start, candidates):
+        return select_blocks(q, k, q_positions, window_tokens=window_tokens, start_stage=start,
+                             candidates=candidates, return_stages=True, **select_args)
+
+    blocks, extra = cached_selection(states, layer, k.shape[2], q.shape[0],
+                                     tuple(refresh_intervals), run_stages)
+    return blocks, window_tokens + extra

@@ -1,0 +1,101 @@
+"""Mask caching across decode steps: refresh schedule, in-memory vs offloaded, bank hit ratio."""
+
+import torch
+
+from ihip_compile.kernels.decode_selection_cache import (
+    SelectionStates, cached_decode_blocks, cached_selection, reuse_ratio,
+)
+from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref
+from ihip_compile.offload import OffloadedCache
+from ihip_compile.kernels import ops  # noqa: F401
+
+SELECT = dict(block_size_q=64, sink_tokens=8, selected_tokens=32, stage_chunks=[32, 8],
+              stage_keeps=[64, 32])
+WINDOW = 16
+OP_ARGS = dict(dense_below_tokens=64, window_tokens=WINDOW, **SELECT)
+
+
+def _recorder(n_stages):
+    calls = []
+
+    def run_stages(start, candidates):
+        calls.append(start)
+        blocks = torch.full((1, 1, 2), len(calls), dtype=torch.int32)
+        return blocks, [torch.zeros(1, 1, 1, dtype=torch.int32)] * (n_stages - start)
+
+    return calls, run_stages
+
+
+def test_each_stage_reruns_on_its_interval_and_later_stages_follow():
+    states, (calls, run) = SelectionStates(), _recorder(3)
+    extras = []
+    for step in range(12):
+        _, extra = cached_selection(states, 0, 100 + step, 1, (8, 4, 2), run)
+        extras.append(extra)
+    # step 0: stage 0; stage 2 every 2 steps, stage 1 every 4, stage 0 again at step 8
+    assert calls == [0, 2, 1, 2, 0, 2]
+    assert extras == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+    assert reuse_ratio(states)[0] == [1 - 2 / 12, 1 - 3 / 12, 1 - 6 / 12]
+
+
+def test_a_new_sequence_or_a_prefill_starts_from_stage_zero():
+    states, (calls, run) = SelectionStates(), _recorder(2)
+    cached_selection(states, 0, 50, 1, (4, 2), run)
+    cached_selection(states, 0, 51, 1, (4, 2), run)  # continues: nothing due
+    cached_selection(states, 0, 30, 1, (4, 2), run)  # shorter: another sequence
+    cached_selection(states, 0, 31, 2, (4, 2), run)  # other batch
+    cached_selection(states, 1, 32, 2, (4, 2), run)  # other layer: own state
+    assert calls == [0, 0, 0, 0]
+
+
+def _decode_inputs(s_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g),
+            torch.randn(1, 2, 1, 16, generator=g))
+
+
+def test_offloaded_sparse_decode_matches_in_memory_path_with_caching():
+    torch.manual_seed(0)
+    prompt = 160
+    keys, values = torch.randn(1, 2, prompt, 16), torch.randn(1, 2, prompt, 16)
+    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=256,
+                           dtype=torch.float32, gpu_cache_tokens=128)
+    cache.update(keys, values, 0)
+    in_memory = SelectionStates()
+    refresh = [4, 2]
+    for step in range(10):
+        q, k_new, v_new = _decode_inputs(prompt + step, seed=step)
+        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
+        k_proxy, v_proxy = cache.update(k_new, v_new, 0)
+        s_k = keys.shape[2]
+        pos = torch.tensor([s_k - 1])
+        got = torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, layer=0,
+                                       scale=0.25, refresh_intervals=refresh, **OP_ARGS)
+        blocks, window = cached_decode_blocks(q, keys, pos, layer=0, refresh_intervals=refresh,
+                                              window_tokens=WINDOW, states=in_memory, **SELECT)
+        want = sparse_decode_ref(q, keys, values, blocks, pos.view(1, 1), scale=0.25,
+                                 sink_tokens=8, window_tokens=window)
+        assert torch.equal(got, want), f"step {step}"
+    ratios = cache.hit_ratios()
+    assert ratios["attention"] > 0.5 and ratios["pruning"] is not None
+    assert reuse_ratio(cache.store.selection_states)[0] == reuse_ratio(in_memory)[0]
+
+
+def test_between_refreshes_attention_reads_hit_the_bank():
+    torch.manual_seed(1)
+    prompt = 400
+    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=512,
+                           dtype=torch.float32, gpu_cache_tokens=256)
+    cache.update(torch.randn(1, 2, prompt, 16), torch.randn(1, 2, prompt, 16), 0)
+    bank = None
+    for step in range(16):
+        q, k_new, v_new = _decode_inputs(prompt + step, seed=step)
+        k_proxy, v_proxy = cache.update(k_new, v_new, 0)
+        pos = torch.tensor([prompt + step])
+        torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, layer=0, scale=0.25,
+                                 refresh_intervals=[16, 8], **OP_ARGS)
+        if step == 0:
+            bank = cache.store._banks[0]["attention"]
+            first_hits, first_misses = bank.hits, bank.misses
+    hits, misses = bank.hits - first_hits, bank.misses - first_misses
+    assert hits / (hits + misses) >= 0.95, (hits, misses)
