@@ -21,6 +21,12 @@ __all__ = ["IHipConfig", "Stage", *_LAZY]
 
 
 def __getattr__(name: str):
+    if name == "backend":
+        # The module itself: it is callable (``ihip_compile.backend(config)``), and importing it
+        # as a submodule (the entry point does) binds this same object.
+        value = importlib.import_module("ihip_compile.backend")
+        globals()[name] = value
+        return value
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -1,0 +1,86 @@
+"""The ``infinitehip`` torch.compile backend: rewrite attention, then compile with Inductor.
+
+    torch.compile(model, backend="infinitehip", options={...})   # through the entry point
+    torch.compile(model, backend=ihip_compile.backend(config))   # a configured backend object
+    model.compile(backend="infinitehip")                         # so that generate() uses it
+
+``infinitehip_eager`` runs the same passes and then the graph as Python (ops run their
+references): it tells a pass bug from a compiler bug.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any, Callable, Mapping
+
+from ihip_compile import capture
+from ihip_compile.config import IHipConfig
+from ihip_compile.pipeline import PipelineResult, run_passes
+
+# Results of the graphs compiled in this process, newest last (tests and the CLI read them).
+compiled_graphs: list[PipelineResult] = []
+
+
+def rewrite(gm, config: IHipConfig) -> PipelineResult:
+    result = run_passes(gm, config)
+    compiled_graphs.append(result)
+    if config.report_dir is not None:
+        from ihip_compile.report import write_report
+
+        write_report(result, config.report_dir)
+    return result
+
+
+def infinitehip(gm, example_inputs: list, options: Mapping[str, Any] | IHipConfig | None = None):
+    config = IHipConfig.from_options(options)
+    result = rewrite(gm, config)
+    return capture.compile_with_inductor(result.gm, example_inputs)
+
+
+def infinitehip_eager(gm, example_inputs: list,
+                      options: Mapping[str, Any] | IHipConfig | None = None):
+    config = IHipConfig.from_options(options)
+    return rewrite(gm, config).gm.forward
+
+
+class Backend:
+    """A configured backend: ``torch.compile(model, backend=ihip_compile.backend(config))``."""
+
+    def __init__(self, config: IHipConfig, eager: bool = False):
+        self.config = config
+        self.eager = eager
+        self.__name__ = "infinitehip_eager" if eager else "infinitehip"
+
+    def __call__(self, gm, example_inputs: list, options=None):
+        config = self.config if options is None else IHipConfig.from_options(
+            {**self.config.as_dict(), **options})
+        compile_graph = infinitehip_eager if self.eager else infinitehip
+        return compile_graph(gm, example_inputs, options=config)
+
+    def __repr__(self) -> str:
+        return f"{self.__name__}({self.config!r})"
+
+
+def backend(config: Mapping[str, Any] | IHipConfig | None = None, *, eager: bool = False,
+            **options: Any) -> Callable:
+    """Build a backend from a config object, an options dict, or keyword options."""
+    if options:
+        if config is not None:
+            base = IHipConfig.from_options(config).as_dict()
+            config = {**base, **options}
+        else:
+            config = options
+    return Backend(IHipConfig.from_options(config), eager=eager)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing ``ihip_compile.backend`` (the entry point does) rebinds that attribute of the
+    package to this module; making the module callable keeps ``ihip_compile.backend(config)``
+    working in every import order."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Callable:
+        return backend(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
