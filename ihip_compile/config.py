@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 ROPE_REMAP_MODES = ("auto", "always", "off")
+LAYER_POLICIES = ("paper", "calibrated")
+PRUNING_ROPE_STYLES = ("relative", "chunk_indexed")
 
 # Decode refresh presets of the InfiniteHiP paper: steps between recomputations of each stage.
 REFRESH_PRESETS = {"fast": (16, 8, 4), "default": (32, 16, 8), "long": (96, 24, 8)}
@@ -34,6 +36,29 @@ class Stage:
             raise ValueError(
                 f"stages: keep_tokens must be a positive multiple of chunk_size "
                 f"({self.chunk_size}), got {self.keep_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """A calibrated layer's pruning: RoPE style while scoring chunks and budget multiplier."""
+
+    layer: int
+    pruning_rope: str
+    budget_factor: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"calibrated_layers: layer must be an index >= 0, got {self.layer!r}")
+        if self.pruning_rope not in PRUNING_ROPE_STYLES:
+            raise ValueError(
+                f"calibrated_layers: pruning_rope must be one of {PRUNING_ROPE_STYLES}, "
+                f"got {self.pruning_rope!r} (layer {self.layer})"
+            )
+        if self.budget_factor not in (1, 2):
+            raise ValueError(
+                f"calibrated_layers: budget_factor must be 1 or 2, got {self.budget_factor!r} "
+                f"(layer {self.layer})"
             )
 
 
@@ -63,6 +88,9 @@ class IHipConfig:
     # --- RoPE beyond the training window -------------------------------------------------------
     rope_remap: str = "auto"
     trained_context_tokens: int | None = None
+    # --- per-layer policy (ihip_compile.layer_policy) ------------------------------------------
+    layer_policy: str = "paper"
+    calibrated_layers: tuple[LayerChoice, ...] = ()
     # --- offload ------------------------------------------------------------------------------
     offload_kv: bool = False
     gpu_cache_tokens: int = 65536
@@ -102,6 +130,7 @@ class IHipConfig:
             )
         if self.rope_remap not in ROPE_REMAP_MODES:
             raise ValueError(f"rope_remap must be one of {ROPE_REMAP_MODES}, got {self.rope_remap!r}")
+        _check_layer_policy(self)
         unknown = [name for name in self.passes if name not in ALL_PASSES]
         if unknown:
             raise ValueError(f"passes: unknown pass names {unknown}; allowed: {list(ALL_PASSES)}")
@@ -124,6 +153,8 @@ class IHipConfig:
             value = getattr(self, f.name)
             if f.name == "stages":
                 value = [[s.chunk_size, s.keep_tokens] for s in value]
+            elif f.name == "calibrated_layers":
+                value = [[c.layer, c.pruning_rope, c.budget_factor] for c in value]
             elif isinstance(value, (frozenset, tuple)):
                 value = sorted(value) if isinstance(value, frozenset) else list(value)
             out[f.name] = value
@@ -179,6 +210,29 @@ def _check_int(config: IHipConfig, name: str, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _check_layer_policy(config: IHipConfig) -> None:
+    if config.layer_policy not in LAYER_POLICIES:
+        raise ValueError(
+            f"layer_policy must be one of {LAYER_POLICIES}, got {config.layer_policy!r}"
+        )
+    choices = config.calibrated_layers
+    if not isinstance(choices, tuple) or any(not isinstance(c, LayerChoice) for c in choices):
+        raise ValueError(
+            "calibrated_layers must be a tuple of LayerChoice (or, as an option, a list of "
+            f"[layer, pruning_rope, budget_factor]), got {choices!r}"
+        )
+    if config.layer_policy == "calibrated" and not choices:
+        raise ValueError(
+            "layer_policy='calibrated' needs calibrated_layers: build the config with "
+            "ihip_compile.layer_policy.calibrate(model, input_ids, config)"
+        )
+    if config.layer_policy == "paper" and choices:
+        raise ValueError("calibrated_layers is only used with layer_policy='calibrated'")
+    layers = [c.layer for c in choices]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"calibrated_layers names a layer twice: {sorted(layers)}")
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Turn JSON-style values (lists, preset names) into the dataclass's value types."""
     if name == "stages":
@@ -187,6 +241,18 @@ def _coerce(name: str, value: Any) -> Any:
         except TypeError as e:
             raise ValueError(
                 f"stages must be a list of (chunk_size, keep_tokens) pairs, got {value!r}"
+            ) from e
+    if name == "calibrated_layers":
+        try:
+            return tuple(
+                c if isinstance(c, LayerChoice)
+                else LayerChoice(**c) if isinstance(c, Mapping) else LayerChoice(*c)
+                for c in value
+            )
+        except TypeError as e:
+            raise ValueError(
+                "calibrated_layers must be a list of [layer, pruning_rope, budget_factor], "
+                f"got {value!r}"
             ) from e
     if name == "refresh_intervals" and isinstance(value, str):
         if value not in REFRESH_PRESETS:
