@@ -10,8 +10,8 @@ State is per layer and per sequence batch, held by an owner: the offloaded KV st
 ``DENSE_PATH_STATES`` for keys that live in the graph (DynamicCache). It lives outside any graph,
 in the op's Python side, so nothing is recompiled per step. A call continues the previous state
 only when it is the next decode step of the same sequences (S_K grew by exactly one, same batch,
-same schedule); anything else (a prefill, a new prompt) starts over from stage 0, so a stale
-selection never leaks into another sequence.
+same schedule, and for keys in memory the same first key); anything else (a prefill, a new
+prompt) starts over from stage 0, so a stale selection never leaks into another sequence.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class SelectionState:
     s_k: int  # keys at the last step
     stage0_s_k: int  # keys when stage 0 last ran: later keys are covered by the window
     schedule: tuple[int, ...]
+    fingerprint: torch.Tensor | None = None  # first key of each row: tells sequences apart
 
 
 @dataclass
@@ -58,10 +59,16 @@ RunStages = Callable[[int, "torch.Tensor | None"], "tuple[torch.Tensor, list[tor
 
 
 def first_stage_to_run(state: SelectionState | None, s_k: int, batch: int,
-                       refresh_intervals: tuple[int, ...]) -> int:
+                       refresh_intervals: tuple[int, ...],
+                       fingerprint: torch.Tensor | None = None) -> int:
     """Index of the first stage to recompute at this step; ``len(refresh_intervals)``: none."""
     if (state is None or s_k != state.s_k + 1 or state.schedule != tuple(refresh_intervals)
             or state.blocks.shape[0] != batch):
+        return 0
+    if fingerprint is not None and not (
+        state.fingerprint is not None and state.fingerprint.shape == fingerprint.shape
+        and torch.equal(state.fingerprint, fingerprint)
+    ):
         return 0
     for i, (age, interval) in enumerate(zip(state.ages, refresh_intervals)):
         if age + 1 >= interval:
@@ -70,14 +77,17 @@ def first_stage_to_run(state: SelectionState | None, s_k: int, batch: int,
 
 
 def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
-                     refresh_intervals: tuple[int, ...], run_stages: RunStages):
+                     refresh_intervals: tuple[int, ...], run_stages: RunStages,
+                     fingerprint: torch.Tensor | None = None):
     """Blocks for this decode step and the extra window tokens, recomputing only due stages.
 
-    Returns ``(blocks [B, NQB, TOPK] int32, extra_window_tokens)``.
+    ``fingerprint`` (e.g. the first key of each row) must match the previous step's for the
+    state to be reused, telling apart sequences of one shared owner. Returns
+    ``(blocks [B, NQB, TOPK] int32, extra_window_tokens)``.
     """
     refresh_intervals = tuple(int(i) for i in refresh_intervals)
     state = states.by_layer.get(layer)
-    start = first_stage_to_run(state, s_k, batch, refresh_intervals)
+    start = first_stage_to_run(state, s_k, batch, refresh_intervals, fingerprint)
     n = len(refresh_intervals)
     runs = states.stage_runs.setdefault(layer, [0] * n)
     states.steps[layer] = states.steps.get(layer, 0) + 1
@@ -91,7 +101,8 @@ def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
     for i in range(start, n):
         runs[i] += 1
     if start == 0:
-        state = SelectionState(blocks, list(new_stages), [0] * n, s_k, s_k, refresh_intervals)
+        state = SelectionState(blocks, list(new_stages), [0] * n, s_k, s_k, refresh_intervals,
+                               None if fingerprint is None else fingerprint.clone())
         states.by_layer[layer] = state
     else:
         state.stages[start:] = new_stages
@@ -109,19 +120,67 @@ def reuse_ratio(states: SelectionStates) -> dict[int, list[float]]:
 
 
 def cached_decode_blocks(q, k, q_positions, *, layer: int, refresh_intervals, window_tokens: int,
-                         states: SelectionStates = DENSE_PATH_STATES, **select_args):
-    """``select_blocks`` for a decode step of keys held in memory, with mask caching.
+                         states: SelectionStates = DENSE_PATH_STATES, keys_for_stage=None,
+                         **select_args):
+    """``select_blocks`` for one decode step, with mask caching.
 
     q [B, H, 1, D], k [B, H_KV, S_K, D]; ``select_args`` are select_blocks' keyword arguments
-    other than window_tokens/start_stage/candidates/return_stages. Returns
-    ``(blocks [B, 1, TOPK] int32, window_tokens to attend with)``.
+    other than window_tokens/start_stage/candidates/return_stages. ``keys_for_stage(start,
+    candidates)``, when given, returns the keys to score from (the offloaded cache fills them on
+    demand); otherwise ``k`` is used. Returns ``(blocks [B, 1, TOPK] int32, window_tokens to
+    attend with)``.
     """
     from ihip_compile.kernels.block_selection import select_blocks
 
     def run_stages(start, candidates):
-        return select_blocks(q, k, q_positions, window_tokens=window_tokens, start_stage=start,
+        keys = k if keys_for_stage is None else keys_for_stage(start, candidates)
+        return select_blocks(q, keys, q_positions, window_tokens=window_tokens, start_stage=start,
                              candidates=candidates, return_stages=True, **select_args)
 
+    # Keys in memory have no owner object: the first key tells one sequence from another (one
+    # small comparison per step). The offloaded store is itself the owner of one sequence batch.
+    fingerprint = k[:, :, 0] if keys_for_stage is None else None
     blocks, extra = cached_selection(states, layer, k.shape[2], q.shape[0],
-                                     tuple(refresh_intervals), run_stages)
+                                     tuple(refresh_intervals), run_stages, fingerprint)
     return blocks, window_tokens + extra
+
+
+def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals, scale: float,
+                         softcap: float = 0.0, block_size_q: int = 64, sink_tokens: int = 256,
+                         window_tokens: int = 1024, selected_tokens: int = 2048,
+                         stage_chunks=(256, 32, 8), stage_keeps=(32768, 8192, 2048),
+                         pruning_rope: int = 0, remap: bool = False, inv_freq=None,
+                         rotary_dim: int = 0, rope_layout: int = 0, use_triton: bool = False,
+                         states: SelectionStates = DENSE_PATH_STATES, keys_for_stage=None,
+                         kv_for_attention=None):
+    """Sparse decode (S_Q == 1) with the selection cached across steps: the decode branch of
+    ``sparse_attention`` with ``select_blocks`` replaced by ``cached_decode_blocks``.
+
+    ``kv_for_attention(blocks, window_tokens)``, when given, returns the (k, v) to attend (the
+    offloaded cache fills the attended blocks); otherwise ``k``, ``v`` are used.
+    """
+    from ihip_compile.kernels.sparse_attention import check_attention_inputs, pruning_rope_mode
+
+    check_attention_inputs(q, k, v, q_positions)
+    if remap and not (rope_layout != 0 and inv_freq is not None and rotary_dim > 0):
+        remap = False  # as sparse_attention: without RoPE, positions mean nothing to the scores
+    b = q.shape[0]
+    pos = q_positions.to(q.device)
+    pos = (pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, 1)
+    rope_args = dict(inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout)
+    blocks, window = cached_decode_blocks(
+        q, k, pos, layer=layer, refresh_intervals=refresh_intervals, window_tokens=window_tokens,
+        states=states, keys_for_stage=keys_for_stage, block_size_q=block_size_q,
+        sink_tokens=sink_tokens, selected_tokens=selected_tokens, stage_chunks=stage_chunks,
+        stage_keeps=stage_keeps, rope_mode=pruning_rope_mode(pruning_rope, remap),
+        use_triton=use_triton, **rope_args,
+    )
+    if kv_for_attention is not None:
+        k, v = kv_for_attention(blocks, window)
+    common = dict(scale=scale, sink_tokens=sink_tokens, window_tokens=window,
+                  block_size_k=stage_chunks[-1], softcap=softcap, remap=remap, **rope_args)
+    if use_triton:
+        from ihip_compile.kernels.sparse_decode import sparse_decode
+        return sparse_decode(q, k, v, blocks, pos, **common)
+    from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref
+    return sparse_decode_ref(q, k, v, blocks, pos, **common)

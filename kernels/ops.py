@@ -20,6 +20,7 @@ import torch
 
 from ihip_compile.kernels.dense_attention_ref import dense_attention
 from ihip_compile.kernels.sparse_attention import GPU_DTYPES, REFERENCE_DTYPES, sparse_attention
+from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import is_offload_proxy
 from ihip_compile.kernels.offloaded_attention import offloaded_attention
 
@@ -54,11 +55,25 @@ def _attention(
     if is_offload_proxy(k):  # keys in host memory (OffloadedCache): kernels/offloaded_attention.py
         scalars = {name: value for name, value in locals().items()
                    if name not in ("q", "k", "v", "q_positions", "kv_valid", "inv_freq")}
-        return offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, attend=_attention,
-                                   **scalars)
+        return offloaded_attention(
+            q, k, v, q_positions, kv_valid, inv_freq, attend=_attention,
+            sparse_path=lambda *inputs: _takes_sparse_path(*inputs, model_window,
+                                                           dense_below_tokens),
+            remap=0 <= remap_beyond_tokens < k.shape[-2], **scalars,
+        )
     if not _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens):
         return dense_attention(
             q, k, v, q_positions, kv_valid, scale=scale, softcap=softcap, model_window=model_window
+        )
+    if refresh_intervals and q.shape[-2] == 1:  # decode with mask caching
+        return cached_sparse_decode(
+            q, k, v, q_positions, layer=layer, refresh_intervals=refresh_intervals, scale=scale,
+            softcap=softcap, block_size_q=block_size_q, sink_tokens=sink_tokens,
+            window_tokens=window_tokens, selected_tokens=selected_tokens,
+            stage_chunks=tuple(stage_chunks), stage_keeps=tuple(stage_keeps),
+            pruning_rope=pruning_rope, remap=0 <= remap_beyond_tokens < k.shape[-2],
+            inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout,
+            use_triton=q.is_cuda,
         )
     return sparse_attention(
         q, k, v, q_positions, scale=scale, softcap=softcap, block_size_q=block_size_q,

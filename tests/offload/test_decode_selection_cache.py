@@ -76,6 +76,9 @@ def test_offloaded_sparse_decode_matches_in_memory_path_with_caching():
         want = sparse_decode_ref(q, keys, values, blocks, pos.view(1, 1), scale=0.25,
                                  sink_tokens=8, window_tokens=window)
         assert torch.equal(got, want), f"step {step}"
+        in_memory_op = torch.ops.ihip.attention(q, keys, values, pos, None, None, layer=0,
+                                                scale=0.25, refresh_intervals=refresh, **OP_ARGS)
+        assert torch.equal(in_memory_op, want), f"step {step}"
     ratios = cache.hit_ratios()
     assert ratios["attention"] > 0.5 and ratios["pruning"] is not None
     assert reuse_ratio(cache.store.selection_states)[0] == reuse_ratio(in_memory)[0]
@@ -99,3 +102,15 @@ def test_between_refreshes_attention_reads_hit_the_bank():
             first_hits, first_misses = bank.hits, bank.misses
     hits, misses = bank.hits - first_hits, bank.misses - first_misses
     assert hits / (hits + misses) >= 0.95, (hits, misses)
+
+
+def test_in_memory_state_is_not_reused_for_another_sequence_of_the_next_length():
+    states = SelectionStates()
+    torch.manual_seed(2)
+    q = torch.randn(1, 4, 1, 16)
+    for seed, s_k in ((0, 160), (1, 161)):  # two unrelated sequences, lengths one apart
+        keys = torch.randn(1, 2, s_k, 16, generator=torch.Generator().manual_seed(seed))
+        cached_decode_blocks(q, keys, torch.tensor([[s_k - 1]]), layer=0,
+                             refresh_intervals=[4, 2], window_tokens=WINDOW, states=states,
+                             **SELECT)
+    assert states.stage_runs[0] == [2, 2]
