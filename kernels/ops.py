@@ -92,7 +92,13 @@ def _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens) -> b
     return v.shape[-1] == q.shape[-1] and q.dtype in allowed and q.device.type in ("cpu", "cuda")
 
 
-torch.library.impl("ihip::attention", "CompositeExplicitAutograd", lib=_lib)(_attention)
+def _attention_contiguous(*args, **kwargs):
+    # The fake returns a contiguous [B, H, S_Q, D_V] tensor and Inductor asserts the real output's
+    # strides against it; SDPA on CPU returns a [B, S_Q, H, D_V]-strided view.
+    return _attention(*args, **kwargs).contiguous()
+
+
+torch.library.impl("ihip::attention", "CompositeExplicitAutograd", lib=_lib)(_attention_contiguous)
 
 
 @torch.library.register_fake("ihip::attention", lib=_lib)
