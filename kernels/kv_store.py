@@ -214,23 +214,27 @@ class HostKVStore:
     def _layer_host(self, layer: int) -> dict[str, torch.Tensor]:
         """Allocate a layer's host copies and banks on first use."""
         if self._host[layer] is None:
-            pin = self.device.type == "cuda"
-            rows = self.batch * self.blocks_per_row
-            shapes = {"keys": (self.kv_heads, self.block_tokens, self.head_dim),
-                      "values": (self.kv_heads, self.block_tokens, self.value_dim)}
-            self._host[layer] = {
-                name: torch.zeros((rows, *shape), dtype=self.storage_dtype, pin_memory=pin)
-                for name, shape in shapes.items()
-            }
-            self._banks[layer] = {
-                "attention": BlockBank(n_slots=self.bank_slots["attention"], n_blocks=rows,
-                                       block_shapes=shapes, dtype=self.storage_dtype,
-                                       device=self.device),
-                "pruning": BlockBank(n_slots=self.bank_slots["pruning"], n_blocks=rows,
-                                     block_shapes={"keys": shapes["keys"]},
-                                     dtype=self.storage_dtype, device=self.device),
-            }
+            with torch.inference_mode(False):  # written in place later, maybe outside it
+                self._allocate_layer(layer)
         return self._host[layer]
+
+    def _allocate_layer(self, layer: int) -> None:
+        pin = self.device.type == "cuda"
+        rows = self.batch * self.blocks_per_row
+        shapes = {"keys": (self.kv_heads, self.block_tokens, self.head_dim),
+                  "values": (self.kv_heads, self.block_tokens, self.value_dim)}
+        self._host[layer] = {
+            name: torch.zeros((rows, *shape), dtype=self.storage_dtype, pin_memory=pin)
+            for name, shape in shapes.items()
+        }
+        self._banks[layer] = {
+            "attention": BlockBank(n_slots=self.bank_slots["attention"], n_blocks=rows,
+                                   block_shapes=shapes, dtype=self.storage_dtype,
+                                   device=self.device),
+            "pruning": BlockBank(n_slots=self.bank_slots["pruning"], n_blocks=rows,
+                                 block_shapes={"keys": shapes["keys"]},
+                                 dtype=self.storage_dtype, device=self.device),
+        }
 
 
 # --- the op layer's registry ---------------------------------------------------------------------

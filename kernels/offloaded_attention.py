@@ -30,7 +30,8 @@ def scratch(name: str, store: HostKVStore, shape: tuple[int, int, int, int]) -> 
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
         _SCRATCH.pop(key, None)
-        buf = torch.empty(int(numel * 1.25) + 1, dtype=store.dtype, device=store.device)
+        with torch.inference_mode(False):  # reused later, maybe outside inference mode
+            buf = torch.empty(int(numel * 1.25) + 1, dtype=store.dtype, device=store.device)
         _SCRATCH[key] = buf
     return buf[:numel].view(shape)
 
