@@ -118,10 +118,7 @@ class HostKVStore:
         blocks, offsets = positions // self.block_tokens, positions % self.block_tokens
         rows = {"keys": key, "values": value}
         for name, new in rows.items():
-            stored = self._to_storage(new).permute(2, 0, 1, 3).to("cpu")  # [S, B, H_KV, D]
-            by_row = as_bits(host[name]).view(batch, self.blocks_per_row, heads, self.block_tokens,
-                                              -1)
-            by_row[:, blocks, :, offsets, :] = as_bits(stored)
+            self._write_host(host[name], start, self._to_storage(new).to("cpu"))
         self.lengths[layer] = end
         flat_blocks = (torch.arange(batch)[:, None] * self.blocks_per_row + blocks).reshape(-1)
         flat_offsets = offsets.repeat(batch)
@@ -131,6 +128,23 @@ class HostKVStore:
                 {n: self._to_storage(t).transpose(1, 2).reshape(batch * s_new, heads, -1)
                  for n, t in rows.items() if n in bank.tensors},
             )
+
+    def _write_host(self, host: torch.Tensor, start: int, new: torch.Tensor) -> None:
+        """Write tokens ``new`` [B, H_KV, S, D] at ``start`` into block-major ``host``."""
+        batch, heads, s_new, _ = new.shape
+        bk = self.block_tokens
+        by_row = as_bits(host).view(batch, self.blocks_per_row, heads, bk, -1)
+        new = as_bits(new)
+        # Whole blocks (a prefill chunk from a block boundary) are one strided copy.
+        whole = s_new // bk if start % bk == 0 else 0
+        if whole:
+            first = start // bk
+            by_row[:, first: first + whole] = new[:, :, : whole * bk].unflatten(
+                2, (whole, bk)).transpose(1, 2)
+        rest = torch.arange(start + whole * bk, start + s_new)
+        if rest.numel():
+            tail = new[:, :, whole * bk:].permute(2, 0, 1, 3)  # [S_rest, B, H_KV, D]
+            by_row[:, rest // bk, :, rest % bk, :] = tail
 
     def reset(self) -> None:
         """Forget every token (a new sequence); host memory stays allocated for reuse."""

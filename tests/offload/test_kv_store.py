@@ -33,7 +33,7 @@ def _tokens_of_blocks(x, blocks, block_tokens):
 
 def test_every_key_and_value_reads_back_bit_exact_after_evictions():
     store = _store()
-    keys, values = _fill(store, 1, [13, 1, 1, 57, 3, 1, 100])  # 176 tokens, 22 blocks per row
+    keys, values = _fill(store, 1, [16, 24, 13, 1, 1, 57, 3, 1, 60])  # 176 tokens, 22 blocks
     n_blocks = 22
     g = torch.Generator().manual_seed(1)
     for _ in range(6):  # random block subsets through a 4-slot bank: constant eviction
