@@ -68,7 +68,8 @@ def _score_chunks_kernel(
     BLOCK_D: tl.constexpr, ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr,
     LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile, blk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Query blocks vary fastest: programs running together probe the same chunks (L2 reuse).
+    blk, tile, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = tile * CHUNK_TILE + tl.arange(0, CHUNK_TILE)
     n_ok = n < n_cand
     starts = tl.load(starts_ptr + b * stride_c_b + blk * stride_c_blk + n, mask=n_ok, other=-1)
@@ -128,7 +129,7 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
     group = h // h_kv
     tile = 16 if b * nqb * n_cand < 16 * 4096 else 32
     inv = inv_freq.float().contiguous() if rope else out
-    grid = (triton.cdiv(n_cand, tile), nqb, b)
+    grid = (nqb, triton.cdiv(n_cand, tile), b)
     _score_chunks_kernel[grid](
         q_pooled, k, starts, key_hi.to(torch.int32).contiguous(),
         block_pos.to(torch.int32).contiguous(), inv, out,

@@ -1,0 +1,314 @@
+"""Attention benchmark: InfiniteHiP sparse attention vs dense SDPA (``enable_gqa``) on one layer.
+
+    python -m ihip_compile.bench attention [--contexts 131072,...] [--out reports/bench]
+
+Shape: one layer of Llama-3.1-8B (32 query heads, 8 KV heads, head dim 128, bf16), batch 1, the
+paper's default selection (sinks 256, window 1024, 2048 selected keys, stages 256/32k, 32/8k,
+8/2k), RoPE remapping on (rotate_half, theta 500000), random K/V of the largest context, sliced.
+Same process, same inputs, for each context:
+  decode   one query token. Steps of four kinds are timed, each captured in a CUDA graph with an
+           L2 flush between steps (the flush's own time subtracted, so a layer's K/V never sits in
+           L2 from the previous step): the whole chain (stages 0-2 + attention), from stage 1,
+           from stage 2, and the all-cached step (attention only). A refresh preset r0/r1/r2
+           recomputes stage i (and all later ones) every r_i steps; its average is the mean over
+           one whole cycle. Dense: SDPA(enable_gqa=True), same graph-and-flush timing.
+  prefill  a 32k-token chunk of queries at the end of the context: selection + block-sparse
+           attention, vs dense SDPA over all keys without a mask (flash; the causal triangle of
+           the chunk's own keys is under 3% of the work at 1M, so this is a lower bound on dense).
+  quality  for the decode query: share of the exact attention mass (per head, mean) that the
+           attended keys (sinks + selected + window) capture, on random data and with planted
+           needles (a bump a few dozen keys wide, and an isolated 8-key run), and how often the
+           needle's block is selected.
+Writes ``attention.json``, ``attention.md`` and, when matplotlib is installed, ``attention.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ihip_compile.kernels.block_selection import select_blocks
+from ihip_compile.kernels.sparse_attention import sparse_attention
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+CONTEXTS = (1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22)
+PRESETS = {"32/16/8": (32, 16, 8), "96/24/8": (96, 24, 8)}
+SELECTION = dict(block_size_q=64, sink_tokens=256, window_tokens=1024, selected_tokens=2048,
+                 stage_chunks=(256, 32, 8), stage_keeps=(32768, 8192, 2048))
+ROPE_THETA = 500000.0
+PREFILL_CHUNK = 32768
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_eager(fn, reps: int) -> float:
+    """Mean milliseconds per call (one warm-up call first)."""
+    fn()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync()
+    return (time.perf_counter() - start) * 1e3 / reps
+
+
+def time_graphed(fn, reps: int, flush: torch.Tensor | None) -> float:
+    """Milliseconds per call of ``fn`` replayed from a CUDA graph, L2 flushed between calls."""
+    def body(with_fn):
+        for _ in range(reps):
+            if flush is not None:
+                flush.zero_()
+            if with_fn:
+                fn()
+
+    def graphed_ms(with_fn):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body(with_fn)  # warm-up outside the capture (compiles kernels)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body(with_fn)
+        graph.replay()
+        _sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            graph.replay()
+        end.record()
+        _sync()
+        return start.elapsed_time(end) / (3 * reps)
+
+    return max(graphed_ms(True) - (graphed_ms(False) if flush is not None else 0.0), 0.0)
+
+
+def cycle_counts(refresh: tuple[int, ...]) -> list[int]:
+    """Steps of one refresh cycle by first stage recomputed (index len(refresh) = all cached)."""
+    cycle = math.lcm(*refresh)
+    counts = [0] * (len(refresh) + 1)
+    for step in range(cycle):
+        due = [i for i, r in enumerate(refresh) if step % r == 0]
+        counts[due[0] if due else len(refresh)] += 1
+    return counts
+
+
+def _rope_args(device):
+    inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, HEAD_DIM, 2, device=device).float() / HEAD_DIM)
+    return dict(inv_freq=inv_freq, rotary_dim=HEAD_DIM, rope_layout=1)
+
+
+def bench_decode(q, k, v, rope, graphs, flush, reps):
+    s_k = k.shape[2]
+    pos = torch.full((1, 1), s_k - 1, device=q.device, dtype=torch.int32)
+    use_triton = q.is_cuda
+    kw = dict(**SELECTION, rope_mode=1, use_triton=use_triton, **rope)
+    blocks, stages = select_blocks(q, k, pos, return_stages=True, **kw)
+    attend_kw = dict(scale=HEAD_DIM ** -0.5, sink_tokens=SELECTION["sink_tokens"],
+                     window_tokens=SELECTION["window_tokens"], remap=True, **rope)
+    if use_triton:
+        from ihip_compile.kernels.sparse_decode import sparse_decode as decode
+    else:
+        from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref as decode
+
+    def step(start):
+        def run():
+            chosen = blocks
+            if start < 3:
+                cands = None if start == 0 else stages[start - 1]
+                chosen = select_blocks(q, k, pos, start_stage=start, candidates=cands, **kw)
+            return decode(q, k, v, chosen, pos, **attend_kw)
+        return run
+
+    timer = (lambda fn: time_graphed(fn, reps, flush)) if graphs else \
+        (lambda fn: time_eager(fn, reps))
+    variants = {name: timer(step(i)) for i, name in
+                enumerate(("from_stage_0", "from_stage_1", "from_stage_2", "cached"))}
+    variants["eager_from_stage_0"] = time_eager(step(0), reps)
+    variants["eager_cached"] = time_eager(step(3), reps)
+    dense = timer(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    out = {"dense_ms": dense, "steps_ms": variants, "presets": {}}
+    kinds = ("from_stage_0", "from_stage_1", "from_stage_2", "cached")
+    for name, refresh in PRESETS.items():
+        counts = cycle_counts(refresh)
+        avg = sum(c * variants[kd] for c, kd in zip(counts, kinds)) / sum(counts)
+        out["presets"][name] = {"avg_ms": avg, "speedup": dense / avg, "cycle_counts": counts}
+    out["cached_speedup"] = dense / variants["cached"]
+    return out
+
+
+def bench_prefill(q_chunk, k, v, rope, reps):
+    s_k, chunk = k.shape[2], q_chunk.shape[2]
+    pos = torch.arange(s_k - chunk, s_k, device=k.device)
+    use_triton = k.is_cuda
+    args = dict(SELECTION, scale=HEAD_DIM ** -0.5, remap=True, pruning_rope=0,
+                use_triton=use_triton, **rope)
+    ours = time_eager(lambda: sparse_attention(q_chunk, k, v, pos, **args), reps)
+    sel_kw = dict(**SELECTION, rope_mode=1, use_triton=use_triton, **rope)
+    blocks, stages = select_blocks(q_chunk, k, pos, return_stages=True, **sel_kw)
+    parts = {"stage_0_to_2": time_eager(lambda: select_blocks(q_chunk, k, pos, **sel_kw), reps),
+             "stage_1_to_2": time_eager(lambda: select_blocks(
+                 q_chunk, k, pos, start_stage=1, candidates=stages[0], **sel_kw), reps),
+             "stage_2": time_eager(lambda: select_blocks(
+                 q_chunk, k, pos, start_stage=2, candidates=stages[1], **sel_kw), reps)}
+    if use_triton:
+        from ihip_compile.kernels.block_sparse_attention import block_sparse_attention as attend
+    else:
+        from ihip_compile.kernels.block_sparse_attention_ref import (
+            block_sparse_attention_ref as attend)
+    attn_kw = dict(scale=HEAD_DIM ** -0.5, block_size_q=64, sink_tokens=256, window_tokens=1024,
+                   remap=True, **rope)
+    parts["attention"] = time_eager(lambda: attend(q_chunk, k, v, pos[None], blocks, **attn_kw),
+                                    reps)
+    try:
+        dense = time_eager(lambda: F.scaled_dot_product_attention(q_chunk, k, v, enable_gqa=True),
+                           max(1, reps // 2))
+    except RuntimeError as e:  # no fused kernel for the shape: say so rather than guess
+        dense, parts["dense_error"] = float("nan"), str(e)[:200]
+    return {"ours_ms": ours, "dense_ms": dense, "speedup": dense / ours, "parts_ms": parts}
+
+
+def _mass_captured(q, k, blocks, s_k):
+    """Mean over heads of the exact softmax mass on sinks + selected blocks + window."""
+    keys = torch.zeros(s_k, dtype=torch.bool, device=k.device)
+    keys[: SELECTION["sink_tokens"]] = True
+    keys[max(s_k - SELECTION["window_tokens"], 0):] = True
+    chosen = blocks[0, 0][blocks[0, 0] >= 0].long()
+    idx = (chosen[:, None] * 8 + torch.arange(8, device=k.device)).flatten()
+    keys[idx.clamp(max=s_k - 1)] = True
+    group = HEADS // KV_HEADS
+    masses = []
+    for g in range(KV_HEADS):
+        scores = (q[0, g * group:(g + 1) * group, 0].float() @ k[0, g].float().T) * HEAD_DIM ** -0.5
+        probs = torch.softmax(scores, -1)
+        masses.append(probs[:, keys].sum(-1))
+    return torch.cat(masses).mean().item()
+
+
+def bench_quality(q, k, rope, trials, seed):
+    s_k = k.shape[2]
+    pos = torch.full((1, 1), s_k - 1, device=k.device, dtype=torch.int32)
+    kw = dict(**SELECTION, rope_mode=0, use_triton=k.is_cuda)  # random data carries no RoPE
+    out = {"random_mass": _mass_captured(q, k, select_blocks(q, k, pos, **kw), s_k)}
+    gen = torch.Generator().manual_seed(seed)
+    group = HEADS // KV_HEADS
+    directions = torch.stack([q[0, g * group:(g + 1) * group, 0].float().mean(0)
+                              for g in range(KV_HEADS)])
+    directions = directions / directions.norm(dim=-1, keepdim=True)  # [H_KV, D]
+    lo, hi = SELECTION["sink_tokens"] + 64, s_k - SELECTION["window_tokens"] - 64
+    for kind, width in (("needle_wide", 24.0), ("needle_8_keys", 0.0)):
+        found, masses = 0, []
+        for _ in range(trials):
+            center = int(torch.randint(lo, hi, (1,), generator=gen))
+            span = slice(center - 64, center + 64)
+            saved = k[:, :, span].clone()
+            j = torch.arange(span.start, span.stop, device=k.device, dtype=torch.float32)
+            if width:
+                bump = torch.exp(-(((j - center) / width) ** 2))
+            else:
+                start = center - center % 8
+                bump = ((j >= start) & (j < start + 8)).float()
+            k[0, :, span] += (20.0 * bump[None, :, None] * directions[:, None, :]).to(k.dtype)
+            blocks = select_blocks(q, k, pos, **kw)
+            found += int((blocks[0, 0] == center // 8).any())
+            masses.append(_mass_captured(q, k, blocks, s_k))
+            k[:, :, span] = saved
+        out[kind] = {"found": found, "trials": trials, "mean_mass": sum(masses) / len(masses)}
+    return out
+
+
+def _markdown(results) -> str:
+    lines = ["| context | dense decode ms | cached step ms | 32/16/8 avg ms (x) | 96/24/8 avg ms "
+             "(x) | dense prefill 32k ms | ours prefill ms (x) |", "|---" * 7 + "|"]
+    for r in results["contexts"]:
+        d, p = r["decode"], r.get("prefill")
+        pre = f"{p['dense_ms']:.1f} | {p['ours_ms']:.1f} ({p['speedup']:.1f}x)" if p else "- | -"
+        lines.append(
+            f"| {r['context']} | {d['dense_ms']:.3f} | {d['steps_ms']['cached']:.4f} | "
+            f"{d['presets']['32/16/8']['avg_ms']:.4f} ({d['presets']['32/16/8']['speedup']:.1f}x)"
+            f" | {d['presets']['96/24/8']['avg_ms']:.4f} "
+            f"({d['presets']['96/24/8']['speedup']:.1f}x) | {pre} |")
+    lines += ["", "Decode steps (ms): " + "; ".join(
+        f"{r['context']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["decode"]["steps_ms"].items())
+        for r in results["contexts"])]
+    for r in results["contexts"]:
+        if "prefill" in r:
+            parts = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in r["prefill"]["parts_ms"].items())
+            lines.append(f"\nPrefill parts at {r['context']} (ms): {parts}")
+        if "quality" in r:
+            lines.append(f"\nQuality at {r['context']}: {json.dumps(r['quality'])}")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results, path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    ctx = [r["context"] for r in results["contexts"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.loglog(ctx, [r["decode"]["dense_ms"] for r in results["contexts"]], "o-", label="dense")
+    for name in PRESETS:
+        ax.loglog(ctx, [r["decode"]["presets"][name]["avg_ms"] for r in results["contexts"]],
+                  "s-", label=f"ours {name}")
+    ax.set_xlabel("context (keys)"), ax.set_ylabel("decode ms / layer"), ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ihip_compile.bench attention")
+    parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    parser.add_argument("--prefill-contexts", default="131072,1048576,4194304")
+    parser.add_argument("--quality-contexts", default="131072,1048576")
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--out", default="reports/bench")
+    args = parser.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    k_all = torch.randn(1, KV_HEADS, max(contexts), HEAD_DIM, device=device, dtype=dtype)
+    v_all = torch.randn_like(k_all)
+    q = torch.randn(1, HEADS, 1, HEAD_DIM, device=device, dtype=dtype)
+    rope = _rope_args(device)
+    graphs = device == "cuda"
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if graphs else None
+    results = {"device": torch.cuda.get_device_name() if graphs else "cpu",
+               "torch": torch.__version__, "shape": [HEADS, KV_HEADS, HEAD_DIM, str(dtype)],
+               "selection": {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in SELECTION.items()}, "contexts": []}
+    for s_k in contexts:
+        k, v = k_all[:, :, :s_k], v_all[:, :, :s_k]
+        row = {"context": s_k, "decode": bench_decode(q, k, v, rope, graphs, flush, args.reps)}
+        if str(s_k) in args.prefill_contexts.split(","):
+            chunk = torch.randn(1, HEADS, min(args.prefill_chunk, s_k), HEAD_DIM, device=device,
+                                dtype=dtype)
+            row["prefill"] = bench_prefill(chunk, k, v, rope, reps=2)
+            del chunk
+        if str(s_k) in args.quality_contexts.split(","):
+            row["quality"] = bench_quality(q, k, rope, args.trials, seed=s_k)
+        results["contexts"].append(row)
+        print(json.dumps(row), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "attention.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "attention.md"), "w") as f:
+        f.write(_markdown(results))
+    print(_plot(results, os.path.join(args.out, "attention.png")))
+    print(_markdown(results))
+    return 0
