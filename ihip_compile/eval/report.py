@@ -1,0 +1,80 @@
+"""Side-by-side table, JSON and plot of an eval run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per length: perplexities (and infinitehip's ratio to its own shortest-length one)
+    and passkey accuracy per mode."""
+    modes = results["modes"]
+    by_length: dict[int, dict[str, Any]] = {}
+    ppl = results.get("perplexity", [])
+    base = {m: ppl[0][m] for m in modes} if ppl else {}
+    for row in ppl:
+        entry = by_length.setdefault(row["length"], {"length": row["length"]})
+        for mode in modes:
+            entry[f"ppl {mode}"] = round(row[mode], 3)
+            entry[f"ppl {mode} / at {ppl[0]['length']}"] = round(row[mode] / base[mode], 3)
+    for row in results.get("passkey", []):
+        entry = by_length.setdefault(row["length"], {"length": row["length"]})
+        for mode in modes:
+            hits, count = entry.get(f"passkey {mode}", (0, 0))
+            entry[f"passkey {mode}"] = (hits + row[mode]["correct"], count + 1)
+    rows = []
+    for length in sorted(by_length):
+        entry = by_length[length]
+        rows.append({k: (f"{v[0]}/{v[1]}" if isinstance(v, tuple) else v) for k, v in entry.items()})
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    return tabulate(summary_rows(results), headers="keys", tablefmt="github", missingval="-")
+
+
+def write(results: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json", out / "results.md"]
+    written[0].write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    header = f"# Accuracy: dense vs infinitehip ({results['model']}, {results['device']})\n\n"
+    written[1].write_text(header + table(results) + "\n")
+    if importlib.util.find_spec("matplotlib") is not None:
+        written.append(_plot(results, out / "results.png"))
+    return written
+
+
+def _plot(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in results["modes"]:
+        ppl = results.get("perplexity", [])
+        if ppl:
+            left.plot([r["length"] for r in ppl], [r[mode] for r in ppl], marker="o", label=mode)
+        acc = {}
+        for row in results.get("passkey", []):
+            hits, count = acc.get(row["length"], (0, 0))
+            acc[row["length"]] = (hits + row[mode]["correct"], count + 1)
+        if acc:
+            lengths = sorted(acc)
+            right.plot(lengths, [acc[n][0] / acc[n][1] for n in lengths], marker="o", label=mode)
+    for axis, title in ((left, "perplexity of the last 1024 tokens"), (right, "passkey accuracy")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context tokens")
+        axis.set_title(title)
+        axis.legend()
+    left.set_yscale("log")
+    right.set_ylim(-0.05, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
