@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import transformers
 
 from tests.models import tiny_hf
 
@@ -35,15 +36,26 @@ SPARSE_OP_KWARGS = {
     "selected_tokens": 4, "stage_chunks": [8, 2], "stage_keeps": [8, 4],
 }
 
+# SmolLM2's head counts (9 query / 3 KV) at a tiny width: they do not split into 2 ranks, so
+# tp_plan_for replicates attention and shards only the MLP and the output head.
+HEADS9 = transformers.LlamaConfig(
+    vocab_size=96, hidden_size=72, intermediate_size=96, num_hidden_layers=LAYERS,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256,
+    tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
 TP_CASES = [
     # the user's recipe: model.compile(backend=...) then generate(); default options (dense path
     # at this length), so the result must be the unmodified model's
     {"name": "backend", "backend": "infinitehip_eager"},
     {"name": "op_sparse", "attention": "op", "op_kwargs": SPARSE_OP_KWARGS},
+    {"name": "heads9_op", "model": "heads9", "attention": "op"},
 ]
 REFERENCE_CASES = [
     {"name": "model", "attention": "sdpa"},
     {"name": "model_fp64", "attention": "sdpa", "dtype": "float64"},
+    {"name": "heads9", "model": "heads9", "attention": "sdpa"},
+    {"name": "heads9_fp64", "model": "heads9", "attention": "sdpa", "dtype": "float64"},
     {"name": "op_sparse", "attention": "op", "op_kwargs": SPARSE_OP_KWARGS},
     # the op called once per half of the heads: what the two ranks compute
     {"name": "op_sparse_by_rank_heads", "attention": "op",
@@ -56,8 +68,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _launch(cases, model_dir: Path, out: Path, world_size: int) -> subprocess.Popen:
-    args = [str(WORKER), "--model-dir", str(model_dir), "--out", str(out),
+def _launch(cases, models: Path, out: Path, world_size: int) -> subprocess.Popen:
+    args = [str(WORKER), "--models", str(models), "--out", str(out),
             "--cases", json.dumps(cases), "--prompt-tokens", str(PROMPT_TOKENS),
             "--new-tokens", str(NEW_TOKENS)]
     if world_size > 1:
@@ -80,10 +92,12 @@ def _wait(process: subprocess.Popen, what: str, timeout: float) -> None:
 
 def _run(tmp_path_factory, tp_cases, reference_cases, timeout=600.0):
     root = tmp_path_factory.mktemp("tp")
-    model_dir = root / "model"
-    tiny_hf.build("llama", seed=0).save_pretrained(model_dir)
-    tp = _launch(tp_cases, model_dir, root / "tp", WORLD_SIZE)
-    one = _launch(reference_cases, model_dir, root / "one", 1)
+    models = root / "models"
+    tiny_hf.build("llama", seed=0).save_pretrained(models / "llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(HEADS9).save_pretrained(models / "heads9")
+    tp = _launch(tp_cases, models, root / "tp", WORLD_SIZE)
+    one = _launch(reference_cases, models, root / "one", 1)
     _wait(one, "the 1-process reference", timeout)
     _wait(tp, f"the {WORLD_SIZE}-process tensor-parallel run", timeout)
 
@@ -99,13 +113,13 @@ def results(tmp_path_factory):
     return _run(tmp_path_factory, TP_CASES, REFERENCE_CASES)
 
 
-def _tolerance(results) -> float:
+def _tolerance(results, model="model") -> float:
     """Data-derived bound for fp32 logits: 3x the 1-process fp32 error against fp64, plus eps.
 
     Tensor parallelism only reorders sums (row-sharded projections add partial products across
     ranks), so a rank may be off the fp32 reference by its own error plus the reference's.
     """
-    fp32, fp64 = results("one", "model")[0], results("one", "model_fp64")[0]
+    fp32, fp64 = results("one", model)[0], results("one", f"{model}_fp64")[0]
     assert torch.equal(fp32["tokens"], fp64["tokens"])
     err = (fp32["logits"].double() - fp64["logits"]).abs().max().item()
     magnitude = max(fp64["logits"].abs().max().item(), 1.0)
@@ -127,6 +141,7 @@ def _assert_local_heads(result):
     head_dim = tiny_hf._COMMON["hidden_size"] // HEADS
     local = HEADS // WORLD_SIZE
     assert result["local_q_rows"] == local * head_dim, "the model was not sharded"
+    assert result["local_kv_heads"] == KV_HEADS // WORLD_SIZE
     expected = [[1, local, PROMPT_TOKENS, head_dim]] * LAYERS
     expected += [[1, local, 1, head_dim]] * LAYERS * (NEW_TOKENS - 1)
     assert result["op_calls"] == expected
@@ -153,6 +168,18 @@ def test_sparse_op_per_rank_equals_op_on_that_ranks_heads(results):
     """Nothing crosses ranks: each rank's sparse attention is the op on its own heads."""
     reference = results("one", "op_sparse_by_rank_heads")[0]
     _assert_same_as(results("tp", "op_sparse"), reference, _tolerance(results))
+
+
+def test_attention_is_replicated_when_heads_do_not_divide(results):
+    """9 query / 3 KV heads on 2 ranks: the op sees all heads, the MLP is still sharded."""
+    for result in results("tp", "heads9_op"):
+        assert result["local_kv_heads"] == HEADS9.num_key_value_heads
+        assert result["local_mlp_rows"] == HEADS9.intermediate_size // WORLD_SIZE
+        head_dim = HEADS9.hidden_size // HEADS9.num_attention_heads
+        assert result["op_calls"][0] == [1, HEADS9.num_attention_heads, PROMPT_TOKENS, head_dim]
+        assert len(result["op_calls"]) == LAYERS * NEW_TOKENS
+    _assert_same_as(results("tp", "heads9_op"), results("one", "heads9")[0],
+                    _tolerance(results, "heads9"))
 
 
 @pytest.mark.xfail(
