@@ -1,0 +1,391 @@
+"""End-to-end benchmark: a Llama-3.1-8B-shaped model generating over long contexts.
+
+    python -m ihip_compile.bench e2e --out reports/bench [--layers 4] [--contexts 131072,...]
+
+Random weights (speed and memory only, never accuracy), bf16, batch 1, Llama-3.1-8B's shapes
+(hidden 4096, 32 query / 8 KV heads, head dim 128, MLP 14336, vocabulary 128256) with
+``--layers`` decoder layers so that the whole run fits one call. Same process, same inputs:
+  decode     tokens/s at each context. Ours: the model compiled with the infinitehip backend,
+             KV in host memory (``OffloadedCache``), decode steps timed over whole refresh cycles
+             of the mask cache. Dense: the same model, uncompiled, transformers' SDPA over a
+             ``DynamicCache`` on the GPU. Both caches hold the same random K/V (written directly:
+             K/V contents only steer which blocks are selected, not the speed).
+  ttft       time to first token of a ``--ttft-context`` prompt: ours runs the whole chunked
+             prefill; dense is timed on single chunks at a few positions and integrated over
+             the prompt (an estimate, labelled as such; the per-chunk rates are in the JSON).
+  capacity   largest context on this GPU for the full 32-layer model: dense from free GPU memory,
+             ours from available host memory; the GPU memory the KV takes in each case.
+  hit ratio  of the GPU block banks over the timed decode steps (attention and pruning banks).
+Writes ``e2e.json`` and ``e2e.md`` under ``--out``. A section that fails records its error and
+the command exits non-zero after writing what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+
+import torch
+
+from ihip_compile.config import REFRESH_PRESETS, IHipConfig
+
+FULL_LAYERS = 32
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                max_position_embeddings=131072, rms_norm_eps=1e-5)
+TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=96, rope_theta=10000.0, max_position_embeddings=256)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(layers: int, device, dtype, tiny: bool):
+    import transformers
+
+    shape = TINY if tiny else LLAMA_8B
+    config = transformers.LlamaConfig(**shape, num_hidden_layers=layers)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(dtype)
+    model.config.dtype = dtype
+    return model.eval()
+
+
+def kv_shape(model) -> tuple[int, int]:
+    c = model.config
+    return c.num_key_value_heads, c.head_dim
+
+
+def fill_cache(cache, model, context: int, device, dtype, piece: int = 65536, seed: int = 1):
+    """Write the same random K/V (per layer and piece, seeded) into ``cache``."""
+    heads, dim = kv_shape(model)
+    for layer in range(model.config.num_hidden_layers):
+        for lo in range(0, context, piece):
+            n = min(piece, context - lo)
+            g = torch.Generator(device=device).manual_seed(seed + 1000 * layer + lo)
+            k = torch.randn(1, heads, n, dim, generator=g, device=device, dtype=dtype)
+            v = torch.randn(1, heads, n, dim, generator=g, device=device, dtype=dtype)
+            cache.update(k, v, layer)
+    _sync(device)
+
+
+def dense_cache(model, context, device, dtype):
+    """DynamicCache holding ``context`` tokens, filled in one write per layer."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    heads, dim = kv_shape(model)
+    for layer in range(model.config.num_hidden_layers):
+        g = torch.Generator(device=device).manual_seed(1 + 1000 * layer)
+        k = torch.randn(1, heads, context, dim, generator=g, device=device, dtype=dtype)
+        cache.update(k, torch.randn_like(k), layer)
+    return cache
+
+
+def time_decode(forward, cache, steps: int, warmup: int, device, vocab: int) -> dict:
+    """Mean ms per decode step over ``steps`` steps after ``warmup`` (greedy, logits of 1)."""
+    token = torch.randint(3, vocab, (1, 1), device=device)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = forward(input_ids=token, past_key_values=cache, use_cache=True,
+                          logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    mean = sum(times) / len(times)
+    return {"ms_per_token": 1e3 * mean, "tokens_per_s": 1.0 / mean, "steps": steps,
+            "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times)}
+
+
+def _bank_totals(cache) -> dict:
+    rows = cache.hit_counts()
+    return {k: sum(r[k] for r in rows) for k in rows[0] if k != "layer"}
+
+
+def _ratio(after: dict, before: dict, kind: str):
+    hits = after[f"{kind}_hits"] - before[f"{kind}_hits"]
+    misses = after[f"{kind}_misses"] - before[f"{kind}_misses"]
+    return hits / (hits + misses) if hits + misses else None
+
+
+def decode_section(args, model, ours, device, dtype) -> list[dict]:
+    from ihip_compile.kernels.offloaded_attention import release_scratch
+    from ihip_compile.offload import OffloadedCache
+
+    rows = []
+    cycle = max(args.refresh)
+    for context in args.contexts:
+        row = {"context": context}
+        try:
+            cache = OffloadedCache(model.config, max_cache_tokens=context + 2 * cycle + 8,
+                                   dtype=dtype, device=device, ihip_config=args.config,
+                                   storage_dtype=args.storage_dtype)
+            t0 = time.perf_counter()
+            fill_cache(cache, model, context, device, dtype)
+            row["ours_fill_s"] = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            # Warm-up: compile, and one whole refresh cycle so the banks hold the selection.
+            time_decode(ours, cache, 1, cycle, device, model.config.vocab_size)
+            before = _bank_totals(cache)
+            row["ours"] = time_decode(ours, cache, cycle, 0, device, model.config.vocab_size)
+            after = _bank_totals(cache)
+            row["hit_ratio"] = {k: _ratio(after, before, k) for k in ("attention", "pruning")}
+            row["blocks_streamed"] = after["streamed_blocks"] - before["streamed_blocks"]
+            row["ours_gpu_bank_bytes"] = cache.gpu_bytes
+            if device.type == "cuda":
+                row["ours_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+            del cache
+            release_scratch()
+        except Exception as e:  # recorded, never hidden: the command exits non-zero
+            row["ours_error"] = _error(e)
+        row.update(_dense_decode(args, model, context, device, dtype))
+        if "ours" in row and "dense" in row:
+            row["speedup"] = row["dense"]["ms_per_token"] / row["ours"]["ms_per_token"]
+        rows.append(row)
+        _log(row)
+    return rows
+
+
+def _dense_decode(args, model, context, device, dtype) -> dict:
+    out = {}
+    try:
+        cache = dense_cache(model, context, device, dtype)
+        out["dense_kv_bytes"] = sum(t.numel() * t.element_size() for layer in cache.layers
+                                    for t in (layer.keys, layer.values))
+        out["dense"] = time_decode(model, cache, args.dense_steps, 2, device,
+                                   model.config.vocab_size)
+        del cache
+    except torch.OutOfMemoryError as e:
+        out["dense_error"] = f"out of GPU memory: {str(e).splitlines()[0]}"
+    except Exception as e:
+        out["dense_error"] = _error(e)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def ttft_section(args, model, ours, device, dtype) -> dict:
+    from ihip_compile.chunked_prefill import chunked_prefill
+    from ihip_compile.offload import OffloadedCache
+
+    context, chunk = args.ttft_context, args.chunk_tokens
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (1, context), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(device)
+    result = {"context": context, "chunk_tokens": chunk}
+    # Warm-up on a short prompt: compiles the prefill graphs (first chunk, then dynamic S_K).
+    warm = OffloadedCache(model.config, max_cache_tokens=3 * chunk, dtype=dtype, device=device,
+                          ihip_config=args.config, storage_dtype=args.storage_dtype)
+    chunked_prefill(ours, ids[:, : 3 * chunk], warm, chunk_tokens=chunk, leave_last=False,
+                    progress=False)
+    del warm
+    cache = OffloadedCache(model.config, max_cache_tokens=context + 8, dtype=dtype,
+                           device=device, ihip_config=args.config,
+                           storage_dtype=args.storage_dtype)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = chunked_prefill(ours, ids, cache, chunk_tokens=chunk, leave_last=False,
+                             progress=args.progress)
+    logits.argmax(-1).item()
+    result["ours_s"] = time.perf_counter() - t0
+    del cache
+    result.update(_dense_ttft_estimate(args, model, context, chunk, device, dtype))
+    if "dense_estimate_s" in result:
+        result["ratio_ours_over_dense"] = result["ours_s"] / result["dense_estimate_s"]
+    return result
+
+
+def _dense_ttft_estimate(args, model, context, chunk, device, dtype) -> dict:
+    """Dense chunk times at sampled positions, integrated (trapezoid) over the prompt."""
+    n_chunks = -(-context // chunk)
+    positions = sorted({0, n_chunks // 4, n_chunks // 2, (3 * n_chunks) // 4, n_chunks - 1})
+    samples = []
+    ids = torch.randint(3, model.config.vocab_size, (1, chunk), device=device)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)  # warm-up
+    for index in positions:
+        past = index * chunk
+        try:
+            cache = dense_cache(model, past, device, dtype) if past else None
+            kwargs = {"past_key_values": cache} if cache is not None else {}
+            with torch.no_grad():
+                _sync(device)
+                t0 = time.perf_counter()
+                model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+                _sync(device)
+            samples.append({"chunk_index": index, "past_tokens": past,
+                            "ms": 1e3 * (time.perf_counter() - t0)})
+            del cache
+        except torch.OutOfMemoryError as e:
+            samples.append({"chunk_index": index, "past_tokens": past,
+                            "error": f"out of GPU memory: {str(e).splitlines()[0]}"})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out = {"dense_chunk_samples": samples}
+    timed = [(s["chunk_index"], s["ms"]) for s in samples if "ms" in s]
+    if len(timed) == len(samples) and len(timed) >= 2:
+        total = 0.0
+        for i in range(n_chunks):
+            for (a, ta), (b, tb) in zip(timed, timed[1:]):
+                if a <= i <= b:
+                    total += ta + (tb - ta) * (i - a) / max(b - a, 1)
+                    break
+        out["dense_estimate_s"] = total / 1e3
+        out["dense_estimate_note"] = "sum of per-chunk times interpolated between the samples"
+    else:
+        out["dense_estimate_note"] = "dense could not run every sampled chunk: see the samples"
+    return out
+
+
+def capacity_section(args, model, device, dtype) -> dict:
+    """Largest context for the full 32-layer model: dense on this GPU, ours from host memory."""
+    from ihip_compile.kernels.kv_store import available_host_bytes
+
+    heads, dim = kv_shape(model)
+    item = torch.empty((), dtype=dtype).element_size()
+    store_item = torch.empty((), dtype=args.storage_dtype or dtype).element_size()
+    per_token_gpu = FULL_LAYERS * heads * 2 * dim * item
+    per_token_host = FULL_LAYERS * heads * 2 * dim * store_item
+    params_per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    other = sum(p.numel() for p in model.parameters()) - params_per_layer * len(model.model.layers)
+    full_weights = (params_per_layer * FULL_LAYERS + other) * item
+    out = {"full_layers": FULL_LAYERS, "kv_bytes_per_token_dense": per_token_gpu,
+           "kv_bytes_per_token_host": per_token_host, "full_model_weight_bytes": full_weights}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        in_use = torch.cuda.memory_allocated()
+        reserve = args.activation_reserve_gib * 2**30
+        budget = total - full_weights - reserve
+        out.update(gpu_total_bytes=total, activation_reserve_bytes=reserve,
+                   dense_max_tokens=max(0, budget // per_token_gpu),
+                   note_gpu="dense: (GPU total - 32-layer weights - reserve) / KV bytes per token;"
+                            f" bench process had {in_use} bytes allocated, {free} free")
+    host = available_host_bytes()
+    ours_tokens = host // per_token_host
+    gpu_cache_tokens = args.config.gpu_cache_tokens
+    banks = FULL_LAYERS * gpu_cache_tokens * heads * dim * item * 3  # attention K+V, pruning K
+    scratch = ours_tokens * heads * 2 * dim * item  # one layer's K/V at the full context
+    out.update(host_available_bytes=host, ours_max_tokens=ours_tokens,
+               ours_gpu_kv_bytes_at_max=banks + scratch, ours_gpu_bank_bytes=banks,
+               ours_gpu_scratch_bytes_at_max=scratch)
+    if "dense_max_tokens" in out:
+        out["capacity_ratio"] = ours_tokens / max(out["dense_max_tokens"], 1)
+        dense_kv = out["dense_max_tokens"] * per_token_gpu
+        out["ours_gpu_kv_fraction_of_dense_at_dense_max"] = (
+            banks + out["dense_max_tokens"] * heads * 2 * dim * item) / max(dense_kv, 1)
+    return out
+
+
+def _error(e: Exception) -> str:
+    return "".join(traceback.format_exception_only(type(e), e)).strip()
+
+
+def _log(obj) -> None:
+    print(json.dumps(obj, default=str), flush=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m ihip_compile.bench e2e", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="reports/bench", help="folder for e2e.json and e2e.md")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (8B has 32)")
+    p.add_argument("--contexts", default="131072,524288,1048576")
+    p.add_argument("--ttft-context", type=int, default=1 << 20)
+    p.add_argument("--chunk-tokens", type=int, default=32768)
+    p.add_argument("--refresh", default="default",
+                   help=f"refresh preset {sorted(REFRESH_PRESETS)} or comma-separated steps")
+    p.add_argument("--gpu-cache-tokens", type=int, default=65536)
+    p.add_argument("--fp8", action="store_true", help="store K/V as float8_e4m3fn in host memory")
+    p.add_argument("--dense-steps", type=int, default=16)
+    p.add_argument("--activation-reserve-gib", type=float, default=8.0)
+    p.add_argument("--sections", default="decode,ttft,capacity")
+    p.add_argument("--backend", default="infinitehip", choices=["infinitehip", "infinitehip_eager"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run)")
+    p.add_argument("--options", default="{}", help="extra infinitehip options as JSON")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    args.contexts = [int(c) for c in args.contexts.split(",") if c]
+    refresh = (REFRESH_PRESETS[args.refresh] if args.refresh in REFRESH_PRESETS
+               else tuple(int(r) for r in args.refresh.split(",")))
+    options = {"refresh_intervals": list(refresh), "gpu_cache_tokens": args.gpu_cache_tokens,
+               **json.loads(args.options)}
+    args.config = IHipConfig.from_options(options)
+    args.refresh = args.config.refresh_intervals
+    args.storage_dtype = torch.float8_e4m3fn if args.fp8 else None
+    args.sections = [s for s in args.sections.split(",") if s]
+    unknown = set(args.sections) - {"decode", "ttft", "capacity"}
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; allowed: decode, ttft, capacity")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(args.layers, device, dtype, args.tiny)
+    ours = torch.compile(model, backend=args.backend, options=args.config.as_dict())
+    result = {"command": "python -m ihip_compile.bench e2e", "argv": argv,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "layers": args.layers, "dtype": str(dtype),
+              "config": args.config.as_dict(), "fp8_storage": args.fp8}
+    sections = {"decode": lambda: decode_section(args, model, ours, device, dtype),
+                "ttft": lambda: ttft_section(args, model, ours, device, dtype),
+                "capacity": lambda: capacity_section(args, model, device, dtype)}
+    failed = False
+    for name in args.sections:
+        t0 = time.perf_counter()
+        try:
+            result[name] = sections[name]()
+        except Exception as e:
+            result[name] = {"error": _error(e)}
+            failed = True
+        result[f"{name}_wall_s"] = time.perf_counter() - t0
+        _write(args.out, result)
+    failed = failed or any("ours_error" in r or "dense_error" in r
+                           for r in result.get("decode", []) if isinstance(r, dict))
+    return 1 if failed else 0
+
+
+def _write(out_dir: str, result: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "e2e.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(os.path.join(out_dir, "e2e.md"), "w") as f:
+        f.write(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    from tabulate import tabulate
+
+    lines = [f"# End-to-end ({result['device']}, {result['layers']} layers, {result['dtype']})",
+             "", f"`{result['command']} {' '.join(result['argv'])}`", ""]
+    rows = []
+    for r in result.get("decode", []) if isinstance(result.get("decode"), list) else []:
+        ours, dense = r.get("ours", {}), r.get("dense", {})
+        hit = r.get("hit_ratio", {})
+        rows.append([r["context"], ours.get("tokens_per_s"), dense.get("tokens_per_s"),
+                     r.get("speedup"), hit.get("attention"), hit.get("pruning"),
+                     r.get("ours_error") or r.get("dense_error") or ""])
+    if rows:
+        lines += ["## Decode", "", tabulate(rows, headers=[
+            "context", "ours tok/s", "dense tok/s", "speedup", "hit attention", "hit pruning",
+            "error"], tablefmt="github", floatfmt=".3g"), ""]
+    for name in ("ttft", "capacity"):
+        if name in result:
+            lines += [f"## {name}", "", "```json", json.dumps(result[name], indent=2,
+                                                             default=str), "```", ""]
+    return "\n".join(lines)

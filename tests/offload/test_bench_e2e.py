@@ -1,0 +1,24 @@
+"""The end-to-end benchmark runs its code paths at tiny shapes on CPU and writes its JSON."""
+
+import json
+
+from ihip_compile.bench import e2e
+
+SPARSE_TINY = ('{"dense_below_tokens": 64, "sink_tokens": 8, "sliding_window_tokens": 16, '
+               '"selected_tokens": 32, "stages": [[32, 64], [16, 32], [8, 32]]}')
+
+
+def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
+    argv = ["--tiny", "--layers", "1", "--contexts", "96", "--ttft-context", "70",
+            "--chunk-tokens", "32", "--backend", "infinitehip_eager", "--refresh", "2,2,1",
+            "--gpu-cache-tokens", "64", "--dense-steps", "1", "--options", SPARSE_TINY,
+            "--out", str(tmp_path)]
+    assert e2e.main(argv) == 0
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    (row,) = result["decode"]
+    assert row["ours"]["tokens_per_s"] > 0 and row["dense"]["tokens_per_s"] > 0
+    assert 0 <= row["hit_ratio"]["attention"] <= 1
+    assert result["ttft"]["ours_s"] > 0 and "dense_estimate_s" in result["ttft"]
+    assert result["capacity"]["ours_max_tokens"] > 0
+    table = (tmp_path / "e2e.md").read_text()
+    assert "## Decode" in table and "ours tok/s" in table
