@@ -24,6 +24,10 @@ compiled_graphs: list[PipelineResult] = []
 
 def rewrite(gm, config: IHipConfig) -> PipelineResult:
     result = run_passes(gm, config)
+    if config.offload_kv:  # DynamicCache K/V to host memory: ihip_compile/offload_graph.py
+        from ihip_compile.offload_graph import offload_cache_concats
+
+        offload_cache_concats(result.gm, config)
     compiled_graphs.append(result)
     if config.report_dir is not None:
         from ihip_compile.report import write_report

@@ -66,15 +66,8 @@ class HostKVStore:
         self.storage_dtype = storage_dtype or dtype
         self.bank_slots = {"attention": max(1, attention_bank_tokens // block_tokens),
                            "pruning": max(1, pruning_bank_tokens // block_tokens)}
-        needed, available = self.host_bytes, available_host_bytes()
-        if needed > available:
-            raise ValueError(
-                f"the offloaded KV cache needs {needed:,} bytes of host memory "
-                f"({needed / 2**30:.1f} GiB for {num_layers} layers x {self.capacity_tokens:,} "
-                f"tokens x batch {batch}) but only {available:,} bytes "
-                f"({available / 2**30:.1f} GiB) are available: lower max_cache_tokens, use "
-                f"storage_dtype=float8_e4m3fn, or free host memory"
-            )
+        self._check_host_memory(self.host_bytes, "lower max_cache_tokens, use "
+                                "storage_dtype=float8_e4m3fn, or free host memory")
         self.lengths = [0] * num_layers
         self._host: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         self._banks: list[dict[str, BlockBank] | None] = [None] * num_layers
@@ -93,6 +86,42 @@ class HostKVStore:
     def gpu_bytes(self) -> int:
         """Device bytes the banks of the layers allocated so far take."""
         return sum(b.nbytes for banks in self._banks if banks for b in banks.values())
+
+    def _check_host_memory(self, needed: int, advice: str) -> None:
+        available = available_host_bytes()
+        if needed > available:
+            raise ValueError(
+                f"the offloaded KV cache needs {needed:,} bytes of host memory "
+                f"({needed / 2**30:.1f} GiB for {self.num_layers} layers x "
+                f"{self.capacity_tokens:,} tokens x batch {self.batch}) but only {available:,} "
+                f"bytes ({available / 2**30:.1f} GiB) are available: {advice}"
+            )
+
+    def grow(self, capacity_tokens: int) -> None:
+        """Raise the capacity to at least ``capacity_tokens``, keeping every token.
+
+        The new size (allocated before the old one is freed) is checked against available host
+        memory first. Bank contents are dropped (block ids change with the row length).
+        """
+        blocks = -(-capacity_tokens // self.block_tokens)
+        if blocks <= self.blocks_per_row:
+            return
+        old_blocks, old_host = self.blocks_per_row, self._host
+        self.blocks_per_row, self.capacity_tokens = blocks, blocks * self.block_tokens
+        try:
+            self._check_host_memory(self.host_bytes, "the prompt is too long for this machine")
+        except ValueError:
+            self.blocks_per_row, self.capacity_tokens = old_blocks, old_blocks * self.block_tokens
+            raise
+        self._host = [None] * self.num_layers
+        for layer, host in enumerate(old_host):
+            if host is None:
+                continue
+            self._banks[layer] = None
+            new = self._layer_host(layer)
+            for name, old in host.items():
+                shape = (self.batch, -1, *old.shape[1:])
+                as_bits(new[name]).view(shape)[:, :old_blocks] = as_bits(old).view(shape)
 
     # --- writing -------------------------------------------------------------------------------
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -145,6 +174,13 @@ class HostKVStore:
         if rest.numel():
             tail = new[:, :, whole * bk:].permute(2, 0, 1, 3)  # [S_rest, B, H_KV, D]
             by_row[:, rest // bk, :, rest % bk, :] = tail
+
+    def reset_layer(self, layer: int) -> None:
+        """Forget one layer's tokens (its next append starts a new sequence)."""
+        self.lengths[layer] = 0
+        self.selection_states.forget(layer)
+        for bank in (self._banks[layer] or {}).values():
+            bank.clear()
 
     def reset(self) -> None:
         """Forget every token (a new sequence); host memory stays allocated for reuse."""
@@ -265,6 +301,11 @@ def register_store(store: HostKVStore) -> torch.Tensor:
     return torch.tensor([store_id], dtype=torch.int64)
 
 
+def mark_appended(layer: int, store: HostKVStore) -> None:
+    """Record that ``store`` holds ``layer``'s newest tokens: its attention reads from there."""
+    _LAST_APPENDED[layer] = store
+
+
 def is_offload_proxy(t: torch.Tensor) -> bool:
     """True for the zero-stride stand-ins the offloaded cache returns instead of keys/values."""
     return t.dim() == 4 and t.numel() > 1 and all(
@@ -295,7 +336,7 @@ def _kv_store_append(key, value, store_id, layer):
     if store is None:
         raise ValueError(f"no offloaded KV store with id {store_key} (was its cache deleted?)")
     store.append(layer, key, value)
-    _LAST_APPENDED[layer] = store
+    mark_appended(layer, store)
     return torch.full((1,), float("nan"), dtype=key.dtype, device=key.device)
 
 
