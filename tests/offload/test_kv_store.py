@@ -112,3 +112,21 @@ def test_bad_layer_and_shapes_are_rejected():
         store.append(2, torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 3))
     with pytest.raises(ValueError, match="do not fit"):
         store.append(0, torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 3))
+
+
+def test_growing_keeps_every_token_and_checks_memory_first(monkeypatch):
+    store = _store(capacity_tokens=16)
+    keys, values = _fill(store, 0, [16])
+    store.read_blocks(0, torch.tensor([[1], [0]]))
+    store.grow(40)
+    assert store.capacity_tokens == 40
+    more_k, more_v = _fill(store, 0, [20], seed=5)
+    k_all, v_all = store.read_tokens(0)
+    assert torch.equal(k_all, torch.cat([keys, more_k], 2))
+    assert torch.equal(v_all, torch.cat([values, more_v], 2))
+    got = store.read_blocks(0, torch.tensor([[4], [4]]))  # banks restart empty after growing
+    assert torch.equal(got["keys"], k_all[:, :, 32:40])
+    monkeypatch.setattr(kv_store, "available_host_bytes", lambda: 1000)
+    with pytest.raises(ValueError, match="bytes of host memory"):
+        store.grow(10_000)
+    assert store.capacity_tokens == 40
