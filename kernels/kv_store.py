@@ -69,6 +69,7 @@ class HostKVStore:
         self._check_host_memory(self.host_bytes, "lower max_cache_tokens, use "
                                 "storage_dtype=float8_e4m3fn, or free host memory")
         self.lengths = [0] * num_layers
+        self._pinned: list[int] = []  # host pointers registered with CUDA
         self._host: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         self._banks: list[dict[str, BlockBank] | None] = [None] * num_layers
         self.streamed_blocks = [0] * num_layers
@@ -122,6 +123,7 @@ class HostKVStore:
             for name, old in host.items():
                 shape = (self.batch, -1, *old.shape[1:])
                 as_bits(new[name]).view(shape)[:, :old_blocks] = as_bits(old).view(shape)
+            self._unpin(host.values())
 
     # --- writing -------------------------------------------------------------------------------
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -268,14 +270,40 @@ class HostKVStore:
                 self._allocate_layer(layer)
         return self._host[layer]
 
+    def _host_zeros(self, shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+        """Zeroed host memory, pinned in place (cudaHostRegister) when the model runs on CUDA.
+
+        In place rather than ``pin_memory=True``: the caching pinned allocator rounds a request up
+        to a power of two, which would nearly double a 2.1 GiB layer and void the memory check.
+        """
+        t = torch.zeros(shape, dtype=self.storage_dtype)
+        if pin:
+            ptr, size = t.data_ptr(), t.numel() * t.element_size()
+            err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0))
+            if err != 0:
+                raise RuntimeError(f"pinning {size:,} bytes of host memory failed (cudaError {err})")
+            self._pinned.append(ptr)
+        return t
+
+    def _unpin(self, tensors) -> None:
+        for t in tensors:
+            if t.data_ptr() in self._pinned:
+                self._pinned.remove(t.data_ptr())
+                torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+    def __del__(self) -> None:
+        # Unregister before the memory goes back to the system (the tensors are still alive here).
+        for host in getattr(self, "_host", None) or []:
+            if host is not None and getattr(self, "_pinned", None):
+                self._unpin(host.values())
+
     def _allocate_layer(self, layer: int) -> None:
         pin = self.device.type == "cuda"
         rows = self.batch * self.blocks_per_row
         shapes = {"keys": (self.kv_heads, self.block_tokens, self.head_dim),
                   "values": (self.kv_heads, self.block_tokens, self.value_dim)}
         self._host[layer] = {
-            name: torch.zeros((rows, *shape), dtype=self.storage_dtype, pin_memory=pin)
-            for name, shape in shapes.items()
+            name: self._host_zeros((rows, *shape), pin) for name, shape in shapes.items()
         }
         self._banks[layer] = {
             "attention": BlockBank(n_slots=self.bank_slots["attention"], n_blocks=rows,
@@ -290,8 +318,9 @@ class HostKVStore:
 # --- the op layer's registry ---------------------------------------------------------------------
 _STORES: weakref.WeakValueDictionary[int, HostKVStore] = weakref.WeakValueDictionary()
 _NEXT_ID = itertools.count(1)
-# Store that last appended to each layer: the attention that follows reads from it.
-_LAST_APPENDED: dict[int, HostKVStore] = {}
+# Store that last appended to each layer: the attention that follows reads from it. Weak: a
+# deleted cache's host memory is freed at once.
+_LAST_APPENDED: dict[int, weakref.ref] = {}
 
 
 def register_store(store: HostKVStore) -> torch.Tensor:
@@ -303,7 +332,7 @@ def register_store(store: HostKVStore) -> torch.Tensor:
 
 def mark_appended(layer: int, store: HostKVStore) -> None:
     """Record that ``store`` holds ``layer``'s newest tokens: its attention reads from there."""
-    _LAST_APPENDED[layer] = store
+    _LAST_APPENDED[layer] = weakref.ref(store)
 
 
 def is_offload_proxy(t: torch.Tensor) -> bool:
@@ -315,7 +344,8 @@ def is_offload_proxy(t: torch.Tensor) -> bool:
 
 def store_for_layer(layer: int, s_k: int) -> HostKVStore:
     """The store whose keys an attention call of ``layer`` over ``s_k`` keys must read."""
-    store = _LAST_APPENDED.get(layer)
+    ref = _LAST_APPENDED.get(layer)
+    store = ref() if ref is not None else None
     if store is None or store.lengths[layer] != s_k:
         have = None if store is None else store.lengths[layer]
         raise ValueError(

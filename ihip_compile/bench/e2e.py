@@ -119,7 +119,7 @@ def _ratio(after: dict, before: dict, kind: str):
     return hits / (hits + misses) if hits + misses else None
 
 
-def decode_section(args, model, ours, device, dtype) -> list[dict]:
+def decode_section(args, model, ours, device, dtype, on_row=lambda rows: None) -> list[dict]:
     from ihip_compile.kernels.offloaded_attention import release_scratch
     from ihip_compile.offload import OffloadedCache
 
@@ -155,6 +155,7 @@ def decode_section(args, model, ours, device, dtype) -> list[dict]:
             row["speedup"] = row["dense"]["ms_per_token"] / row["ours"]["ms_per_token"]
         rows.append(row)
         _log(row)
+        on_row(rows)  # partial results survive a run cut short
     return rows
 
 
@@ -342,7 +343,11 @@ def main(argv: list[str]) -> int:
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "layers": args.layers, "dtype": str(dtype),
               "config": args.config.as_dict(), "fp8_storage": args.fp8}
-    sections = {"decode": lambda: decode_section(args, model, ours, device, dtype),
+    def save_partial(rows):
+        result["decode"] = rows
+        _write(args.out, result)
+
+    sections = {"decode": lambda: decode_section(args, model, ours, device, dtype, save_partial),
                 "ttft": lambda: ttft_section(args, model, ours, device, dtype),
                 "capacity": lambda: capacity_section(args, model, device, dtype)}
     failed = False
