@@ -16,7 +16,8 @@ Each run loads every model of ``--models`` with ``from_pretrained``, sharded by
   decode   per context of ``--contexts``: an ``OffloadedCache`` per rank holding that rank's KV
            heads (``local_kv_heads``) of the same seeded random K/V in every run (each rank the
            slice of heads it owns), then greedy decode steps: ms per token over one whole refresh
-           cycle after one cycle of warm-up, the tokens, and the GPU bank hit ratios.
+           cycle after one cycle of warm-up, the tokens, and the GPU bank hit ratios (``--fp8``
+           stores the K/V as float8 in host memory).
 Models: ``llama8b`` (Llama-3.1-8B's shapes with ``--layers`` decoder layers, random weights saved
 once under ``--model-cache``: speed and memory only), ``smollm2`` (the real weights; its 9 query /
 3 KV heads do not divide by 2, so on 2 GPUs its attention is replicated and the MLP sharded),
@@ -197,7 +198,7 @@ def decode_section(model, args, device, dtype) -> list[dict]:
     for context in args.contexts:
         cache = OffloadedCache(model.config, kv_heads=local_kv_heads(model), dtype=dtype,
                                device=device, max_cache_tokens=context + 2 * cycle + 8,
-                               ihip_config=args.config)
+                               ihip_config=args.config, storage_dtype=args.storage_dtype)
         start = time.perf_counter()
         fill_rank_cache(cache, model, context, device, dtype)
         fill_s = time.perf_counter() - start
@@ -233,6 +234,7 @@ def run(args) -> int:
     device = start_processes(args.device)
     dtype = getattr(torch, args.dtype)
     result = {"world_size": world_size, "device": _device_name(device), "dtype": args.dtype,
+              "fp8_storage": args.fp8,
               "torch": torch.__version__, "config": args.config.as_dict(), "models": {}}
     logits = {}
     for name in args.models:
@@ -325,6 +327,7 @@ def parse_args(argv):
     p.add_argument("--backend", default="infinitehip", choices=["infinitehip", "infinitehip_eager"])
     p.add_argument("--options", default="{}", help="infinitehip options as JSON")
     p.add_argument("--model-cache", default=str(DEFAULT_CACHE))
+    p.add_argument("--fp8", action="store_true", help="store K/V as float8_e4m3fn in host memory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke: the tiny model, short contexts, small selection settings")
@@ -343,6 +346,7 @@ def parse_args(argv):
     args.token_contexts = [int(c) for c in args.token_contexts.split(",") if c]
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
     args.config = IHipConfig.from_options(json.loads(args.options))
+    args.storage_dtype = torch.float8_e4m3fn if args.fp8 else None
     return args
 
 
