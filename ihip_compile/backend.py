@@ -78,6 +78,22 @@ def backend(config: Mapping[str, Any] | IHipConfig | None = None, *, eager: bool
     return Backend(IHipConfig.from_options(config), eager=eager)
 
 
+def keep_generation_masks_in_graph(model) -> None:
+    """Static-cache recipe: let the model build its mask inside the compiled graph.
+
+    With a compileable cache (StaticCache), transformers' ``generate()`` turns the 2-D padding
+    mask into a [B, 1, S_Q, S_K] mask before calling the model, outside the graph, where the
+    passes cannot read it (the site then stays dense). ``create_masks_for_generate`` is the
+    model-level hook transformers looks up for that step; returning the 2-D mask leaves the
+    model's own in-graph mask code, which the passes replace by the compact description.
+    """
+
+    def pass_2d_mask_through(*, attention_mask, **_ignored):
+        return attention_mask
+
+    model.create_masks_for_generate = pass_2d_mask_through
+
+
 class _CallableModule(types.ModuleType):
     """Importing ``ihip_compile.backend`` (the entry point does) rebinds that attribute of the
     package to this module; making the module callable keeps ``ihip_compile.backend(config)``

@@ -131,6 +131,11 @@ def _arange_offset(vec: fx.Node, s_k: Any) -> Any:
 def _read(node: Any) -> Any:
     if not isinstance(node, fx.Node):
         raise MaskNotUnderstood(f"mask operand {node!r} is not a graph value")
+    if node.op in ("placeholder", "get_attr"):
+        raise MaskNotUnderstood(
+            f"mask reads graph input {node.name}: built outside the compiled graph (e.g. by "
+            "generate() for a static cache; see keep_generation_masks_in_graph)"
+        )
     if is_method(node, "to", "expand"):
         if is_method(node, "to") and _changes_dtype(node):
             raise MaskNotUnderstood(f"{node.name} converts the mask's dtype")
