@@ -130,7 +130,8 @@ def _arange_offset(vec: fx.Node, s_k: Any) -> Any:
 
 def _read(node: Any) -> Any:
     if not isinstance(node, fx.Node):
-        raise MaskNotUnderstood(f"mask operand {node!r} is not a graph value")
+        raise MaskNotUnderstood(f"mask uses the constant {node!r} where a causal predicate or "
+                                "index was expected")
     if node.op in ("placeholder", "get_attr"):
         raise MaskNotUnderstood(
             f"mask reads graph input {node.name}: built outside the compiled graph (e.g. by "

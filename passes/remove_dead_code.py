@@ -33,14 +33,22 @@ def remove_dead_code(gm: fx.GraphModule, context: PassContext) -> PassResult:
     return PassResult(gm, bool(removed))
 
 
+# Python's in-place operators (operator.and_ is not one: it ends in "_" but returns a new value).
+_INPLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.imatmul, operator.setitem, operator.delitem,
+})
+
+
 def _is_removable(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method"):
         return False
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return node.target not in _INPLACE_OPERATORS
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if name.endswith("_") and not name.endswith("__"):
         return False  # in-place: index_copy_, add_, copy_, ...
-    if node.target is operator.setitem:
-        return False
     schema = getattr(node.target, "_schema", None)
     if schema is not None and schema.is_mutable:
         return False
