@@ -39,7 +39,7 @@ def rotate_by_delta(x, x_partner, delta, freq, sign, rotated):
 @triton.jit
 def load_rows(base_ptr, rows, row_ok, stride_row, cols, col_ok):
     """Gather rows [N] of a row-major matrix -> [N, BLOCK_D] (masked entries are 0)."""
-    ptrs = base_ptr + rows[:, None] * stride_row + cols[None, :]
+    ptrs = base_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
     return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 

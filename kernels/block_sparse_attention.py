@@ -34,7 +34,9 @@ def _block_sparse_attention_kernel(
     BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
     ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    blk, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # int64: one KV head of a 4M-key cache is 2^29 elements, head offsets overflow int32.
+    blk = tl.program_id(0)
+    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     rows = blk * block_q + tl.arange(0, BLOCK_Q)
     row_ok = (tl.arange(0, BLOCK_Q) < block_q) & (rows < s_q)
     cols = tl.arange(0, BLOCK_D)

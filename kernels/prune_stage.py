@@ -22,6 +22,9 @@ from ihip_compile.kernels._primitives import load_rows_moved
 from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE
 from ihip_compile.kernels.prune_stage_ref import RELATIVE_QUERY_DISTANCE
 
+# jit code reads module globals only as tl.constexpr.
+_QUERY_DISTANCE = tl.constexpr(RELATIVE_QUERY_DISTANCE)
+
 
 @triton.jit
 def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos, s_k,
@@ -34,7 +37,7 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
     probe = tl.minimum(tl.maximum(probe, vlo), vhi - 1)
     probe = tl.minimum(tl.maximum(probe, 0), s_k - 1)
     if ROPE_MODE == 1:
-        delta = block_pos - RELATIVE_QUERY_DISTANCE - probe
+        delta = block_pos - _QUERY_DISTANCE - probe
     elif ROPE_MODE == 2:
         query_at = tl.minimum(block_pos, n_chunks + window_tokens)
         delta = probe // CHUNK - probe - (query_at - block_pos)
@@ -46,14 +49,17 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
     row_ok = rows < GROUP * NPQ
     q_row_offsets = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
     score = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
-    for g in range(H_KV):
-        keys = load_rows_moved(k_ptr + g * stride_k_h, probe, usable, stride_k_s, cols, col_ok,
-                               delta, inv_freq_ptr, ROPE_MODE != 0, ROTARY_DIM, LAYOUT)
-        q_ptrs = q_ptr + g * GROUP * stride_q_h + q_row_offsets[:, None] + cols[None, :]
+    k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
+    for _ in range(H_KV):
+        keys = load_rows_moved(k_head, probe, usable, stride_k_s, cols, col_ok, delta,
+                               inv_freq_ptr, ROPE_MODE != 0, ROTARY_DIM, LAYOUT)
+        q_ptrs = q_head + q_row_offsets[:, None] + cols[None, :]
         queries = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)  # [TILE, QROWS]
         dots = tl.where(row_ok[None, :], dots, float("-inf"))
         score = tl.maximum(score, tl.max(dots, 1))
+        k_head += stride_k_h
+        q_head += GROUP * stride_q_h
     return score
 
 
@@ -69,7 +75,7 @@ def _score_chunks_kernel(
     LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Query blocks vary fastest: programs running together probe the same chunks (L2 reuse).
-    blk, tile, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    blk, tile, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     n = tile * CHUNK_TILE + tl.arange(0, CHUNK_TILE)
     n_ok = n < n_cand
     starts = tl.load(starts_ptr + b * stride_c_b + blk * stride_c_blk + n, mask=n_ok, other=-1)
@@ -88,7 +94,7 @@ def _score_chunks_kernel(
                             head_dim, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
                             ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
     for step in tl.static_range(LOG2_CHUNK):
-        half: tl.constexpr = CHUNK >> (step + 1)
+        half = CHUNK >> (step + 1)
         s_left = _probe_score(q_base, k_base, inv_freq_ptr, lo + half // 2, usable, vlo, vhi,
                               block_pos, s_k, n_chunks, window_tokens, stride_k_h, stride_k_s,
                               stride_q_h, head_dim, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,

@@ -33,7 +33,9 @@ def _sparse_decode_split_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
     ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    split, kv, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # int64: one KV head of a 4M-key cache is 2^29 elements, head offsets overflow int32.
+    split = tl.program_id(0)
+    kv, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     n_kv = tl.num_programs(1)
     rows = tl.arange(0, QROWS)
     row_ok = rows < GROUP
