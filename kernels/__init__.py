@@ -12,4 +12,29 @@ Shape glossary, used in every shape comment of this package:
 
 Causality: query i may attend key j iff ``j <= q_positions[i]`` (its own key index), the key is
 valid (``kv_valid[b, j]``), and, with a model sliding window W > 0, ``j > q_positions[i] - W``.
+
+Sparse path (``sparse_attention.sparse_attention``; the op calls it at S_K >= dense_below_tokens):
+    block_selection.select_blocks(q, k, q_positions, ...) -> block_indices [B, NQB, TOPK] int32
+        hierarchical pruning; NQB = ceil(S_Q / min(block_size_q, S_Q rounded up to a power of 2));
+        block j = keys [8j, 8j + 8); sorted, -1 (empty) last. Stages are data
+        (stage_chunks, stage_keeps); one stage = prune_stage.score_chunks (Triton) or
+        prune_stage_ref.score_chunks_ref, then top-k / sort / split in torch on the device.
+    block_sparse_attention.block_sparse_attention(q, k, v, q_positions, block_indices, ...)
+        prefill (S_Q > 1): sinks + selected blocks + sliding window, online softmax
+    sparse_decode.sparse_decode(q, k, v, block_indices, q_positions, ...)
+        decode (S_Q == 1): split-K over the same key list, then a merge kernel
+    Each has a ``*_ref`` twin (torch only): the spec, and the CPU path of the op.
+
+Reusing the selection across decode steps (mask caching):
+    blocks, stages = select_blocks(..., return_stages=True)       # stages[i]: stage i's kept
+                                                                   # chunk starts [B, NQB, n_i]
+    blocks, tail = select_blocks(..., start_stage=i, candidates=stages[i - 1],
+                                 return_stages=True)               # re-run stages i.. only
+    out = sparse_decode(q, k, v, blocks, q_positions, window_tokens=W + new_keys, ...)
+Keys appended after stage 0 last ran are not candidates; widening the attention's window by
+their count keeps them attended (the sets stay disjoint: selected keys inside a query's window
+are masked). ``rope_mode`` of select_blocks is 0 true positions, 1 relative, 2 chunk-indexed:
+map the op's ``pruning_rope`` with ``sparse_attention.pruning_rope_mode(pruning_rope, remap)``.
+No function here synchronises with the host on the Triton path, so a decode step (selection
+included) can be captured in a CUDA graph.
 """
