@@ -1,24 +1,54 @@
-"""``python -m ihip_compile <command> [args]``: each command is a module with ``main(argv)``."""
+"""Command line: ``python -m ihip_compile <command>``.
+
+    report --model llama --out reports/graphs   graph-diff report of a tiny test model
+    demo [args]                                 the main job (see ihip_compile/demo.py)
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
-COMMANDS = {
-    "demo": ("ihip_compile.demo", "SmolLM2 answers over a long context through the backend"),
-    "eval": ("ihip_compile.eval.__main__", "accuracy: perplexity and passkey, dense vs ours"),
-}
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ihip_compile.report_models import (
+        GOLDEN_MODELS, available_models, stack_versions, write_model_report,
+    )
+
+    names = GOLDEN_MODELS if args.model == "golden" else \
+        available_models() if args.model == "all" else (args.model,)
+    for name in names:
+        target = write_model_report(name, args.out)
+        summary = (target / "graph_00.md").read_text().splitlines()[2]
+        print(f"{name}: {summary}  ({target})")
+    versions = Path(args.out) / "versions.json"
+    versions.write_text(json.dumps(stack_versions(), indent=1, sort_keys=True) + "\n")
+    return 0
 
 
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in COMMANDS:
-        lines = [f"  {name:<6} {about}" for name, (_, about) in sorted(COMMANDS.items())]
-        print("usage: python -m ihip_compile <command> [args]\n" + "\n".join(lines))
-        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "demo":
+        # The demo parses its own arguments; imported only when asked for.
+        return importlib.import_module("ihip_compile.demo").main(argv[1:]) or 0
+    parser = argparse.ArgumentParser(prog="python -m ihip_compile")
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser("report", help="graph-diff report of a tiny test model")
+    report.add_argument("--model", default="llama",
+                        help="a tiny model name, 'golden' (the golden set) or 'all'")
+    report.add_argument("--out", default="reports/graphs", help="output directory")
+    commands.add_parser("demo", help="the main job (SmolLM2 through the backend)")
+    args = parser.parse_args(argv)
+    try:
+        return _report(args)
+    except ValueError as error:
+        parser.error(str(error))
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
