@@ -62,19 +62,24 @@ def last_logits(forward: Callable, input_ids: torch.Tensor, keep: int) -> torch.
 
 
 @torch.no_grad()
-def greedy_answer(forward: Callable, input_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
-    """Greedy continuation through a DynamicCache, one forward per new token."""
+def greedy_answer(forward: Callable, input_ids: torch.Tensor, max_new_tokens: int,
+                  cache: Any = None) -> list[int]:
+    """Greedy continuation, one forward per new token; ``cache`` (a DynamicCache holding the
+    keys before ``input_ids``) defaults to an empty one."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    out = forward(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = DynamicCache() if cache is None else cache
+    past = cache.get_seq_length()
+    out = forward(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                  cache_position=torch.arange(past, past + input_ids.shape[1],
+                                              device=input_ids.device))
     new = []
     for step in range(max_new_tokens):
         token = int(out.logits[0, -1].argmax())
         new.append(token)
         if step + 1 == max_new_tokens:
             break
-        position = input_ids.shape[1] + step
+        position = past + input_ids.shape[1] + step
         out = forward(
             input_ids=torch.tensor([[token]], device=input_ids.device), past_key_values=cache,
             use_cache=True, logits_to_keep=1,
