@@ -24,7 +24,9 @@ def available_models() -> tuple[str, ...]:
 
 def _tiny_hf():
     if not (_TESTS_DIR / "models").is_dir():
-        raise ValueError(f"tiny models not found: {_TESTS_DIR / 'models'} (needs a source checkout)")
+        raise ValueError(
+            f"tiny models not found: {_TESTS_DIR / 'models'} (needs a source checkout)"
+        )
     if str(_TESTS_DIR) not in sys.path:
         sys.path.insert(0, str(_TESTS_DIR))
     from models import tiny_hf

@@ -1,1 +1,4 @@
-"""Graph passes of the infinitehip backend, one FX rewrite per file (order: ihip_compile.pipeline)."""
+"""Graph passes of the infinitehip backend, one FX rewrite per file.
+
+Their order lives in ``ihip_compile.pipeline.PASSES``.
+"""

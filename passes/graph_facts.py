@@ -97,4 +97,7 @@ NEG = (operator.neg, torch.neg)
 CAT = (torch.cat, torch.concat, torch.concatenate)
 MATMUL = (operator.matmul, torch.matmul, torch.bmm)
 SOFTMAX = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
-SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+SDPA = (
+    torch._C._nn.scaled_dot_product_attention,
+    torch.nn.functional.scaled_dot_product_attention,
+)

@@ -1,6 +1,6 @@
 """Read the boolean mask subgraph that transformers builds in the graph into a compact description.
 
-Matches   the vmap-free mask of transformers 5.17 ``sdpa_mask``: index vectors
+Matches   the vmap-free mask of transformers 5.17 ``sdpa_mask``, index vectors
               q = q_arange[None, None, :, None]      kv = kv_arange[None, None, None, :]
           combined with ``&`` from exactly these predicates (``new_ones`` is "true", ``.to(device)``
           and the final ``expand`` change nothing):
@@ -122,7 +122,9 @@ def _arange_offset(vec: fx.Node, s_k: Any) -> Any:
     if not (is_function(base, torch.arange) and len(base.args) == 1):
         raise MaskNotUnderstood(f"key index vector {vec.name} is not arange(S_K) + offset")
     if not same_size(base.args[0], s_k) and not same_size(value(base.args[0]), s_k):
-        raise MaskNotUnderstood(f"key index vector {vec.name} has {base.args[0]} keys, not S_K={s_k}")
+        raise MaskNotUnderstood(
+            f"key index vector {vec.name} has {base.args[0]} keys, not S_K={s_k}"
+        )
     if isinstance(offset, fx.Node) and isinstance(value(offset), torch.Tensor):
         raise MaskNotUnderstood(f"key offset {offset.name} is a tensor, not an integer")
     return offset
@@ -206,4 +208,6 @@ def _read_compare(node: fx.Node) -> _Predicates:
         return _Predicates(frozenset({("causal", right.vector, left.vector)}))
     if op is operator.gt and right.offset < 0:
         return _Predicates(frozenset({("window", right.vector, left.vector, -right.offset)}))
-    raise MaskNotUnderstood(f"comparison is neither causal nor a sliding window: {node.format_node()}")
+    raise MaskNotUnderstood(
+        f"comparison is neither causal nor a sliding window: {node.format_node()}"
+    )

@@ -16,7 +16,9 @@ from ihip_compile.config import IHipConfig
 
 # rope_layout values of torch.ops.ihip.attention (kernels/ops.py).
 ROPE_NONE, ROPE_ROTATE_HALF, ROPE_INTERLEAVED = 0, 1, 2
-ROPE_LAYOUT_NAMES = {ROPE_NONE: "none", ROPE_ROTATE_HALF: "rotate_half", ROPE_INTERLEAVED: "interleaved"}
+ROPE_LAYOUT_NAMES = {
+    ROPE_NONE: "none", ROPE_ROTATE_HALF: "rotate_half", ROPE_INTERLEAVED: "interleaved",
+}
 
 
 @dataclass

@@ -33,7 +33,8 @@ def _left_padded_batch():
 
 def _generate(model, ids, mask, **kwargs):
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        do_sample=False,
         return_dict_in_generate=True, output_logits=True, **kwargs,
     )
     return out.sequences, torch.stack(out.logits, dim=1)  # logits: [B, steps, V]
