@@ -193,12 +193,14 @@ def test_sparse_op_under_tensor_parallel_matches_one_process(results):
                     _tolerance(results))
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("IHIP_SLOW_TESTS") != "1",
-    reason="Inductor compiles C++ kernels on every rank: minutes on 2 CPU cores "
-    "(IHIP_SLOW_TESTS=1 runs it)",
+# Minutes on 2 CPU cores (Inductor's C++ compile on every rank, or a whole benchmark run).
+slow = pytest.mark.skipif(
+    os.environ.get("IHIP_SLOW_TESTS") != "1", reason="slow on CPU; IHIP_SLOW_TESTS=1 runs it"
 )
+
+
+@pytest.mark.slow
+@slow
 def test_inductor_backend_under_tensor_parallel_matches_one_process(tmp_path_factory):
     slow_results = _run(
         tmp_path_factory, [{"name": "backend", "backend": "infinitehip"}], REFERENCE_CASES[:2],
@@ -208,3 +210,23 @@ def test_inductor_backend_under_tensor_parallel_matches_one_process(tmp_path_fac
         _assert_local_heads(result)
     _assert_same_as(slow_results("tp", "backend"), slow_results("one", "model")[0],
                     _tolerance(slow_results))
+
+
+@pytest.mark.slow
+@slow
+def test_tp_benchmark_gives_the_same_tokens_on_one_and_two_processes(tmp_path):
+    """The GPU benchmark's CPU smoke run, dense path: both sections agree token for token."""
+    args = ["--tiny", "--backend", "infinitehip_eager", "--out", str(tmp_path / "out"),
+            "--model-cache", str(tmp_path / "models"), "--options",
+            json.dumps({"dense_below_tokens": 1 << 20})]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for launcher in ([], ["-m", "torch.distributed.run", "--standalone",
+                          f"--nproc-per-node={WORLD_SIZE}"]):
+        done = subprocess.run([sys.executable, *launcher, "-m", "ihip_compile.bench", "tp", *args],
+                              env=env, capture_output=True, text=True, timeout=1800)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / "out" / f"tp_{n}gpu.json").read_text())["models"]["tiny"]
+                for n in (1, WORLD_SIZE))
+    assert two["tp_size"] == WORLD_SIZE and two["local_kv_heads"] == one["local_kv_heads"] // 2
+    for section in ("tokens", "decode"):
+        assert [r["tokens"] for r in one[section]] == [r["tokens"] for r in two[section]]
