@@ -16,6 +16,8 @@ Random weights (speed and memory only, never accuracy), bf16, batch 1, Llama-3.1
   capacity   largest context on this GPU for the full 32-layer model: dense from free GPU memory,
              ours from available host memory; the GPU memory the KV takes in each case.
   hit ratio  of the GPU block banks over the timed decode steps (attention and pruning banks).
+  passkey    SmolLM2-135M-Instruct answers a pass key hidden at ``--passkey-depth`` of a
+             ``--passkey-context`` prompt: chunked prefill into an OffloadedCache, generate().
 Writes ``e2e.json`` and ``e2e.md`` under ``--out``. A section that fails records its error and
 the command exits non-zero after writing what it has.
 """
@@ -33,6 +35,7 @@ import torch
 from ihip_compile.config import REFRESH_PRESETS, IHipConfig
 
 FULL_LAYERS = 32
+SECTIONS = ("decode", "ttft", "capacity", "passkey")
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
                 max_position_embeddings=131072, rms_norm_eps=1e-5)
@@ -289,6 +292,37 @@ def capacity_section(args, model, device, dtype) -> dict:
     return out
 
 
+def passkey_section(args, device, dtype) -> dict:
+    """SmolLM2 answers a pass key hidden in a ``--passkey-context`` prompt: chunked prefill into
+    an OffloadedCache, then generate(), compiled with the backend (the end-to-end proof)."""
+    from ihip_compile.chunked_prefill import chunked_prefill
+    from ihip_compile.eval.data import passkey_prompt
+    from ihip_compile.eval.run import answer_has_key
+    from ihip_compile.layer_policy import with_model_facts
+    from ihip_compile.offload import OffloadedCache
+    from ihip_compile.smollm2 import load_smollm2
+
+    model, tokenizer = load_smollm2(dtype=dtype, device=device)
+    config = with_model_facts(args.config, model)
+    ids, key = passkey_prompt(tokenizer, args.passkey_context, args.passkey_depth, seed=7)
+    ids = ids.to(device)
+    model.compile(backend=args.backend, options=config.as_dict())
+    cache = OffloadedCache(model.config, max_cache_tokens=ids.shape[1] + 16, dtype=dtype,
+                           device=device, ihip_config=config, storage_dtype=args.storage_dtype)
+    _sync(device)
+    t0 = time.perf_counter()
+    chunked_prefill(model, ids, cache, chunk_tokens=args.chunk_tokens, progress=args.progress)
+    prefill_s = time.perf_counter() - t0
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    _sync(device)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return {"context": ids.shape[1], "depth": args.passkey_depth, "key": key, "answer": text,
+            "correct": answer_has_key(text, key), "prefill_s": prefill_s,
+            "total_s": time.perf_counter() - t0, "hit_ratio": cache.hit_ratios(),
+            "trained_context_tokens": config.trained_context_tokens}
+
+
 def _error(e: Exception) -> str:
     return "".join(traceback.format_exception_only(type(e), e)).strip()
 
@@ -311,7 +345,9 @@ def parse_args(argv):
     p.add_argument("--fp8", action="store_true", help="store K/V as float8_e4m3fn in host memory")
     p.add_argument("--dense-steps", type=int, default=16)
     p.add_argument("--activation-reserve-gib", type=float, default=8.0)
-    p.add_argument("--sections", default="decode,ttft,capacity")
+    p.add_argument("--sections", default="decode,ttft,capacity,passkey")
+    p.add_argument("--passkey-context", type=int, default=1 << 20)
+    p.add_argument("--passkey-depth", type=float, default=0.5)
     p.add_argument("--backend", default="infinitehip", choices=["infinitehip", "infinitehip_eager"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run)")
@@ -327,9 +363,9 @@ def parse_args(argv):
     args.refresh = args.config.refresh_intervals
     args.storage_dtype = torch.float8_e4m3fn if args.fp8 else None
     args.sections = [s for s in args.sections.split(",") if s]
-    unknown = set(args.sections) - {"decode", "ttft", "capacity"}
+    unknown = set(args.sections) - set(SECTIONS)
     if unknown:
-        p.error(f"unknown sections {sorted(unknown)}; allowed: decode, ttft, capacity")
+        p.error(f"unknown sections {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
     return args
 
 
@@ -349,7 +385,8 @@ def main(argv: list[str]) -> int:
 
     sections = {"decode": lambda: decode_section(args, model, ours, device, dtype, save_partial),
                 "ttft": lambda: ttft_section(args, model, ours, device, dtype),
-                "capacity": lambda: capacity_section(args, model, device, dtype)}
+                "capacity": lambda: capacity_section(args, model, device, dtype),
+                "passkey": lambda: passkey_section(args, device, dtype)}
     failed = False
     for name in args.sections:
         t0 = time.perf_counter()
@@ -389,7 +426,7 @@ def markdown(result: dict) -> str:
         lines += ["## Decode", "", tabulate(rows, headers=[
             "context", "ours tok/s", "dense tok/s", "speedup", "hit attention", "hit pruning",
             "error"], tablefmt="github", floatfmt=".3g"), ""]
-    for name in ("ttft", "capacity"):
+    for name in ("ttft", "capacity", "passkey"):
         if name in result:
             lines += [f"## {name}", "", "```json", json.dumps(result[name], indent=2,
                                                              default=str), "```", ""]

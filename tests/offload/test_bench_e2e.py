@@ -11,7 +11,8 @@ SPARSE_TINY = ('{"dense_below_tokens": 64, "sink_tokens": 8, "sliding_window_tok
 def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     argv = ["--tiny", "--layers", "1", "--contexts", "96", "--ttft-context", "70",
             "--chunk-tokens", "32", "--backend", "infinitehip_eager", "--refresh", "2,2,1",
-            "--gpu-cache-tokens", "64", "--dense-steps", "1", "--options", SPARSE_TINY,
+            "--gpu-cache-tokens", "64", "--dense-steps", "1",
+            "--sections", "decode,ttft,capacity", "--options", SPARSE_TINY,
             "--out", str(tmp_path)]
     assert e2e.main(argv) == 0
     result = json.loads((tmp_path / "e2e.json").read_text())
