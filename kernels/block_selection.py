@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ihip_compile.kernels.prune_stage_ref import score_chunks_ref
+from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES, score_chunks_ref
 
 _EMPTY_LAST = torch.iinfo(torch.int32).max
 
@@ -118,6 +118,7 @@ def select_blocks(
     rotary_dim: int = 0,
     rope_layout: int = 0,
     query_pool: int = 4,
+    first_probes: int = DEFAULT_FIRST_PROBES,
     start_stage: int = 0,
     candidates: torch.Tensor | None = None,
     return_stages: bool = False,
@@ -161,7 +162,7 @@ def select_blocks(
         scores = score_chunks(
             q_pooled, k, starts, key_hi, pos_max, key_lo=sink_tokens, chunk_size=chunk,
             rope_mode=rope_mode, inv_freq=inv_freq, rotary_dim=rotary_dim,
-            rope_layout=rope_layout, window_tokens=window_tokens,
+            rope_layout=rope_layout, window_tokens=window_tokens, first_probes=first_probes,
         )
         starts = keep_best_chunks(scores, starts, keeps[i] // chunk)
         stages.append(starts)

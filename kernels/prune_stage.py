@@ -20,7 +20,9 @@ import triton.language as tl
 
 from ihip_compile.kernels._primitives import load_rows_moved
 from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE
-from ihip_compile.kernels.prune_stage_ref import RELATIVE_QUERY_DISTANCE
+from ihip_compile.kernels.prune_stage_ref import (
+    DEFAULT_FIRST_PROBES, RELATIVE_QUERY_DISTANCE, first_probe_count,
+)
 
 # jit code reads module globals only as tl.constexpr.
 _QUERY_DISTANCE = tl.constexpr(RELATIVE_QUERY_DISTANCE)
@@ -70,7 +72,8 @@ def _score_chunks_kernel(
     stride_q_b, stride_q_h, stride_q_blk, stride_k_b, stride_k_h, stride_k_s,
     stride_c_b, stride_c_blk,
     H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
-    CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, CHUNK_TILE: tl.constexpr,
+    CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, FIRST_PROBES: tl.constexpr,
+    LOG2_FIRST: tl.constexpr, CHUNK_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr,
     LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -93,25 +96,39 @@ def _score_chunks_kernel(
                             n_chunks, window_tokens, stride_k_h, stride_k_s, stride_q_h,
                             head_dim, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
                             ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
-    for step in tl.static_range(LOG2_CHUNK):
-        half = CHUNK >> (step + 1)
-        s_left = _probe_score(q_base, k_base, inv_freq_ptr, lo + half // 2, usable, vlo, vhi,
-                              block_pos, s_k, n_chunks, window_tokens, stride_k_h, stride_k_s,
-                              stride_q_h, head_dim, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
-                              ROPE_MODE, ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
-        s_right = _probe_score(q_base, k_base, inv_freq_ptr, lo + half + half // 2, usable, vlo,
-                               vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
-                               stride_k_s, stride_q_h, head_dim, H_KV, GROUP, NPQ, QROWS, CHUNK,
-                               BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
-        best = tl.maximum(best, tl.maximum(s_left, s_right))
-        lo = tl.where(s_right > s_left, lo + half, lo)
+    else:
+        PART: tl.constexpr = CHUNK // FIRST_PROBES
+        pick = tl.zeros((CHUNK_TILE,), tl.int32)
+        for i in tl.static_range(FIRST_PROBES):  # first step: the middle key of each part
+            s_part = _probe_score(q_base, k_base, inv_freq_ptr, lo + (i * PART + PART // 2),
+                                  usable, vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
+                                  stride_k_h, stride_k_s, stride_q_h, head_dim, H_KV, GROUP,
+                                  NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT,
+                                  DOT_PRECISION, CHUNK_TILE)
+            pick = tl.where(s_part > best, i, pick)  # strict: ties keep the first part
+            best = tl.maximum(best, s_part)
+        lo = lo + pick * PART
+        for step in tl.static_range(LOG2_CHUNK - LOG2_FIRST):
+            half = PART >> (step + 1)
+            s_left = _probe_score(q_base, k_base, inv_freq_ptr, lo + half // 2, usable, vlo,
+                                  vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
+                                  stride_k_s, stride_q_h, head_dim, H_KV, GROUP, NPQ, QROWS,
+                                  CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT, DOT_PRECISION,
+                                  CHUNK_TILE)
+            s_right = _probe_score(q_base, k_base, inv_freq_ptr, lo + half + half // 2, usable,
+                                   vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
+                                   stride_k_h, stride_k_s, stride_q_h, head_dim, H_KV, GROUP,
+                                   NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT,
+                                   DOT_PRECISION, CHUNK_TILE)
+            best = tl.maximum(best, tl.maximum(s_left, s_right))
+            lo = tl.where(s_right > s_left, lo + half, lo)
     best = tl.where(usable, best, float("-inf"))
     tl.store(out_ptr + (b * n_blocks + blk) * n_cand + n, best, mask=n_ok)
 
 
 def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
                  rope_mode: int = 0, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
-                 window_tokens: int = 0):
+                 window_tokens: int = 0, first_probes: int = DEFAULT_FIRST_PROBES):
     """Triton twin of ``score_chunks_ref`` (same arguments, shapes and result)."""
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
@@ -133,6 +150,7 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
     if n_cand == 0:
         return out
     group = h // h_kv
+    parts = first_probe_count(first_probes, chunk_size) if chunk_size > 1 else 1
     tile = 16 if b * nqb * n_cand < 16 * 4096 else 32
     inv = inv_freq.float().contiguous() if rope else out
     grid = (nqb, triton.cdiv(n_cand, tile), b)
@@ -143,7 +161,8 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
         k.stride(0), k.stride(1), k.stride(2), starts.stride(0), starts.stride(1),
         H_KV=h_kv, GROUP=group, NPQ=npq, QROWS=max(16, triton.next_power_of_2(group * npq)),
-        CHUNK=chunk_size, LOG2_CHUNK=chunk_size.bit_length() - 1, CHUNK_TILE=tile,
+        CHUNK=chunk_size, LOG2_CHUNK=chunk_size.bit_length() - 1, FIRST_PROBES=parts,
+        LOG2_FIRST=parts.bit_length() - 1, CHUNK_TILE=tile,
         BLOCK_D=max(16, triton.next_power_of_2(d)), ROPE_MODE=rope_mode if rope else 0,
         ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",

@@ -1,9 +1,13 @@
 """One pruning stage of InfiniteHiP (arXiv 2502.08910, section 3): the executable spec.
 
-Every candidate chunk of ``chunk_size`` keys gets one score, found by halving:
+Every candidate chunk of ``chunk_size`` keys gets one score, found by a first split into
+P = min(first_probes, chunk_size) parts, then halving:
 
     lo, size = chunk_start, chunk_size
-    repeat log2(chunk_size) times:
+    part = size // P
+    s_i = score(lo + i * part + part // 2) for i < P             # middle key of each part
+    best = max_i s_i;  lo += part * (first i with s_i == best);  size = part
+    repeat log2(size) times:
         half = size // 2
         left, right = lo + half // 2, lo + half + half // 2       # middle key of each half
         s_left, s_right = score(left), score(right)               # probes clamped into [key_lo, key_hi)
@@ -11,6 +15,11 @@ Every candidate chunk of ``chunk_size`` keys gets one score, found by halving:
         if s_right > s_left: lo += half                           # keep the better half
         size = half
     (a chunk of one key scores that key)
+
+P = 2 is the paper's plain halving (2 log2(C) probes in log2(C) dependent steps). A larger first
+split (the default, 8) bounds the distance from any key to its nearest first-step probe by
+C / (2P) instead of C / 4, for about the same probe count (P + 2 log2(C / P)) in fewer dependent
+steps; with P == C every key is scored (the last, 8-key stage becomes exact).
 
     score(j) = max over heads h and pooled queries p of the block of  <q_pooled[h, p], rope(k[h_kv(h), j])>
 
@@ -41,6 +50,7 @@ from ihip_compile.kernels.rope_delta_ref import rotate_by_delta
 
 PRUNE_ROPE_TRUE, PRUNE_ROPE_RELATIVE, PRUNE_ROPE_CHUNK_INDEXED = 0, 1, 2
 RELATIVE_QUERY_DISTANCE = 1
+DEFAULT_FIRST_PROBES = 8
 
 
 def probe_key_delta(key, block_pos, rope_mode, chunk_size, n_chunks, window_tokens):
@@ -51,6 +61,13 @@ def probe_key_delta(key, block_pos, rope_mode, chunk_size, n_chunks, window_toke
         query_at = torch.clamp(block_pos, max=n_chunks + window_tokens)
         return key // chunk_size - key - (query_at - block_pos)
     return torch.zeros_like(key)
+
+
+def first_probe_count(first_probes: int, chunk_size: int) -> int:
+    """Parts of the first probing step: a power of two in [2, chunk_size]."""
+    if first_probes < 2 or first_probes & (first_probes - 1):
+        raise ValueError(f"first_probes must be a power of two >= 2, got {first_probes}")
+    return min(first_probes, chunk_size)
 
 
 def score_chunks_ref(
@@ -67,6 +84,7 @@ def score_chunks_ref(
     rotary_dim: int = 0,
     rope_layout: int = 0,
     window_tokens: int = 0,
+    first_probes: int = DEFAULT_FIRST_PROBES,
 ) -> torch.Tensor:  # [B, NQB, N] fp32
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
@@ -98,8 +116,12 @@ def score_chunks_ref(
     if chunk_size == 1:
         best = score(lo)
     else:
-        best = torch.full(starts.shape, float("-inf"), device=k.device, dtype=acc)
-        size = chunk_size
+        parts = first_probe_count(first_probes, chunk_size)
+        part = chunk_size // parts
+        firsts = torch.stack([score(lo + i * part + part // 2) for i in range(parts)], -1)
+        best, pick = firsts.max(-1)  # ties: the first part, as the kernel does
+        lo = lo + pick * part
+        size = part
         while size > 1:
             half = size // 2
             s_left = score(lo + half // 2)

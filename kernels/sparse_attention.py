@@ -17,7 +17,7 @@ import torch
 from ihip_compile.kernels.block_selection import select_blocks
 from ihip_compile.kernels.block_sparse_attention_ref import block_sparse_attention_ref
 from ihip_compile.kernels.prune_stage_ref import (
-    PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE, PRUNE_ROPE_TRUE,
+    DEFAULT_FIRST_PROBES, PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE, PRUNE_ROPE_TRUE,
 )
 from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref
 
@@ -67,7 +67,7 @@ def sparse_attention(
     sink_tokens: int = 256, window_tokens: int = 1024, selected_tokens: int = 2048,
     stage_chunks=(256, 32, 8), stage_keeps=(32768, 8192, 2048), pruning_rope: int = 0,
     remap: bool = False, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
-    use_triton: bool | None = None,
+    use_triton: bool | None = None, first_probes: int = DEFAULT_FIRST_PROBES,
 ):
     """q [B, H, S_Q, D], k/v [B, H_KV, S_K, D], q_positions [S_Q] or [B, S_Q] -> [B, H, S_Q, D]."""
     check_attention_inputs(q, k, v, q_positions)
@@ -84,7 +84,8 @@ def sparse_attention(
     blocks = select_blocks(
         q, k, pos, block_size_q=block_size_q, sink_tokens=sink_tokens,
         window_tokens=window_tokens, selected_tokens=selected_tokens, stage_chunks=stage_chunks,
-        stage_keeps=stage_keeps, rope_mode=prune_mode, use_triton=use_triton, **rope_args,
+        stage_keeps=stage_keeps, rope_mode=prune_mode, use_triton=use_triton,
+        first_probes=first_probes, **rope_args,
     )
     common = dict(scale=scale, sink_tokens=sink_tokens, window_tokens=window_tokens,
                   block_size_k=stage_chunks[-1], softcap=softcap, remap=remap, **rope_args)

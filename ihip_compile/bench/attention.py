@@ -4,7 +4,8 @@
 
 Shape: one layer of Llama-3.1-8B (32 query heads, 8 KV heads, head dim 128, bf16), batch 1, the
 paper's default selection (sinks 256, window 1024, 2048 selected keys, stages 256/32k, 32/8k,
-8/2k), RoPE remapping on (rotate_half, theta 500000), random K/V of the largest context, sliced.
+8/2k; ``--first-probes`` parts in each chunk's first probing step), RoPE remapping on
+(rotate_half, theta 500000), random K/V of the largest context, sliced.
 Same process, same inputs, for each context:
   decode   one query token. Steps of four kinds are timed, each captured in a CUDA graph with an
            L2 flush between steps (the flush's own time subtracted, so a layer's K/V never sits in
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ihip_compile.kernels.block_selection import select_blocks
+from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
 from ihip_compile.kernels.sparse_attention import sparse_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -275,10 +277,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quality-contexts", default="131072,1048576")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
+    parser.add_argument("--first-probes", type=int, default=DEFAULT_FIRST_PROBES,
+                        help="parts of each chunk's first probing step (2: plain halving)")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default="reports/bench")
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
+    SELECTION["first_probes"] = args.first_probes
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)

@@ -110,3 +110,20 @@ def test_bad_stage_arguments_are_rejected(bad, match):
     kw.update(bad)
     with pytest.raises(ValueError, match=match):
         select_blocks(q, k, pos, **kw)
+
+
+def test_first_split_finds_narrow_needles_between_halving_probes():
+    """A bump centred on a 64-key chunk's boundary is 16 keys from the plain halving's first
+    probes (offsets 16 and 48) but at most 4 from an 8-way first split's (offsets 4, 12, ...)."""
+    d, s_k, s_q = 32, 2048, 1
+    gen = torch.Generator().manual_seed(21)
+    for center in (256, 640, 1024, 1536):
+        direction = torch.randn(d, generator=gen)
+        q = (4 * direction / direction.norm() + 0.5 * torch.randn(1, 4, s_q, d, generator=gen))
+        k = torch.randn(1, 2, s_k, d, generator=gen)
+        _plant_needle(q, k, center, width=5.0, strength=12.0, block_rows=slice(0, s_q))
+        pos = torch.tensor([s_k - 1])
+        blocks = select_blocks(q, k, pos, sink_tokens=16, window_tokens=64,
+                               stage_chunks=(64, 16, 8), stage_keeps=(512, 128, 64),
+                               selected_tokens=64, first_probes=8, use_triton=False)
+        assert {center // 8 - 1, center // 8} & set(blocks[0, 0].tolist()), center

@@ -33,13 +33,13 @@ def test_scores_match_reference_gqa(heads, kv_heads, dtype):
 
 
 @pytest.mark.parametrize("rope_mode", [1, 2])
-@pytest.mark.parametrize("chunk", [1, 8, 32])
-def test_scores_match_reference_with_pruning_rope(rope_mode, chunk):
+@pytest.mark.parametrize("chunk,first_probes", [(1, 8), (8, 8), (32, 2), (32, 8)])
+def test_scores_match_reference_with_pruning_rope(rope_mode, chunk, first_probes):
     from ihip_compile.kernels.prune_stage import score_chunks
 
     q, k, starts, key_hi, pos, inv = _inputs(4, 2, 1, 1, 131, chunk, torch.float32, chunk)
     kw = dict(key_lo=5, chunk_size=chunk, rope_mode=rope_mode, inv_freq=inv, rotary_dim=32,
-              rope_layout=1, window_tokens=7)
+              rope_layout=1, window_tokens=7, first_probes=first_probes)
     out = score_chunks(q, k, starts, key_hi, pos, **kw)
     assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
 
@@ -50,3 +50,20 @@ def test_chunks_outside_candidate_range_score_minus_inf():
     scores = score_chunks_ref(q, k, starts, key_hi, pos, key_lo=20, chunk_size=16)
     finite = torch.isfinite(scores)[0, 0].tolist()
     assert finite == [False, True, True, False, False, False]  # chunks [16,32) and [32,48) only
+
+
+def test_first_split_as_wide_as_the_chunk_scores_every_key():
+    q, k, starts, key_hi, pos, _ = _inputs(3, 1, 1, 2, 64, 8, torch.float64, 2)
+    key_hi.fill_(64)
+    scores = score_chunks_ref(q, k, starts, key_hi, pos, key_lo=0, chunk_size=8, first_probes=8)
+    every_key = torch.einsum("hpd,sd->sph", q[0, :, 0], k[0, 0]).flatten(1).amax(1)
+    exact = every_key.view(8, 8).amax(1)
+    assert torch.allclose(scores[0, 0, :-1], exact[:-1])  # the last slot is empty (-1)
+
+
+@pytest.mark.parametrize("first_probes", [0, 3])
+def test_bad_first_probes_rejected(first_probes):
+    q, k, starts, key_hi, pos, _ = _inputs(2, 1, 1, 1, 64, 8, torch.float32, 0)
+    with pytest.raises(ValueError, match="first_probes"):
+        score_chunks_ref(q, k, starts, key_hi, pos, key_lo=0, chunk_size=8,
+                         first_probes=first_probes)
