@@ -135,3 +135,45 @@ def test_remap_renumbers_like_streaming_llm():
     want = F.scaled_dot_product_attention(q_new, k_new, v[:, :, attended], scale=0.2)
     assert (got - want).abs().max() < 1e-10
     assert math.isfinite(got.abs().max().item())
+
+
+@pytest.mark.parametrize("head_dim", [96])
+def test_head_dim_not_a_power_of_two(head_dim):
+    """D = 96 pads the tile to 128 columns and masks the rest (prefill and decode)."""
+    from ihip_compile.kernels.block_sparse_attention import block_sparse_attention
+    from ihip_compile.kernels.sparse_decode import sparse_decode
+
+    q, k, v, pos = _qkv(2, 1, 17, 120, torch.float32, 8, d=head_dim)
+    kw = dict(scale=0.1, sink_tokens=4, window_tokens=9, remap=True,
+              inv_freq=_inv_freq(head_dim), rotary_dim=head_dim, rope_layout=1)
+    blocks = select_blocks(q, k, pos, block_size_q=16, sink_tokens=4, window_tokens=9,
+                           use_triton=False, **SMALL)
+    out = block_sparse_attention(q, k, v, pos, blocks, block_size_q=16, **kw)
+    assert_matches_reference(out, block_sparse_attention_ref, q, k, v, pos, blocks,
+                             block_size_q=16, **kw)
+    q1, pos1 = q[:, :, -1:], pos[:, -1:]
+    blocks1 = select_blocks(q1, k, pos1, sink_tokens=4, window_tokens=9, use_triton=False,
+                            **SMALL)
+    out1 = sparse_decode(q1, k, v, blocks1, pos1, **kw)
+    assert_matches_reference(out1, sparse_decode_ref, q1, k, v, blocks1, pos1, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+def test_bf16_kernels_match_reference_on_gpu(head_dim):
+    from ihip_compile.kernels.block_sparse_attention import block_sparse_attention
+    from ihip_compile.kernels.sparse_decode import sparse_decode
+
+    q, k, v, pos = _qkv(32, 8, 200, 5000, torch.bfloat16, head_dim, d=head_dim)
+    sel = dict(block_size_q=64, sink_tokens=64, window_tokens=256, stage_chunks=(256, 32, 8),
+               stage_keeps=(2048, 1024, 512), selected_tokens=512)
+    kw = dict(scale=head_dim ** -0.5, sink_tokens=64, window_tokens=256, remap=True,
+              inv_freq=_inv_freq(head_dim), rotary_dim=head_dim, rope_layout=1)
+    blocks = select_blocks(q, k, pos, **sel)
+    out = block_sparse_attention(q, k, v, pos, blocks, block_size_q=64, **kw)
+    assert_matches_reference(out, block_sparse_attention_ref, q, k, v, pos, blocks,
+                             block_size_q=64, **kw)
+    q1, pos1 = q[:, :, -1:], pos[:, -1:]
+    blocks1 = select_blocks(q1, k, pos1, **sel)
+    out1 = sparse_decode(q1, k, v, blocks1, pos1, **kw)
+    assert_matches_reference(out1, sparse_decode_ref, q1, k, v, blocks1, pos1, **kw)
