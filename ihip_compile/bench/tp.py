@@ -21,7 +21,8 @@ Each run loads every model of ``--models`` with ``from_pretrained``, sharded by
 Models: ``llama8b`` (Llama-3.1-8B's shapes with ``--layers`` decoder layers, random weights saved
 once under ``--model-cache``: speed and memory only), ``smollm2`` (the real weights; its 9 query /
 3 KV heads do not divide by 2, so on 2 GPUs its attention is replicated and the MLP sharded),
-``tiny`` (CPU smoke). Rank 0 writes ``tp_<N>gpu.json`` (and the logits) under ``--out``.
+``tiny`` (CPU smoke). Rank 0 writes ``tp_<N>gpu_<model>.json`` (and the logits) under ``--out``,
+so models can be run in separate commands (``--models llama8b``, then ``--models smollm2``).
 
 Expected: tokens equal between 1 and 2 GPUs on the dense path (up to bf16 near-ties: the
 comparison reports the first divergence and the logits gap); on the sparse path they may differ
@@ -260,7 +261,7 @@ def run(args) -> int:
         result["models"][name] = entry
         del model
         if rank == 0:
-            _write_run(Path(args.out), result, logits)
+            _write_run(Path(args.out), result, name, logits.get(name, []))
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -272,11 +273,14 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _write_run(out: Path, result: dict, logits: dict) -> None:
+def _write_run(out: Path, result: dict, name: str, logits: list[torch.Tensor]) -> None:
+    """One file per model and GPU count, so models can be run in separate commands."""
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(logits, out / f"tp_{result['world_size']}gpu_logits.pt")
-    with open(out / f"tp_{result['world_size']}gpu.json", "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    stem = out / f"tp_{result['world_size']}gpu_{name}"
+    torch.save(logits, f"{stem}_logits.pt")
+    run = {k: v for k, v in result.items() if k != "models"}
+    with open(f"{stem}.json", "w") as f:
+        json.dump({**run, "model": name, **result["models"][name]}, f, indent=2, default=str)
 
 
 # --- comparison -------------------------------------------------------------------------------
@@ -284,13 +288,16 @@ def compare(folder: Path) -> str:
     """Markdown table of the 1-GPU and 2-GPU runs in ``folder``."""
     from tabulate import tabulate
 
-    one, two = (json.loads((folder / f"tp_{n}gpu.json").read_text()) for n in (1, 2))
-    logits = [torch.load(folder / f"tp_{n}gpu_logits.pt") for n in (1, 2)]
-    rows = []
-    for name in sorted(set(one["models"]) & set(two["models"])):
-        a, b = one["models"][name], two["models"][name]
+    rows, device, dtype = [], None, None
+    for name in MODELS:
+        paths = [folder / f"tp_{n}gpu_{name}.json" for n in (1, 2)]
+        if not all(p.is_file() for p in paths):
+            continue
+        a, b = (json.loads(p.read_text()) for p in paths)
+        device, dtype = b["device"], b["dtype"]
+        logits = [torch.load(folder / f"tp_{n}gpu_{name}_logits.pt") for n in (1, 2)]
         for i, (ra, rb) in enumerate(zip(a.get("tokens", []), b.get("tokens", []))):
-            gap = (logits[0][name][i] - logits[1][name][i]).abs().max().item()
+            gap = (logits[0][i] - logits[1][i]).abs().max().item()
             rows.append([name, "generate", ra["context"], _agreement(ra["tokens"], rb["tokens"]),
                          f"{gap:.3g}", f"{ra['seconds']:.2f} s", f"{rb['seconds']:.2f} s",
                          f"{ra['seconds'] / rb['seconds']:.2f}"])
@@ -300,7 +307,9 @@ def compare(folder: Path) -> str:
                          f"{ra['ms_per_token'] / rb['ms_per_token']:.2f}"])
     table = tabulate(rows, headers=["model", "what", "context", "same tokens", "max logit gap",
                                     "1 GPU", "2 GPUs", "speedup"], tablefmt="github")
-    return (f"# Tensor parallel: 1 vs 2 GPUs ({two['device']}, {two['dtype']})\n\n"
+    if not rows:
+        raise FileNotFoundError(f"no model has both a 1-GPU and a 2-GPU run in {folder}")
+    return (f"# Tensor parallel: 1 vs 2 GPUs ({device}, {dtype})\n\n"
             f"`python -m ihip_compile.bench tp --compare {folder}`\n\n{table}\n")
 
 
