@@ -7,7 +7,7 @@ selection refreshes a decode step asks for the same blocks again, so it is serve
 
 The bookkeeping lives on the bank's device as tensors, so a read costs one host sync (the number
 of misses, needed to size the PCIe copy), not one Python operation per block:
-    slot_of_block  [N_BLOCKS] int64   bank slot holding each block, -1 when it is only in host memory
+    slot_of_block  [N_BLOCKS] int64   bank slot holding each block, -1: only in host memory
     block_of_slot  [N_SLOTS]  int64   block held by each slot, -1 when the slot is free
     last_used      [N_SLOTS]  int64   read counter value of the slot's last use (-1: never)
 Blocks are written through: tokens appended to a block that is in the bank land in both copies.

@@ -5,7 +5,7 @@ one block of one KV head: BLOCK_K tokens by D, widening FP8 storage to the outpu
 
 Changes vs a plain ``torch.where(hit, bank[slots], staging[staged])``: one pass over the output,
 no [N, H_KV, BLOCK_K, D] temporaries for the two candidate sources.
-Caution: the kernel trusts ``slots`` and ``staged``; the bank's bookkeeping guarantees them in range.
+Caution: the kernel trusts ``slots`` and ``staged``; the bank's bookkeeping keeps them in range.
 """
 
 from __future__ import annotations

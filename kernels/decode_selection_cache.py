@@ -54,7 +54,7 @@ class SelectionStates:
 # Keys held by the graph (DynamicCache): one owner per process, keyed by layer.
 DENSE_PATH_STATES = SelectionStates()
 
-# run_stages(start_stage, candidates or None) -> (blocks [B, NQB, TOPK], stages from start_stage on)
+# run_stages(start_stage, candidates or None) -> (blocks [B, NQB, TOPK], stages start_stage..)
 RunStages = Callable[[int, "torch.Tensor | None"], "tuple[torch.Tensor, list[torch.Tensor]]"]
 
 

@@ -2,8 +2,8 @@
 
 Why the op layer owns them: a compiled graph cannot own tensors that live in host memory and grow
 every step. So the offloaded cache (``ihip_compile.offload.OffloadedCache``) keeps only a store id;
-its ``update()`` calls ``torch.ops.ihip.kv_store_append(key, value, store_id, layer)``, which copies
-the new tokens into the store and returns a one-element NaN marker on the model's device. The cache
+its ``update()`` calls ``torch.ops.ihip.kv_store_append(key, value, store_id, layer)``, which
+copies the new tokens into the store and returns a one-element NaN marker on the model's device. The cache
 hands attention ``marker.expand(B, H_KV, S_K, D)``: a tensor of the right shape and no memory
 (all strides 0), which depends on the append, so no scheduler can run attention before it. The
 attention op recognises such a proxy (``is_offload_proxy``) and reads the real keys from the store
@@ -50,7 +50,8 @@ class HostKVStore:
 
     def __init__(self, *, num_layers: int, batch: int, kv_heads: int, head_dim: int,
                  value_dim: int, capacity_tokens: int, block_tokens: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None, storage_dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None,
+                 storage_dtype: torch.dtype | None = None,
                  attention_bank_tokens: int, pruning_bank_tokens: int):
         for name, value in (("num_layers", num_layers), ("batch", batch), ("kv_heads", kv_heads),
                             ("head_dim", head_dim), ("value_dim", value_dim),
@@ -127,7 +128,7 @@ class HostKVStore:
 
     # --- writing -------------------------------------------------------------------------------
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Copy new tokens ``key`` [B, H_KV, S, D], ``value`` [B, H_KV, S, D_V] after the others."""
+        """Copy new tokens ``key`` [B, H_KV, S, D], ``value`` [B, H_KV, S, D_V] after the rest."""
         self._check_layer(layer)
         batch, heads, s_new, _ = key.shape
         if (batch, heads) != (self.batch, self.kv_heads) or key.shape[-1] != self.head_dim:
@@ -142,7 +143,7 @@ class HostKVStore:
                 f"({self.capacity_tokens:,}); create the cache with a larger max_cache_tokens"
             )
         if key.dtype != self.dtype:
-            raise ValueError(f"layer {layer}: keys of dtype {key.dtype} in a store of {self.dtype}")
+            raise ValueError(f"layer {layer}: keys of dtype {key.dtype}, store of {self.dtype}")
         self.device = self.device or key.device
         host = self._layer_host(layer)
         positions = torch.arange(start, end)
@@ -281,7 +282,7 @@ class HostKVStore:
             ptr, size = t.data_ptr(), t.numel() * t.element_size()
             err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0))
             if err != 0:
-                raise RuntimeError(f"pinning {size:,} bytes of host memory failed (cudaError {err})")
+                raise RuntimeError(f"pinning {size:,} host bytes failed (cudaError {err})")
             self._pinned.append(ptr)
         return t
 

@@ -7,7 +7,7 @@ shared by all layers, grown on demand) in which exactly the keys a computation r
     dense or prefill call     every key and value, streamed from host memory
     decode, stage 0 refresh   every key (scoring reads all of them), streamed
     decode, stage i > 0       keys of stage i - 1's kept chunks, through the pruning bank
-    decode attention          sinks + selected blocks + (widened) window, through the attention bank
+    decode attention          sinks + selected blocks + widened window, through the attention bank
 Other positions hold stale data from another layer; the block plan guarantees nothing reads them.
 Selections are cached across decode steps (``decode_selection_cache``), per store and layer, so
 between refreshes a decode step reads only the ~3.3k attended keys, nearly all bank hits.
@@ -77,8 +77,9 @@ def chunk_blocks(starts: torch.Tensor, chunk: int, block_tokens: int) -> torch.T
 def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **args):
     """``ihip.attention`` over an offloaded cache; ``args`` are the op's keyword scalars.
 
-    Decode on the sparse path (``sparse_path(q, k, v, kv_valid)``, ``remap`` as the op decides): selection cached per
-    store and layer, scored keys and attended blocks filled from the banks, split-K sparse decode.
+    Decode on the sparse path (``sparse_path(q, k, v, kv_valid)``; ``remap`` as the op decides):
+    selection cached per store and layer, scored keys and attended blocks filled from the banks,
+    split-K sparse decode.
     Everything else: ``attend`` (the op's own implementation) on K/V streamed from host memory,
     which gives exactly the in-memory result.
     """

@@ -348,7 +348,8 @@ def parse_args(argv):
     p.add_argument("--sections", default="decode,ttft,capacity,passkey")
     p.add_argument("--passkey-context", type=int, default=1 << 20)
     p.add_argument("--passkey-depth", type=float, default=0.5)
-    p.add_argument("--backend", default="infinitehip", choices=["infinitehip", "infinitehip_eager"])
+    p.add_argument("--backend", default="infinitehip",
+                   choices=["infinitehip", "infinitehip_eager"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run)")
     p.add_argument("--options", default="{}", help="extra infinitehip options as JSON")
