@@ -55,12 +55,14 @@ class BlockBank:
 
     def read(self, block_ids: torch.Tensor, host: dict[str, torch.Tensor],
              out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Blocks ``block_ids`` [N] (distinct) of every tensor, [N, *block_shape] on the device.
+        """Blocks ``block_ids`` [N] of every tensor, [N, *block_shape] on the device.
 
-        ``host`` holds the full block-major host copies, [N_BLOCKS, *block_shape] each.
+        ``host`` holds the full block-major host copies, [N_BLOCKS, *block_shape] each. A block
+        named twice is fetched and counted once.
         """
         device = self.block_of_slot.device
-        block_ids = block_ids.to(device=device, dtype=torch.int64)
+        block_ids, inverse = torch.unique(block_ids.to(device=device, dtype=torch.int64),
+                                          return_inverse=True)
         self.reads += 1
         slots = self.slot_of_block[block_ids]
         hit = slots >= 0
@@ -78,7 +80,7 @@ class BlockBank:
             for name in self.tensors
         }
         self._admit(miss_ids, staging, n_hit=block_ids.numel() - n_miss)
-        return out
+        return {name: t[inverse] for name, t in out.items()}
 
     def _admit(self, miss_ids: torch.Tensor, staging: dict[str, torch.Tensor], n_hit: int) -> None:
         """Move fetched blocks into the least recently used slots this read did not touch."""

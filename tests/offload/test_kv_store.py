@@ -130,3 +130,13 @@ def test_growing_keeps_every_token_and_checks_memory_first(monkeypatch):
     with pytest.raises(ValueError, match="bytes of host memory"):
         store.grow(10_000)
     assert store.capacity_tokens == 40
+
+
+def test_a_block_named_twice_is_fetched_once():
+    store = _store()
+    keys, _ = _fill(store, 0, [24])
+    got = store.read_blocks(0, torch.tensor([[2, 2, 0], [1, 1, 1]]))
+    assert torch.equal(got["keys"][0], torch.cat([keys[0, :, 16:24]] * 2 + [keys[0, :, 0:8]], 1))
+    bank = store._banks[0]["attention"]
+    assert (bank.hits, bank.misses) == (0, 3)
+    assert int((bank.block_of_slot >= 0).sum()) == 3
