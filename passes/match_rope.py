@@ -137,7 +137,7 @@ def _cat_dim(node: fx.Node) -> Any:
 def _inv_freq_from_cos(cos: Any, rotary_dim: int) -> tuple[fx.Node | None, str]:
     """cos <- [unsqueeze/to/* scaling] <- cos(cat(f, f)) <- f = (inv_freq @ positions)^T."""
     node = cos
-    while is_method(node, "unsqueeze", "to", "float") or (
+    while is_method(node, "unsqueeze", "to", "float") or _is_new_axes(node) or (
         is_function(node, *MUL) and isinstance(node.args[1], (int, float))
     ):
         node = node.args[0]
@@ -160,11 +160,14 @@ def _inv_freq_from_cos(cos: Any, rotary_dim: int) -> tuple[fx.Node | None, str]:
     return None, "not found: no 1-D [rotary_dim/2] frequency vector under the angles"
 
 
-def _strip_broadcast(node: Any) -> Any:
-    while is_method(node, "to", "float", "expand") or (
-        is_function(node, operator.getitem) and isinstance(node.args[1], tuple)
+def _is_new_axes(node: Any) -> bool:
+    """x[None, :, None]-style indexing: only inserts axes, values unchanged."""
+    return is_function(node, operator.getitem) and isinstance(node.args[1], tuple) \
         and all(i is None or is_full_slice(i) for i in node.args[1])
-    ):
+
+
+def _strip_broadcast(node: Any) -> Any:
+    while is_method(node, "to", "float", "expand") or _is_new_axes(node):
         node = node.args[0]
     return node
 
