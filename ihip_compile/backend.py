@@ -10,6 +10,7 @@ references): it tells a pass bug from a compiler bug.
 
 from __future__ import annotations
 
+import collections
 import sys
 import types
 from typing import Any, Callable, Mapping
@@ -18,8 +19,9 @@ from ihip_compile import capture
 from ihip_compile.config import IHipConfig
 from ihip_compile.pipeline import PipelineResult, run_passes
 
-# Results of the graphs compiled in this process, newest last (tests and the CLI read them).
-compiled_graphs: list[PipelineResult] = []
+# Results of the latest graphs compiled in this process, newest last (tests and tools read them;
+# bounded so that a long-running server does not keep every graph alive).
+compiled_graphs: collections.deque[PipelineResult] = collections.deque(maxlen=64)
 
 
 def rewrite(gm, config: IHipConfig) -> PipelineResult:

@@ -137,7 +137,9 @@ def _strip_repeat_kv(x: Any) -> Any:
 
 # --- eager -------------------------------------------------------------------------------------
 def _is_softmax(node: fx.Node) -> bool:
-    return is_function(node, *SOFTMAX) or is_method(node, "softmax")
+    """A softmax over [B, H, S_Q, S_K] scores (router or output softmaxes are not candidates)."""
+    found = is_function(node, *SOFTMAX) or is_method(node, "softmax")
+    return found and len(shape(node) or ()) == 4
 
 
 def _match_eager(softmax: fx.Node) -> AttentionSite:
