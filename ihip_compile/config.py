@@ -63,9 +63,9 @@ class LayerChoice:
 
 
 DEFAULT_STAGES = (Stage(256, 32768), Stage(32, 8192), Stage(8, 2048))
-ALL_PASSES = (
-    "match_rope",
+ALL_PASSES = (  # in pipeline order (ihip_compile.pipeline.PASSES)
     "match_attention",
+    "match_rope",
     "rewrite_attention",
     "remove_dead_code",
 )
