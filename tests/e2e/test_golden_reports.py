@@ -26,6 +26,18 @@ def _golden_versions() -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _without_config(text: str, name: str) -> list[str]:
+    """The report minus its configuration listing: a new option elsewhere in the project is not
+    a change in what the passes do (what they emit still shows in the graph diff)."""
+    if name.endswith(".json"):
+        data = json.loads(text)
+        data.pop("config")
+        return json.dumps(data, indent=1, sort_keys=True).splitlines()
+    lines = text.splitlines()
+    start, end = lines.index("## Configuration"), lines.index("## Graph diff")
+    return lines[:start] + lines[end:]
+
+
 @pytest.mark.parametrize("model", GOLDEN_MODELS)
 def test_report_matches_golden(model, tmp_path):
     if REGENERATE:
@@ -38,8 +50,8 @@ def test_report_matches_golden(model, tmp_path):
                     f"{stack_versions()}: graph text differs between versions")
     produced = write_model_report(model, tmp_path)
     for name in ("graph_00.md", "graph_00.json"):
-        expected = (GOLDEN / model / name).read_text().splitlines()
-        actual = (produced / name).read_text().splitlines()
+        expected = _without_config((GOLDEN / model / name).read_text(), name)
+        actual = _without_config((produced / name).read_text(), name)
         diff = "\n".join(difflib.unified_diff(expected, actual, "golden", "now", lineterm=""))
         assert not diff, f"{model}/{name} changed (IHIP_REGEN_GOLDEN=1 to accept):\n{diff[:4000]}"
     assert sorted(p.name for p in produced.iterdir()) == ["graph_00.json", "graph_00.md"]
