@@ -333,7 +333,8 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--contexts", default="131072,1048576", help="decode contexts")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--backend", default="infinitehip", choices=["infinitehip", "infinitehip_eager"])
+    p.add_argument("--backend", default="infinitehip",
+                   choices=["infinitehip", "infinitehip_eager"])
     p.add_argument("--options", default="{}", help="infinitehip options as JSON")
     p.add_argument("--model-cache", default=str(DEFAULT_CACHE))
     p.add_argument("--fp8", action="store_true", help="store K/V as float8_e4m3fn in host memory")

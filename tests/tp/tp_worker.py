@@ -103,8 +103,8 @@ def run_case(args: argparse.Namespace, case: dict, world_size: int, rank: int) -
         raise ValueError(f"attention must be 'sdpa' or 'op', got {case['attention']!r}")
     if case.get("backend"):
         model.compile(backend=case["backend"], options=case.get("backend_options"))
-    vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
+    prompt = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt_tokens), generator=prompt)
     local_q_rows = _local_rows(model.model.layers[0].self_attn.q_proj.weight)
     started = time.perf_counter()
     # generate() alone: its prefill and decode graphs are the ones users run; a separate
@@ -127,7 +127,6 @@ def run_case(args: argparse.Namespace, case: dict, world_size: int, rank: int) -
         "logits": torch.stack(out.logits, dim=1)[0].cpu(),  # [new tokens, vocab]
         "tokens": out.sequences[0, ids.shape[1]:].cpu(),
         "op_calls": op_calls(prof),
-        "seconds": time.perf_counter() - started,
         "graphs": compiled_graph_summaries() if case.get("backend") else [],
         "seconds": time.perf_counter() - started,
     }
