@@ -1,6 +1,6 @@
 """The main job: SmolLM2 answers a question hidden in a long context, through our backend.
 
-    python -m ihip_compile demo                      # CPU-sized: a ~3k-token prompt, small budgets
+    python -m ihip_compile demo                      # CPU-sized: a 1.5k-token prompt, small budgets
     python -m ihip_compile demo --device cuda --context-tokens 131072 --preset paper
 
 Steps, all in one process on the same prompt:
@@ -14,7 +14,9 @@ Steps, all in one process on the same prompt:
     the torch references of the Triton kernels, so the speedup can be below 1: it is printed as
     measured.
 The prompt is prefilled with ``ihip_compile.chunked_prefill`` without an attention mask (a
-mask-free call is what takes the sparse path), and ``generate()`` continues from that cache.
+mask-free call is what takes the sparse path), and ``generate()`` continues from that cache; its
+decode steps carry generate's attention mask, which the in-memory op serves on its exact dense
+path. The CPU default is small because the sparse path runs the kernels' torch references there.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--context-tokens", type=tokens, default=None,
-                   help="prompt length; default 3k on cpu, 32k on cuda")
+                   help="prompt length; default 1.5k on cpu, 32k on cuda")
     p.add_argument("--depth", type=float, default=0.3, help="where the key sits, 0..1")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="option preset; default cpu-small on cpu, paper on cuda")
@@ -48,7 +50,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
-    args.context_tokens = args.context_tokens or (32768 if gpu else 3072)
+    args.context_tokens = args.context_tokens or (32768 if gpu else 1536)
     args.preset = args.preset or ("paper" if gpu else "cpu-small")
     return args
 

@@ -57,8 +57,16 @@ class ModelRunner:
 
 @torch.no_grad()
 def last_logits(forward: Callable, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
-    """[1, keep, V] fp32 logits of the last ``keep`` positions."""
-    return forward(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits.float()
+    """[1, keep, V] fp32 logits of the last ``keep`` positions.
+
+    Run with a (fresh) cache: without one and without a mask, transformers 5.17 builds its
+    causal mask through an ``eq`` the backend does not read, and every attention stays dense.
+    """
+    from transformers import DynamicCache
+
+    out = forward(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True,
+                  logits_to_keep=keep)
+    return out.logits.float()
 
 
 @torch.no_grad()
