@@ -38,8 +38,7 @@ def local_kv_heads(model) -> int:
     config = model.config
     tp_size = tensor_parallel_size(model)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    attention_sharded = any(".self_attn." in key for key in getattr(model, "tp_plan", {}) or {})
-    if tp_size == 1 or not attention_sharded:
+    if tp_size == 1 or not _attention_is_sharded(model):
         return kv_heads
     if not heads_divide(config, tp_size):
         raise ValueError(
@@ -59,10 +58,31 @@ def tp_plan_for(config, tp_size: int) -> str | dict[str, str]:
     """
     if heads_divide(config, tp_size):
         return "auto"
-    plan = {key: style for key, style in _full_plan(config).items() if ".self_attn." not in key}
+    plan = {key: style for key, style in _full_plan(config).items() if not is_attention_key(key)}
     if not plan:
         raise ValueError(f"{type(config).__name__} has no tensor-parallel plan beyond attention")
     return plan
+
+
+def is_attention_key(name: str) -> bool:
+    """Whether a parameter or plan key belongs to an attention block.
+
+    Names seen: ``model.layers.*.self_attn.q_proj`` (Llama, Qwen, Mistral, Gemma, Phi-3),
+    ``gpt_neox.layers.*.attention.query_key_value`` (GPT-NeoX), ``transformer.h.*.attn.*`` (GPT-J).
+    """
+    return any(part in ("attention", "self_attention") or "attn" in part
+               for part in name.split("."))
+
+
+def _attention_is_sharded(model) -> bool:
+    """True when some attention weight is a DTensor split across the ranks."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return any(
+        is_attention_key(name) and isinstance(param, DTensor)
+        and any(isinstance(p, Shard) for p in param.placements)
+        for name, param in model.named_parameters()
+    )
 
 
 def _full_plan(config) -> dict[str, Any]:
