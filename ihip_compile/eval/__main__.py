@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
         length = args.calibrate_tokens or 2 * (
             config.sink_tokens + config.sliding_window_tokens + config.selected_tokens)
-        sample = text_window(essay_tokens(tokenizer).flip(0), length).to(args.device)
+        # the essays' last tokens: away from the eval windows, which start at the beginning
+        text = essay_tokens(tokenizer)
+        sample = text_window(text[-min(length, text.numel()):], length).to(args.device)
         config = calibrate(model, sample, config)
     runner = ModelRunner(model, config, path=args.path, eager=args.eager)
     results = {
