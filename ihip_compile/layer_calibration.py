@@ -68,7 +68,7 @@ def model_rope(model: Any) -> tuple[torch.Tensor, int, int]:
 def calibrate(
     model: Any, input_ids: torch.Tensor, config: IHipConfig, *, probe_blocks: int = 4
 ) -> IHipConfig:
-    """``config`` with ``layer_policy="calibrated"`` and the per-layer choices measured on ``input_ids``."""
+    """``config`` with ``layer_policy="calibrated"`` and per-layer choices measured on a sample."""
     measurements = measure_layers(model, input_ids, config, probe_blocks=probe_blocks)
     return dataclasses.replace(
         config, layer_policy="calibrated",

@@ -62,7 +62,9 @@ def load_smollm2(
         model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     else:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.parent, gguf_file=source.name, dtype=dtype
+        )
     return model.to(device).eval(), tokenizer
 
 

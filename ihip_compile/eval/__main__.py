@@ -64,7 +64,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="option preset: paper (defaults; cuda default) or cpu-small (cpu default)")
     p.add_argument("--options", default="{}", help="JSON of IHipConfig options over the preset")
     p.add_argument("--calibrate", action="store_true",
-                   help="layer_policy='calibrated', measured on an essay window of --calibrate-tokens")
+                   help="layer_policy='calibrated', measured on --calibrate-tokens of essay")
     p.add_argument("--calibrate-tokens", type=tokens, default=None)
     p.add_argument("--out", type=Path, default=Path("reports/eval"))
     args = p.parse_args(argv)

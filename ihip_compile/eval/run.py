@@ -25,7 +25,8 @@ def perplexity(runner: ModelRunner, tokenizer, lengths: list[int], modes: list[s
     with Progress(len(lengths) * len(modes), "perplexity") as bar:
         for length in lengths:
             if length <= PPL_TARGET_TOKENS:
-                raise ValueError(f"perplexity lengths must exceed {PPL_TARGET_TOKENS}, got {length}")
+                raise ValueError(
+                    f"perplexity lengths must exceed {PPL_TARGET_TOKENS}, got {length}")
             window = text_window(tokens, length).to(device)
             targets = window[0, -PPL_TARGET_TOKENS:]
             row = {"length": length, "text_tokens": int(tokens.numel())}
@@ -59,7 +60,8 @@ def passkey(runner: ModelRunner, tokenizer, lengths: list[int], depths: list[flo
                         answer = tokenizer.decode(
                             greedy_answer(runner.forward(mode), ids, PASSKEY_NEW_TOKENS))
                         row[mode] = {"answer": answer, "correct": answer_has_key(answer, key)}
-                        bar.update(f"{length} d={depth:.2f} {mode} {'ok' if row[mode]['correct'] else 'miss'}")
+                        verdict = "ok" if row[mode]["correct"] else "miss"
+                        bar.update(f"{length} d={depth:.2f} {mode} {verdict}")
                     rows.append(row)
     return rows
 
