@@ -7,8 +7,8 @@ Inductor treats it as opaque (it has a fake implementation for tracing). It disp
 Arguments are plain tensors and scalars: the kernels never see the config object.
 
 The sparse path (``sparse_attention.sparse_attention``; Triton on CUDA, the torch references on
-CPU) does not model padding or a model's own sliding window: calls with ``kv_valid`` given or
-``model_window > 0`` take the exact dense path, as do value head dims other than q's and dtypes
+CPU) does not model padding or a model's own sliding window: calls whose ``kv_valid`` hides a key
+or with ``model_window > 0`` take the exact dense path, as do value head dims other than q's and dtypes
 the kernels lack (fp64 on CUDA). RoPE is remapped (StreamingLLM renumbering in the attention,
 ``pruning_rope`` positions in the pruning) when ``remap_beyond_tokens >= 0`` and
 S_K > remap_beyond_tokens, and only when ``rope_layout`` and ``inv_freq`` describe the model's RoPE.
@@ -65,6 +65,7 @@ def _attention(
         return dense_attention(
             q, k, v, q_positions, kv_valid, scale=scale, softcap=softcap, model_window=model_window
         )
+    kv_valid = None  # _takes_sparse_path admitted it: it hides no key
     if refresh_intervals and q.shape[-2] == 1:  # decode with mask caching
         return cached_sparse_decode(
             q, k, v, q_positions, layer=layer, refresh_intervals=refresh_intervals, scale=scale,
@@ -86,7 +87,11 @@ def _attention(
 
 def _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens) -> bool:
     """Sparse only at long keys and for inputs the sparse kernels model (see the docstring)."""
-    if k.shape[-2] < dense_below_tokens or kv_valid is not None or model_window > 0:
+    if k.shape[-2] < dense_below_tokens or model_window > 0:
+        return False
+    # generate() always passes a padding mask; one that hides nothing is no padding. Checked only
+    # at long contexts, where one device sync is small next to the attention it routes.
+    if kv_valid is not None and not bool(kv_valid.all()):
         return False
     allowed = GPU_DTYPES if q.is_cuda else REFERENCE_DTYPES
     return v.shape[-1] == q.shape[-1] and q.dtype in allowed and q.device.type in ("cpu", "cuda")

@@ -54,6 +54,14 @@ def test_padding_mask_and_model_window_take_the_dense_path():
     assert torch.equal(out, dense_attention(q, k, v, pos, scale=0.2, model_window=40))
 
 
+def test_padding_mask_that_hides_nothing_takes_the_sparse_path():
+    # generate() passes an all-true mask at every step: it must not force dense attention.
+    q, k, v = _qkv()
+    plain, _ = _op(q, k, v)
+    masked, _ = _op(q, k, v, kv_valid=torch.ones(1, 150, dtype=torch.bool))
+    assert torch.equal(masked, plain)
+
+
 @pytest.mark.parametrize("s_q", [1, 21])
 def test_hip_attention_with_covering_budget_equals_dense(s_q):
     q, k, v = _qkv(heads=6, kv_heads=2, s_q=s_q, s_k=131)
