@@ -24,11 +24,6 @@ def is_function(node: Any, *targets: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
-def is_op(node: Any, name: str, *functions: Any) -> bool:
-    """``x.name(...)`` as a method, or one of ``functions`` called on it."""
-    return is_method(node, name) or is_function(node, *functions)
-
-
 def value(node: Any) -> Any:
     """The fake value Dynamo recorded for a node (tensor, SymInt, ...), or None."""
     if not isinstance(node, fx.Node):

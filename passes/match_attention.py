@@ -78,7 +78,7 @@ def _match_sdpa(node: fx.Node) -> AttentionSite:
         if k_base is k or v_base is v:
             raise NotMatched("repeat_kv on only one of K and V")
         stripped = True
-    _check_heads(q_shape, shape(k_base), node)
+    _check_heads(q_shape, shape(k_base))
     s_q, s_k = q_shape[2], k_shape[2]
     if mask is None:
         if not is_causal:
@@ -100,7 +100,7 @@ def _match_sdpa(node: fx.Node) -> AttentionSite:
     )
 
 
-def _check_heads(q_shape: tuple, k_shape: tuple | None, node: fx.Node) -> None:
+def _check_heads(q_shape: tuple, k_shape: tuple | None) -> None:
     if k_shape is None or len(k_shape) != 4:
         raise NotMatched("key is not a 4-D [B, H_KV, S_K, D] tensor")
     h, h_kv = q_shape[1], k_shape[1]
@@ -168,7 +168,7 @@ def _match_eager(softmax: fx.Node) -> AttentionSite:
     q_shape, k_shape = shape(q), shape(k)
     if q_shape is None or k_shape is None or len(q_shape) != 4:
         raise NotMatched("q or k is not a 4-D [B, H, S, D] tensor")
-    _check_heads(q_shape, shape(k_base), softmax)
+    _check_heads(q_shape, shape(k_base))
     if mask is None:
         raise NotMatched("eager attention without a mask: bidirectional")
     try:
