@@ -85,7 +85,9 @@ def _softcapped_attention(q, k, v, q_positions, kv_valid, scale, softcap, model_
         scores = torch.matmul(q[:, :, start : start + chunk], k.transpose(-1, -2)) * scale
         scores = softcap * torch.tanh(scores / softcap)
         mask = visible_keys(q_positions[..., start : start + chunk], s_k, kv_valid, model_window)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        # The dtype minimum, as transformers' additive mask: a query that sees no key (a padded
+        # row) averages all values instead of producing NaN that would spread through the batch.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         outs.append(torch.matmul(probs, v))
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
