@@ -6,6 +6,12 @@ cut into NUM_SPLITS contiguous pieces; one program per (split, KV head, batch) w
 for all GROUP query heads of that KV head at once (each K/V tile is read once for the group),
 and writes a partial (acc, max, sum). A second small kernel merges the splits.
 
+A cached decode step is latency-bound (~13 MB of K/V at 1M keys, microseconds at HBM speed), so
+the step is exactly these two launches: each split program derives the block plan
+(``attention_block_plan``: window start and length, count of valid blocks) itself from the query
+position and the raw block-index row, and reads q_positions in its own dtype and strides; no
+torch op runs between them when block_indices is int32 and inv_freq fp32 (what the callers pass).
+
 Changes vs hip-attention: GQA handled by putting the group's query heads on the rows of one
 tensor-core product (rows padded to 16) rather than one program per query head.
 Caution: ``block_indices``, ``q_positions`` and the plan are read on the device: nothing here
@@ -19,17 +25,16 @@ import triton
 import triton.language as tl
 
 from ihip_compile.kernels._primitives import fold_slot_tile, load_rows
-from ihip_compile.kernels.block_sparse_attention_ref import attention_block_plan
 
 
 @triton.jit
 def _sparse_decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, blocks_ptr, win_lo_ptr, win_len_ptr, n_valid_ptr,
-    inv_freq_ptr, acc_ptr, max_ptr, sum_ptr,
-    s_k, topk, sink, window, head_dim, scale, softcap, slots_per_split,
-    stride_q_b, stride_q_h, stride_k_b, stride_k_h, stride_k_s, stride_v_b, stride_v_h,
-    stride_v_s,
+    q_ptr, k_ptr, v_ptr, pos_ptr, blocks_ptr, inv_freq_ptr, acc_ptr, max_ptr, sum_ptr,
+    s_k, topk, sink, sink_tokens, window, head_dim, scale, softcap, slots_per_split,
+    stride_pos_b, stride_q_b, stride_q_h, stride_k_b, stride_k_h, stride_k_s, stride_v_b,
+    stride_v_h, stride_v_s,
     GROUP: tl.constexpr, QROWS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
     ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -43,15 +48,22 @@ def _sparse_decode_split_kernel(
     col_ok = cols < head_dim
     heads = kv * GROUP + rows
     q = load_rows(q_ptr + b * stride_q_b, heads, row_ok, stride_q_h, cols, col_ok)
-    pos = tl.load(pos_ptr + b) + rows * 0
-    win_lo, win_len = tl.load(win_lo_ptr + b), tl.load(win_len_ptr + b)
-    n_valid = tl.load(n_valid_ptr + b)
+    p = tl.load(pos_ptr + b * stride_pos_b).to(tl.int32)
+    pos = p + rows * 0
+    blocks_row = blocks_ptr + b * topk
+    # The block plan of attention_block_plan for a one-query block (pos_min == pos_max == p).
+    win_lo = tl.where(window > 0, tl.maximum(p + 1 - window, sink_tokens), p + 1)
+    win_len = tl.where(window > 0, tl.maximum(p - win_lo + 1, 0), 0)
+    n_valid = tl.sum(tl.zeros((BLOCK_T,), tl.int32), 0)
+    for t in range(0, topk, BLOCK_T):
+        t_idx = t + tl.arange(0, BLOCK_T)
+        row = tl.load(blocks_row + t_idx, mask=t_idx < topk, other=-1)
+        n_valid += tl.sum((row >= 0).to(tl.int32), 0)
     k_base = k_ptr + b * stride_k_b + kv * stride_k_h
     v_base = v_ptr + b * stride_v_b + kv * stride_v_h
     acc = tl.zeros((QROWS, BLOCK_D), tl.float32)
     running_max = tl.full((QROWS,), float("-inf"), tl.float32)
     running_sum = tl.zeros((QROWS,), tl.float32)
-    blocks_row = blocks_ptr + b * topk
     total = sink + topk * BLOCK_K + win_len
     first = split * slots_per_split
     last = tl.minimum(first + slots_per_split, total)
@@ -109,9 +121,10 @@ def sparse_decode(
         raise ValueError(f"block_indices must be [B={b}, 1, TOPK], got {tuple(block_indices.shape)}")
     if q_positions is None:
         q_positions = torch.full((b, 1), s_k - 1, device=q.device, dtype=torch.int32)
-    pos = q_positions.expand(b, 1).to(torch.int32).contiguous()
-    win_lo, win_len, n_valid = attention_block_plan(pos, pos, block_indices, sink_tokens,
-                                                    window_tokens)
+    if q_positions.numel() not in (1, b) or q_positions.is_floating_point():
+        raise ValueError(f"q_positions must be an integer [B={b}, 1] or [1] tensor, got "
+                         f"{q_positions.dtype} {tuple(q_positions.shape)}")
+    pos = q_positions.reshape(-1, 1).expand(b, 1)  # read in place (stride 0 when shared)
     topk = block_indices.shape[2]
     sink = min(sink_tokens, s_k)
     max_slots = sink + topk * block_size_k + max(window_tokens, 0)
@@ -129,14 +142,13 @@ def sparse_decode(
     q = q if q.stride(-1) == 1 else q.contiguous()
     group = h // h_kv
     _sparse_decode_split_kernel[(num_splits, h_kv, b)](
-        q, k, v, pos, block_indices.to(torch.int32).contiguous(), win_lo.contiguous(),
-        win_len.contiguous(), n_valid.contiguous(),
+        q, k, v, pos, block_indices.to(torch.int32).contiguous(),
         inv_freq.float().contiguous() if rope else maxes, acc, maxes, sums,
-        s_k, topk, sink, window_tokens, d, scale, softcap, slots_per_split,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        s_k, topk, sink, sink_tokens, window_tokens, d, scale, softcap, slots_per_split,
+        pos.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
-        BLOCK_N=block_n, BLOCK_K=block_size_k, BLOCK_D=block_d, SOFTCAP=softcap > 0,
+        BLOCK_N=block_n, BLOCK_T=min(128, max(16, triton.next_power_of_2(topk))), BLOCK_K=block_size_k, BLOCK_D=block_d, SOFTCAP=softcap > 0,
         REMAP=rope, ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )

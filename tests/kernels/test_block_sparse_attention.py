@@ -200,3 +200,23 @@ def test_batch_rows_with_their_own_positions():
     assert_matches_reference(out1, sparse_decode_ref, q[:, :, -1:], k, v, blocks1, pos[:, -1:],
                              **kw)
     assert blocks1[1].max() * 8 < 110  # the second row never selects keys past its query
+
+
+@pytest.mark.parametrize("window", [0, 7])
+def test_decode_plan_derived_in_kernel(window):
+    """The decode kernel derives the block plan itself: no window, a shared int32 [1] position
+    for two rows, rows with different counts of valid blocks (RoPE renumbering depends on the
+    count) and more blocks than one 128-entry plan tile."""
+    from ihip_compile.kernels.sparse_decode import sparse_decode
+
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(2, n, s, 32, generator=gen).to(DEVICE)
+               for n, s in ((2, 1), (1, 1400), (1, 1400)))
+    pos = torch.tensor([1383], dtype=torch.int32, device=DEVICE)
+    blocks = torch.randperm(170, generator=gen)[:150].sort().values.to(DEVICE, torch.int32)
+    blocks = torch.stack([blocks, torch.where(torch.arange(150, device=DEVICE) < 131, blocks, -1)])
+    blocks = blocks.view(2, 1, 150)
+    kw = dict(scale=0.2, sink_tokens=4, window_tokens=window, remap=True,
+              inv_freq=_inv_freq(32), rotary_dim=32, rope_layout=1)
+    out = sparse_decode(q, k, v, blocks, pos, num_splits=2, **kw)
+    assert_matches_reference(out, sparse_decode_ref, q, k, v, blocks, pos, **kw)
