@@ -128,7 +128,12 @@ def _print_reports(folder: Path) -> None:
     if not reports:
         print(f"\n(no graph report in {folder}: the backend compiled no graph)")
         return
-    for path in reports:
+    # The first graph is the prompt's prefill: its summary in full; the others (generate's
+    # prefill of the last token, decode) in one line each.
+    for index, path in enumerate(reports):
         text = path.read_text()
         print(f"\n--- {path} ---")
-        print(text.split("\n## Graph diff", 1)[0].rstrip())
+        if index == 0:
+            print(text.split("\n## Graph diff", 1)[0].rstrip())
+        else:
+            print(next((line for line in text.splitlines() if "attention sites" in line), ""))
