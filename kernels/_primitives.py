@@ -46,15 +46,21 @@ def load_rows(base_ptr, rows, row_ok, stride_row, cols, col_ok):
 @triton.jit
 def load_rows_moved(base_ptr, rows, row_ok, stride_row, cols, col_ok, delta, inv_freq_ptr,
                     ROPE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr):
-    """``load_rows``, then (ROPE) rotate each row by ``delta`` positions; keeps the input dtype."""
+    """``load_rows``, then (ROPE) rotate each row by ``delta`` positions; keeps the input dtype.
+
+    A tile whose deltas are all zero (sliding-window keys under renumbering, padding slots) is
+    returned as loaded: rotating by 0 is the identity (cos 0 = 1, sin 0 = 0, exact in fp32), so
+    skipping the partner gather and the per-element cos/sin changes no value of the result.
+    """
     x = load_rows(base_ptr, rows, row_ok, stride_row, cols, col_ok)
     if ROPE:
-        partner, sign, freq_index, rotated = rope_pairing(cols, ROTARY_DIM, LAYOUT)
-        freq = tl.load(inv_freq_ptr + freq_index).to(tl.float32)
-        x_partner = load_rows(base_ptr, rows, row_ok, stride_row, partner, col_ok)
-        moved = rotate_by_delta(x.to(tl.float32), x_partner.to(tl.float32), delta, freq, sign,
-                                rotated)
-        x = moved.to(x.dtype)
+        if tl.max(tl.abs(delta), 0) != 0:
+            partner, sign, freq_index, rotated = rope_pairing(cols, ROTARY_DIM, LAYOUT)
+            freq = tl.load(inv_freq_ptr + freq_index).to(tl.float32)
+            x_partner = load_rows(base_ptr, rows, row_ok, stride_row, partner, col_ok)
+            moved = rotate_by_delta(x.to(tl.float32), x_partner.to(tl.float32), delta, freq, sign,
+                                    rotated)
+            x = moved.to(x.dtype)
     return x
 
 

@@ -202,11 +202,12 @@ def test_batch_rows_with_their_own_positions():
     assert blocks1[1].max() * 8 < 110  # the second row never selects keys past its query
 
 
-@pytest.mark.parametrize("window", [0, 7])
+@pytest.mark.parametrize("window", [0, 7, 150])
 def test_decode_plan_derived_in_kernel(window):
     """The decode kernel derives the block plan itself: no window, a shared int32 [1] position
     for two rows, rows with different counts of valid blocks (RoPE renumbering depends on the
-    count) and more blocks than one 128-entry plan tile."""
+    count), more blocks than one 128-entry plan tile, and (window 150) key tiles made only of
+    window keys, whose RoPE rotation (by 0) is skipped."""
     from ihip_compile.kernels.sparse_decode import sparse_decode
 
     gen = torch.Generator().manual_seed(21)
