@@ -14,9 +14,9 @@ Steps, all in one process on the same prompt:
     the torch references of the Triton kernels, so the speedup can be below 1: it is printed as
     measured.
 The prompt is prefilled with ``ihip_compile.chunked_prefill`` without an attention mask (a
-mask-free call is what takes the sparse path), and ``generate()`` continues from that cache; its
-decode steps carry generate's attention mask, which the in-memory op serves on its exact dense
-path. The CPU default is small because the sparse path runs the kernels' torch references there.
+mask-free call), and ``generate()`` continues from that cache (its all-valid attention mask
+keeps the op on the sparse path). The CPU default is small because the sparse path runs the
+kernels' torch references there.
 """
 
 from __future__ import annotations
