@@ -129,8 +129,11 @@ def sparse_decode(
     sink = min(sink_tokens, s_k)
     max_slots = sink + topk * block_size_k + max(window_tokens, 0)
     block_n = 64
-    if num_splits is None:  # about two programs per SM on an H200, at least one tile each
-        num_splits = max(1, min(triton.cdiv(max_slots, block_n), 264 // max(b * h_kv, 1)))
+    if num_splits is None:
+        # A step is latency-bound (each tile is a chain of dependent gathers), so at small batch
+        # every program walks one tile: up to ~8 programs per SM of an H200 (132 SMs), at most
+        # 64 splits (the merge holds [splits, D] partials in registers).
+        num_splits = max(1, min(triton.cdiv(max_slots, block_n), 1056 // max(b * h_kv, 1), 64))
     slots_per_split = triton.cdiv(triton.cdiv(max_slots, num_splits), block_n) * block_n
     block_d = max(16, triton.next_power_of_2(d))
     acc = torch.empty((b, h, num_splits, block_d), device=q.device, dtype=torch.float32)
