@@ -37,6 +37,8 @@ def query_blocks(q_positions: torch.Tensor, batch: int, s_q: int, block_size_q: 
     pad = n_blocks * block_q - s_q
     if pad:
         pos = torch.cat([pos, pos[:, -1:].expand(batch, pad)], dim=1)
+    if block_q == 1:  # decode: each block is one query (skips two reductions per step)
+        return block_q, pos, pos
     blocks = pos.view(batch, n_blocks, block_q)
     return block_q, blocks.amin(-1), blocks.amax(-1)
 
@@ -51,14 +53,17 @@ def pool_queries(q: torch.Tensor, block_q: int, pool: int) -> torch.Tensor:
     pad = n_blocks * block_q - s_q
     if pad:
         q = torch.cat([q, q[:, :, -1:].expand(b, h, pad, d)], dim=2)
+    if pool == 1 and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        # The mean of one query, through fp32 and back, is that query: no copies at decode.
+        return q.reshape(b, h, n_blocks, block_q, d)
     pooled = q.float().view(b, h, n_blocks, block_q // pool, pool, d).mean(4)
     return pooled.to(q.dtype)
 
 
 def candidate_window_end(pos_max: torch.Tensor, sink_tokens: int, window_tokens: int, s_k: int):
     """Exclusive end of the selectable keys per query block: where the window begins."""
-    end = pos_max + 1 - window_tokens
-    return end.clamp(min=sink_tokens).clamp(max=s_k).to(torch.int32)
+    # One add and one clamp (min > max gives max, as the two clamps in sequence would).
+    return (pos_max + (1 - window_tokens)).clamp(min=sink_tokens, max=s_k).to(torch.int32)
 
 
 def keep_best_chunks(scores: torch.Tensor, starts: torch.Tensor, keep: int) -> torch.Tensor:
@@ -167,5 +172,6 @@ def select_blocks(
         starts = keep_best_chunks(scores, starts, keeps[i] // chunk)
         stages.append(starts)
     last = stage_chunks[-1]
-    blocks = torch.where(starts < 0, -1, starts // last).to(torch.int32)
+    # Empty slots are -1 and -1 // last == -1 (floor division): no masking op needed.
+    blocks = (starts // last).to(torch.int32)
     return (blocks, stages) if return_stages else blocks
