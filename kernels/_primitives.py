@@ -131,11 +131,13 @@ def fold_slot_tile(q, acc, running_max, running_sum, slot, slot_ok, pos, blocks_
     key, ok, is_sel, is_win, delta = attended_slots(
         slot, blocks_row, topk, sink, win_lo, win_len, n_valid, s_k, BLOCK_K)
     ok = ok & slot_ok
+    # V is gathered before the K work, not after the scores: both gathers depend only on the key
+    # indices, so they are in flight together (a decode program walks a single tile).
+    values = load_rows(v_base, key, ok, stride_v_s, cols, col_ok)
     keys = load_rows_moved(k_base, key, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
                            REMAP, ROTARY_DIM, LAYOUT)
     scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
     scores = soft_cap(scores, SOFTCAP, softcap)
     vis = visible_slots(key, ok, is_sel, is_win, pos, sink, window)
     scores = tl.where(vis, scores, float("-inf"))
-    values = load_rows(v_base, key, ok, stride_v_s, cols, col_ok)
     return online_softmax_update(acc, running_max, running_sum, scores, values, DOT_PRECISION)
