@@ -128,12 +128,13 @@ def sparse_decode(
     topk = block_indices.shape[2]
     sink = min(sink_tokens, s_k)
     max_slots = sink + topk * block_size_k + max(window_tokens, 0)
-    block_n = 64
+    # 32-slot tiles: with RoPE re-positioning, 64-slot tiles made ptxas (sm_90, 4 warps, D=128)
+    # spill ~3.6 KB per thread per tile; 32-slot tiles spill ~0.6 KB.
+    block_n = 32
     if num_splits is None:
-        # A step is latency-bound (each tile is a chain of dependent gathers), so at small batch
-        # every program walks one tile: up to ~8 programs per SM of an H200 (132 SMs), at most
-        # 64 splits (the merge holds [splits, D] partials in registers).
-        num_splits = max(1, min(triton.cdiv(max_slots, block_n), 1056 // max(b * h_kv, 1), 64))
+        # One wave: the kernel takes ~255 registers per thread, so ~2 programs of 4 warps per
+        # SM (264 on an H200); at most 64 splits (the merge holds [splits, D] partials).
+        num_splits = max(1, min(triton.cdiv(max_slots, block_n), 264 // max(b * h_kv, 1), 64))
     slots_per_split = triton.cdiv(triton.cdiv(max_slots, num_splits), block_n) * block_n
     block_d = max(16, triton.next_power_of_2(d))
     acc = torch.empty((b, h, num_splits, block_d), device=q.device, dtype=torch.float32)
