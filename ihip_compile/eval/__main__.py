@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         "path": args.path + (" (eager)" if args.eager else ""), "modes": args.modes,
         "config": config.as_dict(), "torch": torch.__version__,
     }
+    # Results are written after each task, so a run cut short keeps what it measured.
     if "perplexity" in args.tasks:
         results["perplexity"] = run.perplexity(runner, tokenizer, args.lengths, args.modes,
                                                args.device)
+        report.write(results, args.out)
     if "passkey" in args.tasks:
         results["passkey"] = run.passkey(runner, tokenizer, args.passkey_lengths, args.depths,
                                          args.samples, args.modes, args.device)
