@@ -6,9 +6,9 @@
 Steps, all in one process on the same prompt:
  1. load SmolLM2-135M-Instruct (``ihip_compile.smollm2``) and hide a 5-digit pass key in filler;
  2. dense: prefill the prompt, then ``generate()`` the answer; timed;
- 3. ``model.compile(backend="infinitehip", options=...)`` (in place, so ``generate()`` uses it:
-    DESIGN.md section 2), then the same steps twice: the first run includes compilation, the
-    second is timed warm;
+ 3. ``model.compile(backend=..., options=...)`` (in place, so ``generate()`` uses it; see
+    docs/backend.md; ``infinitehip`` on cuda, ``infinitehip_eager`` on cpu), then the same steps
+    twice: the first run includes compilation, the second is timed warm;
  4. print both answers, the graph-diff summary the backend wrote under ``--report-dir``, and the
     measured speedup (dense seconds / warm infinitehip seconds). On a CPU the sparse path runs
     the torch references of the Triton kernels, so the speedup can be below 1: it is printed as
@@ -48,8 +48,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-dir", default="reports/demo")
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--backend", choices=("infinitehip", "infinitehip_eager"), default=None,
+                   help="default: infinitehip on cuda; infinitehip_eager on cpu, where the op runs "
+                   "the kernels' torch references and Inductor's C++ build of the model would "
+                   "take minutes")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
+    args.backend = args.backend or ("infinitehip" if gpu else "infinitehip_eager")
     args.context_tokens = args.context_tokens or (32768 if gpu else 1536)
     args.preset = args.preset or ("paper" if gpu else "cpu-small")
     return args
@@ -96,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense        : {dense_answer!r} ({dense_s:.1f} s)", flush=True)
 
     _clear_reports(Path(args.report_dir))
-    model.compile(backend="infinitehip", options=config.as_dict())
+    model.compile(backend=args.backend, options=config.as_dict())
     _, first_s = answer(model, tokenizer, ids, args.max_new_tokens)
     ihip_answer, ihip_s = answer(model, tokenizer, ids, args.max_new_tokens)
-    print(f"infinitehip  : {ihip_answer!r} ({ihip_s:.1f} s warm; {first_s:.1f} s with compile)")
+    print(f"infinitehip  : {ihip_answer!r} ({ihip_s:.1f} s warm; {first_s:.1f} s with compile; "
+          f"backend {args.backend})")
 
     print(f"\npass key {key}: dense {_verdict(dense_answer, key)}, "
           f"infinitehip {_verdict(ihip_answer, key)}")
