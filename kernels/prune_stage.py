@@ -52,37 +52,17 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
     q_row_offsets = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
     score = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
     k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
-    if H_KV <= 8:
-        # Unrolled: the heads' gathers are independent, so they can all be in flight at once
-        # (a probe is a chain of dependent loads; few programs run at decode to hide it).
-        for _ in tl.static_range(H_KV):
-            score = _head_probe_max(score, q_head, k_head, inv_freq_ptr, probe, usable, delta,
-                                    stride_k_s, q_row_offsets, row_ok, cols, col_ok, ROPE_MODE,
-                                    ROTARY_DIM, LAYOUT, DOT_PRECISION)
-            k_head += stride_k_h
-            q_head += GROUP * stride_q_h
-    else:
-        for _ in range(H_KV):
-            score = _head_probe_max(score, q_head, k_head, inv_freq_ptr, probe, usable, delta,
-                                    stride_k_s, q_row_offsets, row_ok, cols, col_ok, ROPE_MODE,
-                                    ROTARY_DIM, LAYOUT, DOT_PRECISION)
-            k_head += stride_k_h
-            q_head += GROUP * stride_q_h
+    for _ in range(H_KV):
+        keys = load_rows_moved(k_head, probe, usable, stride_k_s, cols, col_ok, delta,
+                               inv_freq_ptr, ROPE_MODE != 0, ROTARY_DIM, LAYOUT)
+        q_ptrs = q_head + q_row_offsets[:, None] + cols[None, :]
+        queries = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)  # [TILE, QROWS]
+        dots = tl.where(row_ok[None, :], dots, float("-inf"))
+        score = tl.maximum(score, tl.max(dots, 1))
+        k_head += stride_k_h
+        q_head += GROUP * stride_q_h
     return score
-
-
-@triton.jit
-def _head_probe_max(score, q_head, k_head, inv_freq_ptr, probe, usable, delta, stride_k_s,
-                    q_row_offsets, row_ok, cols, col_ok, ROPE_MODE: tl.constexpr,
-                    ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``score`` raised to the max over one KV head's query rows of <q, key at probe>."""
-    keys = load_rows_moved(k_head, probe, usable, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
-                           ROPE_MODE != 0, ROTARY_DIM, LAYOUT)
-    q_ptrs = q_head + q_row_offsets[:, None] + cols[None, :]
-    queries = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)  # [TILE, QROWS]
-    dots = tl.where(row_ok[None, :], dots, float("-inf"))
-    return tl.maximum(score, tl.max(dots, 1))
 
 
 @triton.jit
