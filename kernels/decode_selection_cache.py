@@ -89,7 +89,10 @@ def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
     state = states.by_layer.get(layer)
     start = first_stage_to_run(state, s_k, batch, refresh_intervals, fingerprint)
     n = len(refresh_intervals)
-    runs = states.stage_runs.setdefault(layer, [0] * n)
+    runs = states.stage_runs.get(layer)
+    if runs is None or len(runs) != n:  # first step, or a layer served earlier with another schedule
+        runs = states.stage_runs[layer] = [0] * n
+        states.steps[layer] = 0
     states.steps[layer] = states.steps.get(layer, 0) + 1
     if start == n:
         state.ages = [a + 1 for a in state.ages]

@@ -48,6 +48,16 @@ def test_a_new_sequence_or_a_prefill_starts_from_stage_zero():
     assert calls == [0, 0, 0, 0]
 
 
+def test_a_layer_served_again_with_another_schedule_starts_over():
+    # One process may run models with different stage counts; layer indices repeat between them.
+    states = SelectionStates()
+    cached_selection(states, 0, 50, 1, (4, 2), _recorder(2)[1])
+    calls, run = _recorder(3)
+    cached_selection(states, 0, 51, 1, (8, 4, 2), run)
+    assert calls == [0]
+    assert reuse_ratio(states)[0] == [0.0, 0.0, 0.0]
+
+
 def _decode_inputs(s_k, seed):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g),
