@@ -7,12 +7,15 @@ Matches   the vmap-free mask of transformers 5.17 ``sdpa_mask``, index vectors
               causal          kv <= q
               sliding window  kv > q - W                      (W: an int constant)
               padding         padding_2d[batch[:, None, None, None], kv]
+              one sequence    ids[batch, q] == ids[batch, kv]   (ids: the packed-sequence ids of
+                              provably consecutive positions, always true; read_sequence_ids.py)
           and the eager form ``torch.where(mask, 0.0, min_float)`` of the same.
 Emits     MaskDescription (q vector, kv arange and offset, window, padding source), nothing else:
           the rewrite pass turns it into ``q_positions`` and ``kv_valid``.
 Skips     any other op in the subgraph, a mask without the causal predicate (bidirectional or
           arbitrary), two windows or two padding reads, a kv vector that is not arange(S_K) + c,
-          vectors whose lengths differ from the attention's S_Q / S_K.
+          vectors whose lengths differ from the attention's S_Q / S_K, sequence ids that may hold
+          several packed sequences (position ids given by the caller or not consecutive).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch.fx as fx
 from ihip_compile.passes.graph_facts import (
     ADD, SUB, arg, is_full_slice, is_function, is_method, same_size, shape, value,
 )
+from ihip_compile.passes.read_sequence_ids import why_not_one_sequence
 from ihip_compile.passes.sites import MaskDescription
 
 # transformers fills masked scores with the dtype's minimum; anything at or below the minimum of
@@ -47,7 +51,8 @@ class _Index:
 
 @dataclass(frozen=True)
 class _Predicates:
-    items: frozenset  # of ("causal",), ("window", W), ("padding", source, batch, kv)
+    items: frozenset  # of ("causal", q, kv), ("window", q, kv, W), ("padding", source, batch, kv),
+    # ("one_sequence", q, kv, ids)
 
 
 _TRUE = _Predicates(frozenset())
@@ -74,8 +79,9 @@ def read_mask(mask: fx.Node, s_q: Any, s_k: Any) -> MaskDescription:
         raise MaskNotUnderstood("mask has no causal predicate (bidirectional or arbitrary mask)")
     if len(windows) > 1 or len(paddings) > 1:
         raise MaskNotUnderstood("mask combines several windows or padding reads")
-    q_vectors = {p[1] for p in term.items if p[0] in ("causal", "window")}
-    kv_vectors = {p[2] for p in term.items if p[0] in ("causal", "window")}
+    indexed_by_q = ("causal", "window", "one_sequence")
+    q_vectors = {p[1] for p in term.items if p[0] in indexed_by_q}
+    kv_vectors = {p[2] for p in term.items if p[0] in indexed_by_q}
     kv_vectors |= {p[3] for p in paddings}
     if len(q_vectors) != 1 or len(kv_vectors) != 1:
         raise MaskNotUnderstood("mask predicates use different query or key index vectors")
@@ -84,6 +90,11 @@ def read_mask(mask: fx.Node, s_q: Any, s_k: Any) -> MaskDescription:
     q_shape = shape(q_vec)
     if q_shape is None or len(q_shape) != 1 or not same_size(q_shape[0], s_q):
         raise MaskNotUnderstood(f"query index vector {q_vec.name} is not [S_Q]")
+    for _, _, _, ids in (p for p in term.items if p[0] == "one_sequence"):
+        ids_shape = shape(ids)
+        if ids_shape is None or len(ids_shape) != 2 or not same_size(ids_shape[1], s_q) \
+                or not same_size(ids_shape[1], s_k):
+            raise MaskNotUnderstood(f"sequence ids {ids.name} do not cover S_Q = S_K")
     padding = paddings[0] if paddings else None
     return MaskDescription(
         q_indices=q_vec,
@@ -156,6 +167,8 @@ def _read(node: Any) -> Any:
         return _read_shift(node)
     if is_function(node, operator.le, operator.ge, operator.gt, operator.lt):
         return _read_compare(node)
+    if is_function(node, operator.eq, torch.eq):
+        return _read_same_sequence(node)
     raise MaskNotUnderstood(f"mask built with unsupported op: {node.format_node()}")
 
 
@@ -182,6 +195,33 @@ def _read_getitem(node: fx.Node) -> Any:
                     and src_value.dim() == 2:
                 return _Predicates(frozenset({("padding", source, batch.vector, kv.vector)}))
     raise MaskNotUnderstood(f"mask indexing not understood: {node.format_node()}")
+
+
+def _read_same_sequence(node: fx.Node) -> _Predicates:
+    """``ids[batch, q] == ids[batch, kv]``: true everywhere when ``ids`` provably holds one
+    sequence per row; anything else compared with ``==`` is refused."""
+    lookups = [_sequence_id_lookup(side, node) for side in node.args[:2]]
+    (ids_a, axis_a), (ids_b, axis_b) = lookups
+    if ids_a is not ids_b or {axis_a.axis, axis_b.axis} != {"q", "kv"}:
+        raise MaskNotUnderstood(f"mask built with unsupported op: {node.format_node()} "
+                                "(the only equality read is ids[batch, q] == ids[batch, kv])")
+    reason = why_not_one_sequence(ids_a)
+    if reason is not None:
+        raise MaskNotUnderstood(f"{node.name} may separate packed sequences: {reason}")
+    q, kv = (axis_a, axis_b) if axis_a.axis == "q" else (axis_b, axis_a)
+    return _Predicates(frozenset({("one_sequence", q.vector, kv.vector, ids_a)}))
+
+
+def _sequence_id_lookup(side: Any, node: fx.Node) -> tuple[fx.Node, _Index]:
+    """``ids[batch, index]`` with un-shifted batch and q or kv index vectors."""
+    if is_function(side, operator.getitem) and isinstance(side.args[1], tuple) \
+            and len(side.args[1]) == 2 and all(isinstance(i, fx.Node) for i in side.args[1]):
+        batch, index = (_read(i) for i in side.args[1])
+        if isinstance(batch, _Index) and isinstance(index, _Index) and batch.axis == "batch" \
+                and index.axis in ("q", "kv") and batch.offset == 0 and index.offset == 0:
+            return side.args[0], index
+    raise MaskNotUnderstood(f"mask built with unsupported op: {node.format_node()} (the only "
+                            "equality read is ids[batch, q] == ids[batch, kv])")
 
 
 def _read_shift(node: fx.Node) -> _Index:
