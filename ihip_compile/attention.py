@@ -93,4 +93,5 @@ def select_blocks(
         stage_keeps=args["stage_keeps"], rope_mode=pruning_rope_mode(args["pruning_rope"], remap),
         inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout,
         start_stage=start_stage, candidates=candidates, return_stages=return_stages,
+        first_probes=args["first_probes"],
     )

@@ -83,6 +83,9 @@ class IHipConfig:
     selected_tokens: int = 2048
     stages: tuple[Stage, ...] = DEFAULT_STAGES
     wide_layers: frozenset[int] = frozenset({0, 1, 2})
+    # Parts of each chunk probed in a stage's first step (2: the paper's plain halving). More parts
+    # find isolated needles more often but make stage recomputation slower at decode.
+    first_probe_parts: int = 8
     # --- decode -------------------------------------------------------------------------------
     refresh_intervals: tuple[int, ...] = REFRESH_PRESETS["default"]
     # --- RoPE beyond the training window -------------------------------------------------------
@@ -106,6 +109,10 @@ class IHipConfig:
         _check_int(self, "sliding_window_tokens", minimum=0)
         _check_int(self, "selected_tokens", minimum=0)
         _check_int(self, "gpu_cache_tokens", minimum=1)
+        parts = self.first_probe_parts
+        if (isinstance(parts, bool) or not isinstance(parts, int) or parts < 2
+                or parts & (parts - 1)):
+            raise ValueError(f"first_probe_parts must be a power of two >= 2, got {parts!r}")
         if self.trained_context_tokens is not None:
             _check_int(self, "trained_context_tokens", minimum=1)
         if self.block_size_q & (self.block_size_q - 1):

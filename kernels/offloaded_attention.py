@@ -19,6 +19,7 @@ import torch
 
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
+from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
@@ -134,4 +135,5 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
         rotary_dim=args.get("rotary_dim", 0), rope_layout=args.get("rope_layout", 0),
         use_triton=q.is_cuda, states=store.selection_states, keys_for_stage=keys_for_stage,
         kv_for_attention=kv_for_attention,
+        first_probes=args.get("first_probes", DEFAULT_FIRST_PROBES),
     )

@@ -23,6 +23,7 @@ from ihip_compile.kernels.sparse_attention import GPU_DTYPES, REFERENCE_DTYPES, 
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import is_offload_proxy
 from ihip_compile.kernels.offloaded_attention import offloaded_attention
+from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
 
 _ATTENTION_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor q_positions, Tensor? kv_valid, Tensor? inv_freq, *, "
@@ -31,7 +32,8 @@ _ATTENTION_SCHEMA = (
     "int dense_below_tokens=8192, int block_size_q=64, int sink_tokens=256, "
     "int window_tokens=1024, int selected_tokens=2048, "
     "int[] stage_chunks=[256, 32, 8], int[] stage_keeps=[32768, 8192, 2048], "
-    "int pruning_rope=0, int remap_beyond_tokens=-1, int[] refresh_intervals=[]) -> Tensor"
+    "int pruning_rope=0, int remap_beyond_tokens=-1, int[] refresh_intervals=[], "
+    "int first_probes=8) -> Tensor"
 )
 
 # rope_layout values: how the model rotated q and k before attention (0: no RoPE found).
@@ -40,6 +42,8 @@ ROPE_NONE, ROPE_ROTATE_HALF, ROPE_INTERLEAVED = 0, 1, 2
 # (-1: never remap) are chosen per layer by ihip_compile.layer_policy.
 # refresh_intervals: decode steps between recomputations of each pruning stage (mask caching,
 # kernels/decode_selection_cache.py); empty: recompute every step.
+# first_probes: parts of each chunk probed in a pruning stage's first step (a power of two >= 2;
+# 2 is plain halving; kernels/prune_stage_ref.py).
 
 _lib = torch.library.Library("ihip", "DEF")
 _lib.define("attention" + _ATTENTION_SCHEMA)
@@ -50,7 +54,7 @@ def _attention(
     rotary_dim=0, rope_layout=0, dense_below_tokens=8192, block_size_q=64, sink_tokens=256,
     window_tokens=1024, selected_tokens=2048, stage_chunks=(256, 32, 8),
     stage_keeps=(32768, 8192, 2048), pruning_rope=0, remap_beyond_tokens=-1,
-    refresh_intervals=(),
+    refresh_intervals=(), first_probes=DEFAULT_FIRST_PROBES,
 ):
     if is_offload_proxy(k):  # keys in host memory (OffloadedCache): kernels/offloaded_attention.py
         scalars = {name: value for name, value in locals().items()
@@ -74,7 +78,7 @@ def _attention(
             stage_chunks=tuple(stage_chunks), stage_keeps=tuple(stage_keeps),
             pruning_rope=pruning_rope, remap=0 <= remap_beyond_tokens < k.shape[-2],
             inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout,
-            use_triton=q.is_cuda,
+            use_triton=q.is_cuda, first_probes=first_probes,
         )
     return sparse_attention(
         q, k, v, q_positions, scale=scale, softcap=softcap, block_size_q=block_size_q,
@@ -82,6 +86,7 @@ def _attention(
         stage_chunks=tuple(stage_chunks), stage_keeps=tuple(stage_keeps),
         pruning_rope=pruning_rope, remap=0 <= remap_beyond_tokens < k.shape[-2],
         inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout, use_triton=q.is_cuda,
+        first_probes=first_probes,
     )
 
 
