@@ -1,7 +1,7 @@
 """Public functions: InfiniteHiP attention and its block selection, outside any compiled graph.
 
     out = hip_attention(q, k, v)                        # [B, H, S_Q, D], causal, GQA
-    blocks = select_blocks(q, k)                        # [B, NQB, TOPK] sorted 8-token blocks
+    blocks = select_blocks(q, k)                        # [B, G, NQB, TOPK] sorted 8-token blocks
 
 Both read their settings from an ``IHipConfig`` (default: the paper's), for one layer (``layer``
 picks the per-layer policy: wide layers get twice the budget). ``hip_attention`` goes through
@@ -18,6 +18,9 @@ import torch
 from ihip_compile.config import IHipConfig
 from ihip_compile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.ihip.*)
 from ihip_compile.kernels import block_selection
+from ihip_compile.kernels.selection_scope import (
+    fold_heads, fold_positions, per_group, per_sequence, selection_groups,
+)
 from ihip_compile.kernels.sparse_attention import check_attention_inputs, pruning_rope_mode
 from ihip_compile.layer_policy import sparse_args_for_layer
 
@@ -77,21 +80,33 @@ def select_blocks(
     candidates: torch.Tensor | None = None,
     return_stages: bool = False,
 ):
-    """Selected 8-token blocks per query block: [B, NQB, TOPK] int32, sorted, -1 last.
+    """Selected 8-token blocks per query block: [B, G, NQB, TOPK] int32, sorted, -1 last.
 
-    Exactly what the sparse path attends besides sinks and window. ``remap=True`` scores with the
+    Exactly what the sparse path attends besides sinks and window. G is 1 with
+    ``selection_scope="layer"`` (one list for all heads) and H_KV with ``"kv_head"`` (each KV
+    head's list, chosen from its own query heads' scores; ``kernels/selection_scope.py``).
+    Stages and ``candidates`` have the same leading [B, G] ([B, G, NQB, N]). ``remap=True`` scores with the
     layer's pruning RoPE positions. ``start_stage``/``candidates``/``return_stages``: see
     ``ihip_compile.kernels.block_selection.select_blocks`` (reusing stages across decode steps).
     """
     config = IHipConfig.from_options(config)
     check_attention_inputs(q, k, k, q_positions)
     args = sparse_args_for_layer(config, _NORMAL_LAYER if layer is None else layer)
-    return block_selection.select_blocks(
-        q, k, _default_positions(q, k, q_positions), block_size_q=args["block_size_q"],
+    b, groups = q.shape[0], selection_groups(k.shape[1], args["per_kv_head"])
+    positions = _default_positions(q, k, q_positions)
+    positions = positions if positions.dim() == 2 else positions.unsqueeze(0)
+    selected = block_selection.select_blocks(
+        fold_heads(q, groups), fold_heads(k, groups),
+        fold_positions(positions.expand(b, q.shape[2]), groups), block_size_q=args["block_size_q"],
         sink_tokens=args["sink_tokens"], window_tokens=args["window_tokens"],
         selected_tokens=args["selected_tokens"], stage_chunks=args["stage_chunks"],
         stage_keeps=args["stage_keeps"], rope_mode=pruning_rope_mode(args["pruning_rope"], remap),
         inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout,
-        start_stage=start_stage, candidates=candidates, return_stages=return_stages,
-        first_probes=args["first_probes"],
+        start_stage=start_stage, first_probes=args["first_probes"],
+        candidates=None if candidates is None else per_sequence(candidates),
+        return_stages=return_stages,
     )
+    if return_stages:
+        blocks, stages = selected
+        return per_group(blocks, b), [per_group(s, b) for s in stages]
+    return per_group(selected, b)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 ROPE_REMAP_MODES = ("auto", "always", "off")
+SELECTION_SCOPES = ("layer", "kv_head")  # kernels/selection_scope.py
 LAYER_POLICIES = ("paper", "calibrated")
 PRUNING_ROPE_STYLES = ("relative", "chunk_indexed")
 
@@ -86,6 +87,9 @@ class IHipConfig:
     # Parts of each chunk probed in a stage's first step (2: the paper's plain halving). More parts
     # find isolated needles more often but make stage recomputation slower at decode.
     first_probe_parts: int = 8
+    # One block selection per layer (all heads' scores) or per KV head (its query heads' scores;
+    # invariant under tensor-parallel head sharding, more selection work at prefill).
+    selection_scope: str = "layer"
     # --- decode -------------------------------------------------------------------------------
     refresh_intervals: tuple[int, ...] = REFRESH_PRESETS["default"]
     # --- RoPE beyond the training window -------------------------------------------------------
@@ -137,6 +141,9 @@ class IHipConfig:
             )
         if self.rope_remap not in ROPE_REMAP_MODES:
             raise ValueError(f"rope_remap must be one of {ROPE_REMAP_MODES}, got {self.rope_remap!r}")
+        if self.selection_scope not in SELECTION_SCOPES:
+            raise ValueError(f"selection_scope must be one of {SELECTION_SCOPES}, got "
+                             f"{self.selection_scope!r}")
         _check_layer_policy(self)
         unknown = [name for name in self.passes if name not in ALL_PASSES]
         if unknown:

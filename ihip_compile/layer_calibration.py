@@ -123,6 +123,9 @@ def measure_layers(
 
 def _measure_one(layer, q, k, scale, config, rope, probe_blocks) -> LayerMeasurement:
     from ihip_compile.kernels.block_selection import select_blocks
+    from ihip_compile.kernels.selection_scope import (
+        fold_heads, fold_positions, selection_groups,
+    )
     from ihip_compile.kernels.prune_stage_ref import (
         PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE,
     )
@@ -132,20 +135,22 @@ def _measure_one(layer, q, k, scale, config, rope, probe_blocks) -> LayerMeasure
     probe = probe_blocks * config.block_size_q
     q_probe = q[:, :, seq - probe:].float()  # [1, H, probe, D]
     positions = torch.arange(seq - probe, seq, device=q.device)
-    mass = _selectable_mass(q_probe, k.float(), positions, scale, config)  # [NQB, S_K]
+    groups = selection_groups(k.shape[1], config.selection_scope == "kv_head")
+    mass = _selectable_mass(q_probe, k.float(), positions, scale, config, groups)  # [G, NQB, S_K]
     modes = {"relative": PRUNE_ROPE_RELATIVE, "chunk_indexed": PRUNE_ROPE_CHUNK_INDEXED}
     recall = {}
     for style, mode in modes.items():
         for factor in (1, 2):
             blocks = select_blocks(
-                q_probe, k.float(), positions, block_size_q=config.block_size_q,
+                fold_heads(q_probe, groups), fold_heads(k.float(), groups),
+                fold_positions(positions[None], groups), block_size_q=config.block_size_q,
                 sink_tokens=config.sink_tokens, window_tokens=config.sliding_window_tokens,
                 selected_tokens=config.selected_tokens * factor,
                 stage_chunks=[s.chunk_size for s in config.stages],
                 stage_keeps=[s.keep_tokens * factor for s in config.stages],
                 rope_mode=mode, inv_freq=inv_freq.to(q.device), rotary_dim=rotary_dim,
                 rope_layout=layout, use_triton=False, first_probes=config.first_probe_parts,
-            )[0]  # [NQB, TOPK]
+            )  # [G, NQB, TOPK]
             kept = _blocks_to_key_mask(blocks, config.block_size_k, seq)
             recall[(style, factor)] = float(
                 (mass * kept).sum() / mass.sum().clamp_min(1e-30)
@@ -153,9 +158,10 @@ def _measure_one(layer, q, k, scale, config, rope, probe_blocks) -> LayerMeasure
     return LayerMeasurement(layer, recall, float(mass.sum(-1).mean()))
 
 
-def _selectable_mass(q, k, positions, scale, config) -> torch.Tensor:
-    """[NQB, S_K]: exact attention mass per key, averaged over a block's queries and all heads,
-    zero outside the selectable range (sinks and each query's window excluded)."""
+def _selectable_mass(q, k, positions, scale, config, groups) -> torch.Tensor:
+    """[G, NQB, S_K]: exact attention mass per key, averaged over a block's queries and the query
+    heads of each selection group (all heads, or one KV head's), zero outside the selectable range
+    (sinks and each query's window excluded)."""
     h, h_kv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(h // h_kv, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -167,14 +173,14 @@ def _selectable_mass(q, k, positions, scale, config) -> torch.Tensor:
         keys[None, :] <= positions[:, None] - config.sliding_window_tokens
     )
     probs = probs * selectable
-    return probs.view(h, -1, config.block_size_q, k.shape[2]).mean((0, 2))
+    return probs.view(groups, h // groups, -1, config.block_size_q, k.shape[2]).mean((1, 3))
 
 
 def _blocks_to_key_mask(blocks: torch.Tensor, block_size_k: int, seq: int) -> torch.Tensor:
-    """[NQB, TOPK] block indices (-1 empty) -> [NQB, S_K] float 0/1 of the keys they cover."""
-    kept = torch.zeros(blocks.shape[0], seq + block_size_k, device=blocks.device)
+    """[..., TOPK] block indices (-1 empty) -> [..., S_K] float 0/1 of the keys they cover."""
+    kept = torch.zeros(*blocks.shape[:-1], seq + block_size_k, device=blocks.device)
     keys = blocks.long()[..., None] * block_size_k + torch.arange(block_size_k, device=blocks.device)
-    keys = torch.where(blocks[..., None] < 0, seq, keys).flatten(1)
-    kept.scatter_(1, keys, 1.0)
-    return kept[:, :seq]
+    keys = torch.where(blocks[..., None] < 0, seq, keys).flatten(-2)
+    kept.scatter_(-1, keys, 1.0)
+    return kept[..., :seq]
 

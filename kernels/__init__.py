@@ -13,7 +13,10 @@ Shape glossary, used in every shape comment of this package:
 Causality: query i may attend key j iff ``j <= q_positions[i]`` (its own key index), the key is
 valid (``kv_valid[b, j]``), and, with a model sliding window W > 0, ``j > q_positions[i] - W``.
 
-Sparse path (``sparse_attention.sparse_attention``; the op calls it at S_K >= dense_below_tokens):
+Sparse path (``sparse_attention.sparse_attention``; the op calls it at S_K >= dense_below_tokens).
+The kernels take one block list per sequence, shared by that sequence's heads; the op's selection
+scope (``selection_scope``) decides what a sequence is: a batch row (one selection per layer) or
+each KV head with its query heads (q [B * H_KV, GROUP, S_Q, D], k/v [B * H_KV, 1, S_K, D]):
     block_selection.select_blocks(q, k, q_positions, ...) -> block_indices [B, NQB, TOPK] int32
         hierarchical pruning; NQB = ceil(S_Q / min(block_size_q, S_Q rounded up to a power of 2));
         block j = keys [8j, 8j + 8); sorted, -1 (empty) last. Stages are data

@@ -21,7 +21,14 @@ from typing import Callable
 
 import torch
 
+from ihip_compile.kernels.block_selection import select_blocks
+from ihip_compile.kernels.selection_scope import (
+    fold_heads, fold_positions, per_group, selection_groups, unfold_heads,
+)
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
+from ihip_compile.kernels.sparse_attention import (
+    attend_selected_blocks, check_attention_inputs, pruning_rope_mode,
+)
 
 
 @dataclass
@@ -35,6 +42,7 @@ class SelectionState:
     stage0_s_k: int  # keys when stage 0 last ran: later keys are covered by the window
     schedule: tuple[int, ...]
     fingerprint: torch.Tensor | None = None  # first key of each row: tells sequences apart
+    settings: tuple = ()  # the selection's settings (budgets, probes...): another set starts over
 
 
 @dataclass
@@ -62,10 +70,10 @@ RunStages = Callable[[int, "torch.Tensor | None"], "tuple[torch.Tensor, list[tor
 
 def first_stage_to_run(state: SelectionState | None, s_k: int, batch: int,
                        refresh_intervals: tuple[int, ...],
-                       fingerprint: torch.Tensor | None = None) -> int:
+                       fingerprint: torch.Tensor | None = None, settings: tuple = ()) -> int:
     """Index of the first stage to recompute at this step; ``len(refresh_intervals)``: none."""
     if (state is None or s_k != state.s_k + 1 or state.schedule != tuple(refresh_intervals)
-            or state.blocks.shape[0] != batch):
+            or state.blocks.shape[0] != batch or state.settings != settings):
         return 0
     if fingerprint is not None and not (
         state.fingerprint is not None and state.fingerprint.shape == fingerprint.shape
@@ -80,16 +88,18 @@ def first_stage_to_run(state: SelectionState | None, s_k: int, batch: int,
 
 def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
                      refresh_intervals: tuple[int, ...], run_stages: RunStages,
-                     fingerprint: torch.Tensor | None = None):
+                     fingerprint: torch.Tensor | None = None, settings: tuple = ()):
     """Blocks for this decode step and the extra window tokens, recomputing only due stages.
 
     ``fingerprint`` (e.g. the first key of each row) must match the previous step's for the
-    state to be reused, telling apart sequences of one shared owner. Returns
+    state to be reused, telling apart sequences of one shared owner; so must ``settings``
+    (hashable: whatever else shapes the selection, e.g. budgets), so that a layer served under
+    other settings never reuses stages selected under the old ones. Returns
     ``(blocks [B, NQB, TOPK] int32, extra_window_tokens)``.
     """
     refresh_intervals = tuple(int(i) for i in refresh_intervals)
     state = states.by_layer.get(layer)
-    start = first_stage_to_run(state, s_k, batch, refresh_intervals, fingerprint)
+    start = first_stage_to_run(state, s_k, batch, refresh_intervals, fingerprint, settings)
     n = len(refresh_intervals)
     runs = states.stage_runs.get(layer)
     if runs is None or len(runs) != n:  # first step, or a layer served earlier with another schedule
@@ -107,7 +117,7 @@ def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
         runs[i] += 1
     if start == 0:
         state = SelectionState(blocks, list(new_stages), [0] * n, s_k, s_k, refresh_intervals,
-                               None if fingerprint is None else fingerprint.clone())
+                               None if fingerprint is None else fingerprint.clone(), settings)
         states.by_layer[layer] = state
     else:
         state.stages[start:] = new_stages
@@ -129,14 +139,13 @@ def cached_decode_blocks(q, k, q_positions, *, layer: int, refresh_intervals, wi
                          **select_args):
     """``select_blocks`` for one decode step, with mask caching.
 
-    q [B, H, 1, D], k [B, H_KV, S_K, D]; ``select_args`` are select_blocks' keyword arguments
+    q [B, H, 1, D], k [B, H_KV, S_K, D], one block list per sequence (``cached_sparse_decode``
+    folds the selection scope into sequences); ``select_args`` are select_blocks' keyword arguments
     other than window_tokens/start_stage/candidates/return_stages. ``keys_for_stage(start,
     candidates)``, when given, returns the keys to score from (the offloaded cache fills them on
     demand); otherwise ``k`` is used. Returns ``(blocks [B, 1, TOPK] int32, window_tokens to
     attend with)``.
     """
-    from ihip_compile.kernels.block_selection import select_blocks
-
     def run_stages(start, candidates):
         keys = k if keys_for_stage is None else keys_for_stage(start, candidates)
         return select_blocks(q, keys, q_positions, window_tokens=window_tokens, start_stage=start,
@@ -146,8 +155,17 @@ def cached_decode_blocks(q, k, q_positions, *, layer: int, refresh_intervals, wi
     # small comparison per step). The offloaded store is itself the owner of one sequence batch.
     fingerprint = k[:, :, 0] if keys_for_stage is None else None
     blocks, extra = cached_selection(states, layer, k.shape[2], q.shape[0],
-                                     tuple(refresh_intervals), run_stages, fingerprint)
+                                     tuple(refresh_intervals), run_stages, fingerprint,
+                                     _settings(window_tokens, select_args))
     return blocks, window_tokens + extra
+
+
+def _settings(window_tokens: int, select_args: dict) -> tuple:
+    """The scalar selection arguments as a hashable key (tensors such as inv_freq are model
+    facts, fixed per layer)."""
+    plain = {name: tuple(v) if isinstance(v, (list, tuple)) else v
+             for name, v in select_args.items() if not isinstance(v, torch.Tensor)}
+    return (window_tokens, *sorted(plain.items()))
 
 
 def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals, scale: float,
@@ -157,21 +175,26 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
                          pruning_rope: int = 0, remap: bool = False, inv_freq=None,
                          rotary_dim: int = 0, rope_layout: int = 0, use_triton: bool = False,
                          states: SelectionStates = DENSE_PATH_STATES, keys_for_stage=None,
-                         kv_for_attention=None, first_probes: int = DEFAULT_FIRST_PROBES):
+                         kv_for_attention=None, first_probes: int = DEFAULT_FIRST_PROBES,
+                         per_kv_head: bool = False):
     """Sparse decode (S_Q == 1) with the selection cached across steps: the decode branch of
     ``sparse_attention`` with ``select_blocks`` replaced by ``cached_decode_blocks``.
 
-    ``kv_for_attention(blocks, window_tokens)``, when given, returns the (k, v) to attend (the
-    offloaded cache fills the attended blocks); otherwise ``k``, ``v`` are used.
+    ``kv_for_attention(blocks [B, G, 1, TOPK], window_tokens)``, when given, returns the
+    (k, v) to attend (the offloaded cache fills the attended blocks); otherwise ``k``, ``v`` are
+    used. ``keys_for_stage`` gets candidates as [B, G, NQB, N]. G is 1 (one selection per
+    layer) or H_KV (``per_kv_head``), ``selection_scope.py``.
     """
-    from ihip_compile.kernels.sparse_attention import check_attention_inputs, pruning_rope_mode
-
     check_attention_inputs(q, k, v, q_positions)
     if remap and not (rope_layout != 0 and inv_freq is not None and rotary_dim > 0):
         remap = False  # as sparse_attention: without RoPE, positions mean nothing to the scores
     b = q.shape[0]
+    groups = selection_groups(k.shape[1], per_kv_head)
     pos = q_positions.to(q.device)
-    pos = (pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, 1)
+    pos = fold_positions((pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, 1), groups)
+    q, k, v = fold_heads(q, groups), fold_heads(k, groups), fold_heads(v, groups)
+    if keys_for_stage is not None:
+        keys_for_stage = _folded_keys_for_stage(keys_for_stage, b, groups)
     rope_args = dict(inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout)
     blocks, window = cached_decode_blocks(
         q, k, pos, layer=layer, refresh_intervals=refresh_intervals, window_tokens=window_tokens,
@@ -181,11 +204,17 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
         use_triton=use_triton, first_probes=first_probes, **rope_args,
     )
     if kv_for_attention is not None:
-        k, v = kv_for_attention(blocks, window)
+        k, v = kv_for_attention(per_group(blocks, b), window)
+        k, v = fold_heads(k, groups), fold_heads(v, groups)
     common = dict(scale=scale, sink_tokens=sink_tokens, window_tokens=window,
                   block_size_k=stage_chunks[-1], softcap=softcap, remap=remap, **rope_args)
-    if use_triton:
-        from ihip_compile.kernels.sparse_decode import sparse_decode
-        return sparse_decode(q, k, v, blocks, pos, **common)
-    from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref
-    return sparse_decode_ref(q, k, v, blocks, pos, **common)
+    return unfold_heads(attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common), b)
+
+
+def _folded_keys_for_stage(keys_for_stage, batch: int, groups: int):
+    """The caller's ``keys_for_stage`` speaks [B, G, ...]; the selection runs per sequence."""
+    def folded(start, candidates):
+        if candidates is not None:
+            candidates = per_group(candidates, batch)
+        return fold_heads(keys_for_stage(start, candidates), groups)
+    return folded

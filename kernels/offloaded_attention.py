@@ -68,7 +68,10 @@ def _distinct_blocks(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def chunk_blocks(starts: torch.Tensor, chunk: int, block_tokens: int) -> torch.Tensor:
-    """Blocks covering chunks that start at ``starts`` [B, NQB, N] (-1 = empty): [B, *]."""
+    """Blocks covering chunks that start at ``starts`` [B, ...] (-1 = empty): [B, *].
+
+    Selections per KV head ([B, H_KV, NQB, N]) give the union over heads: a bank block carries
+    every KV head of its tokens."""
     per_chunk = torch.arange(max(1, chunk // block_tokens), device=starts.device)
     blocks = starts.long()[..., None] // block_tokens + per_chunk
     blocks = torch.where(starts[..., None] < 0, -1, blocks)
@@ -136,4 +139,5 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
         use_triton=q.is_cuda, states=store.selection_states, keys_for_stage=keys_for_stage,
         kv_for_attention=kv_for_attention,
         first_probes=args.get("first_probes", DEFAULT_FIRST_PROBES),
+        per_kv_head=args.get("per_kv_head", False),
     )

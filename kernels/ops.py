@@ -33,7 +33,7 @@ _ATTENTION_SCHEMA = (
     "int window_tokens=1024, int selected_tokens=2048, "
     "int[] stage_chunks=[256, 32, 8], int[] stage_keeps=[32768, 8192, 2048], "
     "int pruning_rope=0, int remap_beyond_tokens=-1, int[] refresh_intervals=[], "
-    "int first_probes=8) -> Tensor"
+    "int first_probes=8, bool per_kv_head=False) -> Tensor"
 )
 
 # rope_layout values: how the model rotated q and k before attention (0: no RoPE found).
@@ -44,6 +44,7 @@ ROPE_NONE, ROPE_ROTATE_HALF, ROPE_INTERLEAVED = 0, 1, 2
 # kernels/decode_selection_cache.py); empty: recompute every step.
 # first_probes: parts of each chunk probed in a pruning stage's first step (a power of two >= 2;
 # 2 is plain halving; kernels/prune_stage_ref.py).
+# per_kv_head: one block selection per KV head instead of one per layer (selection_scope.py).
 
 _lib = torch.library.Library("ihip", "DEF")
 _lib.define("attention" + _ATTENTION_SCHEMA)
@@ -54,7 +55,7 @@ def _attention(
     rotary_dim=0, rope_layout=0, dense_below_tokens=8192, block_size_q=64, sink_tokens=256,
     window_tokens=1024, selected_tokens=2048, stage_chunks=(256, 32, 8),
     stage_keeps=(32768, 8192, 2048), pruning_rope=0, remap_beyond_tokens=-1,
-    refresh_intervals=(), first_probes=DEFAULT_FIRST_PROBES,
+    refresh_intervals=(), first_probes=DEFAULT_FIRST_PROBES, per_kv_head=False,
 ):
     if is_offload_proxy(k):  # keys in host memory (OffloadedCache): kernels/offloaded_attention.py
         scalars = {name: value for name, value in locals().items()
@@ -78,7 +79,7 @@ def _attention(
             stage_chunks=tuple(stage_chunks), stage_keeps=tuple(stage_keeps),
             pruning_rope=pruning_rope, remap=0 <= remap_beyond_tokens < k.shape[-2],
             inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout,
-            use_triton=q.is_cuda, first_probes=first_probes,
+            use_triton=q.is_cuda, first_probes=first_probes, per_kv_head=per_kv_head,
         )
     return sparse_attention(
         q, k, v, q_positions, scale=scale, softcap=softcap, block_size_q=block_size_q,
@@ -86,7 +87,7 @@ def _attention(
         stage_chunks=tuple(stage_chunks), stage_keeps=tuple(stage_keeps),
         pruning_rope=pruning_rope, remap=0 <= remap_beyond_tokens < k.shape[-2],
         inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout, use_triton=q.is_cuda,
-        first_probes=first_probes,
+        first_probes=first_probes, per_kv_head=per_kv_head,
     )
 
 

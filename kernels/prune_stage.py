@@ -6,7 +6,8 @@ the middle key of both halves for every KV head (keys gathered, never expanded f
 rows of a KV head are its GROUP query heads times NPQ pooled queries, one tensor-core product).
 
 Changes vs hip-attention: one stage kernel reused for every stage (stages are data), scores are
-the max over all heads of the layer (one selection per layer), RoPE is re-applied to the cached
+the max over the heads of the sequence it is given (the op gives one KV head and its query heads
+per sequence: one selection per KV head, ``kv_head_groups.py``), RoPE is re-applied to the cached
 (already rotated) keys by a delta rotation instead of rotating raw keys.
 Caution: the halving search can miss an isolated high key whose chunk's probes are all low; a
 needle a few dozen keys wide is found (tests/kernels/test_block_selection.py).

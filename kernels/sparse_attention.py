@@ -1,7 +1,8 @@
 """InfiniteHiP sparse attention end to end: block selection, then block-sparse attention.
 
 The one entry the ``ihip::attention`` op and ``ihip_compile.hip_attention`` call above the dense
-threshold. Everything stays on the device with shapes fixed by the arguments (no host sync on
+threshold. ``per_kv_head`` picks the selection scope (``selection_scope``: one selection per layer,
+or one per KV head). Everything stays on the device with shapes fixed by the arguments (no host sync on
 the Triton path). ``use_triton`` picks the Triton kernels (CUDA) or their torch references (CPU).
 
 RoPE (keys in the cache are already rotated at their true positions):
@@ -15,6 +16,9 @@ from __future__ import annotations
 import torch
 
 from ihip_compile.kernels.block_selection import select_blocks
+from ihip_compile.kernels.selection_scope import (
+    fold_heads, fold_positions, selection_groups, unfold_heads,
+)
 from ihip_compile.kernels.block_sparse_attention_ref import block_sparse_attention_ref
 from ihip_compile.kernels.prune_stage_ref import (
     DEFAULT_FIRST_PROBES, PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE, PRUNE_ROPE_TRUE,
@@ -68,6 +72,7 @@ def sparse_attention(
     stage_chunks=(256, 32, 8), stage_keeps=(32768, 8192, 2048), pruning_rope: int = 0,
     remap: bool = False, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
     use_triton: bool | None = None, first_probes: int = DEFAULT_FIRST_PROBES,
+    per_kv_head: bool = False,
 ):
     """q [B, H, S_Q, D], k/v [B, H_KV, S_K, D], q_positions [S_Q] or [B, S_Q] -> [B, H, S_Q, D]."""
     check_attention_inputs(q, k, v, q_positions)
@@ -78,8 +83,10 @@ def sparse_attention(
         remap = False  # no RoPE found in the model: positions mean nothing to the scores
     prune_mode = pruning_rope_mode(pruning_rope, remap)
     b, s_q = q.shape[0], q.shape[2]
+    groups = selection_groups(k.shape[1], per_kv_head)
     pos = q_positions.to(q.device)
-    pos = (pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, s_q)
+    pos = fold_positions((pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, s_q), groups)
+    q, k, v = fold_heads(q, groups), fold_heads(k, groups), fold_heads(v, groups)
     rope_args = dict(inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout)
     blocks = select_blocks(
         q, k, pos, block_size_q=block_size_q, sink_tokens=sink_tokens,
@@ -89,7 +96,12 @@ def sparse_attention(
     )
     common = dict(scale=scale, sink_tokens=sink_tokens, window_tokens=window_tokens,
                   block_size_k=stage_chunks[-1], softcap=softcap, remap=remap, **rope_args)
-    if s_q == 1:
+    return unfold_heads(attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common), b)
+
+
+def attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common):
+    """Block-sparse attention of the selected blocks: the decode or the prefill kernel."""
+    if q.shape[2] == 1:
         if use_triton:
             from ihip_compile.kernels.sparse_decode import sparse_decode
             return sparse_decode(q, k, v, blocks, pos, **common)

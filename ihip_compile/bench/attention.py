@@ -18,8 +18,10 @@ Same process, same inputs, for each context:
            the chunk's own keys is under 3% of the work at 1M, so this is a lower bound on dense).
   quality  for the decode query: share of the exact attention mass (per head, mean) that the
            attended keys (sinks + selected + window) capture, on random data and with planted
-           needles (a bump a few dozen keys wide, and an isolated 8-key run), and how often the
-           needle's block is selected.
+           needles (a bump a few dozen keys wide, and an isolated 8-key run, in every KV head),
+           and how often the needle's block is selected (counted per block list and trial).
+``--selection-scope`` (``layer``, the default, or ``kv_head``): one block selection per layer or
+one per KV head; the kernels run as the op runs them (``kernels/selection_scope.py``).
 Writes ``attention.json``, ``attention.md`` and, when matplotlib is installed, ``attention.png``.
 """
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ihip_compile.kernels.block_selection import select_blocks
+from ihip_compile.kernels.selection_scope import fold_heads, fold_positions, selection_groups
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
 from ihip_compile.kernels.sparse_attention import sparse_attention
 
@@ -44,6 +47,7 @@ PRESETS = {"32/16/8": (32, 16, 8), "96/24/8": (96, 24, 8)}
 SELECTION = dict(block_size_q=64, sink_tokens=256, window_tokens=1024, selected_tokens=2048,
                  stage_chunks=(256, 32, 8), stage_keeps=(32768, 8192, 2048))
 ROPE_THETA = 500000.0
+SELECTION_SCOPE = {"scope": "layer"}  # set by --selection-scope
 PREFILL_CHUNK = 32768
 
 
@@ -109,9 +113,21 @@ def _rope_args(device):
     return dict(inv_freq=inv_freq, rotary_dim=HEAD_DIM, rope_layout=1)
 
 
+def _groups() -> int:
+    return selection_groups(KV_HEADS, SELECTION_SCOPE["scope"] == "kv_head")
+
+
+def _as_selected(q, k, v, pos):
+    """The op's layout for the kernels: one sequence per selection group."""
+    g = _groups()
+    return fold_heads(q, g), fold_heads(k, g), fold_heads(v, g), fold_positions(pos, g)
+
+
 def bench_decode(q, k, v, rope, graphs, flush, reps):
     s_k = k.shape[2]
+    dense_inputs = (q, k, v)
     pos = torch.full((1, 1), s_k - 1, device=q.device, dtype=torch.int32)
+    q, k, v, pos = _as_selected(q, k, v, pos)
     use_triton = q.is_cuda
     kw = dict(**SELECTION, rope_mode=1, use_triton=use_triton, **rope)
     blocks, stages = select_blocks(q, k, pos, return_stages=True, **kw)
@@ -137,7 +153,7 @@ def bench_decode(q, k, v, rope, graphs, flush, reps):
                 enumerate(("from_stage_0", "from_stage_1", "from_stage_2", "cached"))}
     variants["eager_from_stage_0"] = time_eager(step(0), reps)
     variants["eager_cached"] = time_eager(step(3), reps)
-    dense = timer(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    dense = timer(lambda: F.scaled_dot_product_attention(*dense_inputs, enable_gqa=True))
     out = {"dense_ms": dense, "steps_ms": variants, "presets": {}}
     kinds = ("from_stage_0", "from_stage_1", "from_stage_2", "cached")
     for name, refresh in PRESETS.items():
@@ -153,8 +169,10 @@ def bench_prefill(q_chunk, k, v, rope, reps):
     pos = torch.arange(s_k - chunk, s_k, device=k.device)
     use_triton = k.is_cuda
     args = dict(SELECTION, scale=HEAD_DIM ** -0.5, remap=True, pruning_rope=0,
-                use_triton=use_triton, **rope)
+                use_triton=use_triton, per_kv_head=_groups() > 1, **rope)
     ours = time_eager(lambda: sparse_attention(q_chunk, k, v, pos, **args), reps)
+    dense_inputs = (q_chunk, k, v)
+    q_chunk, k, v, pos = _as_selected(q_chunk, k, v, pos[None])
     sel_kw = dict(**SELECTION, rope_mode=1, use_triton=use_triton, **rope)
     blocks, stages = select_blocks(q_chunk, k, pos, return_stages=True, **sel_kw)
     parts = {"stage_0_to_2": time_eager(lambda: select_blocks(q_chunk, k, pos, **sel_kw), reps),
@@ -169,10 +187,9 @@ def bench_prefill(q_chunk, k, v, rope, reps):
             block_sparse_attention_ref as attend)
     attn_kw = dict(scale=HEAD_DIM ** -0.5, block_size_q=64, sink_tokens=256, window_tokens=1024,
                    remap=True, **rope)
-    parts["attention"] = time_eager(lambda: attend(q_chunk, k, v, pos[None], blocks, **attn_kw),
-                                    reps)
+    parts["attention"] = time_eager(lambda: attend(q_chunk, k, v, pos, blocks, **attn_kw), reps)
     try:
-        dense = time_eager(lambda: F.scaled_dot_product_attention(q_chunk, k, v, enable_gqa=True),
+        dense = time_eager(lambda: F.scaled_dot_product_attention(*dense_inputs, enable_gqa=True),
                            max(1, reps // 2))
     except RuntimeError as e:  # no fused kernel for the shape: say so rather than guess
         dense, parts["dense_error"] = float("nan"), str(e)[:200]
@@ -180,16 +197,19 @@ def bench_prefill(q_chunk, k, v, rope, reps):
 
 
 def _mass_captured(q, k, blocks, s_k):
-    """Mean over heads of the exact softmax mass on sinks + selected blocks + window."""
-    keys = torch.zeros(s_k, dtype=torch.bool, device=k.device)
-    keys[: SELECTION["sink_tokens"]] = True
-    keys[max(s_k - SELECTION["window_tokens"], 0):] = True
-    chosen = blocks[0, 0][blocks[0, 0] >= 0].long()
-    idx = (chosen[:, None] * 8 + torch.arange(8, device=k.device)).flatten()
-    keys[idx.clamp(max=s_k - 1)] = True
+    """Mean over heads of the exact softmax mass on sinks + selected blocks + window.
+
+    q [1, H, 1, D], k [1, H_KV, S_K, D]; blocks [G, 1, TOPK], one list per selection group."""
     group = HEADS // KV_HEADS
     masses = []
     for g in range(KV_HEADS):
+        keys = torch.zeros(s_k, dtype=torch.bool, device=k.device)
+        keys[: SELECTION["sink_tokens"]] = True
+        keys[max(s_k - SELECTION["window_tokens"], 0):] = True
+        row = blocks[g * blocks.shape[0] // KV_HEADS, 0]
+        chosen = row[row >= 0].long()
+        idx = (chosen[:, None] * 8 + torch.arange(8, device=k.device)).flatten()
+        keys[idx.clamp(max=s_k - 1)] = True
         scores = (q[0, g * group:(g + 1) * group, 0].float() @ k[0, g].float().T) * HEAD_DIM ** -0.5
         probs = torch.softmax(scores, -1)
         masses.append(probs[:, keys].sum(-1))
@@ -200,7 +220,11 @@ def bench_quality(q, k, rope, trials, seed):
     s_k = k.shape[2]
     pos = torch.full((1, 1), s_k - 1, device=k.device, dtype=torch.int32)
     kw = dict(**SELECTION, rope_mode=0, use_triton=k.is_cuda)  # random data carries no RoPE
-    out = {"random_mass": _mass_captured(q, k, select_blocks(q, k, pos, **kw), s_k)}
+    def select(keys):
+        g = _groups()
+        return select_blocks(fold_heads(q, g), fold_heads(keys, g), fold_positions(pos, g), **kw)
+
+    out = {"random_mass": _mass_captured(q, k, select(k), s_k)}
     gen = torch.Generator().manual_seed(seed)
     group = HEADS // KV_HEADS
     directions = torch.stack([q[0, g * group:(g + 1) * group, 0].float().mean(0)
@@ -220,11 +244,12 @@ def bench_quality(q, k, rope, trials, seed):
                 start = center - center % 8
                 bump = ((j >= start) & (j < start + 8)).float()
             k[0, :, span] += (20.0 * bump[None, :, None] * directions[:, None, :]).to(k.dtype)
-            blocks = select_blocks(q, k, pos, **kw)
-            found += int((blocks[0, 0] == center // 8).any())
+            blocks = select(k)  # the needle is in every KV head: count each list's finding
+            found += int((blocks[:, 0] == center // 8).any(-1).sum())
             masses.append(_mass_captured(q, k, blocks, s_k))
             k[:, :, span] = saved
-        out[kind] = {"found": found, "trials": trials, "mean_mass": sum(masses) / len(masses)}
+        out[kind] = {"found": found, "trials": trials * _groups(),
+                     "mean_mass": sum(masses) / len(masses)}
     return out
 
 
@@ -279,11 +304,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
     parser.add_argument("--first-probes", type=int, default=DEFAULT_FIRST_PROBES,
                         help="parts of each chunk's first probing step (2: plain halving)")
+    parser.add_argument("--selection-scope", choices=["layer", "kv_head"], default="layer")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default="reports/bench")
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
     SELECTION["first_probes"] = args.first_probes
+    SELECTION_SCOPE["scope"] = args.selection_scope
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -296,7 +323,8 @@ def main(argv: list[str]) -> int:
     results = {"device": torch.cuda.get_device_name() if graphs else "cpu",
                "torch": torch.__version__, "shape": [HEADS, KV_HEADS, HEAD_DIM, str(dtype)],
                "selection": {k: list(v) if isinstance(v, tuple) else v
-                             for k, v in SELECTION.items()}, "contexts": []}
+                             for k, v in SELECTION.items()},
+               "selection_scope": args.selection_scope, "contexts": []}
     for s_k in contexts:
         k, v = k_all[:, :, :s_k], v_all[:, :, :s_k]
         row = {"context": s_k, "decode": bench_decode(q, k, v, rope, graphs, flush, args.reps)}

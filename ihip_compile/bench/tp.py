@@ -24,10 +24,11 @@ once under ``--model-cache``: speed and memory only), ``smollm2`` (the real weig
 ``tiny`` (CPU smoke). Rank 0 writes ``tp_<N>gpu_<model>.json`` (and the logits) under ``--out``,
 so models can be run in separate commands (``--models llama8b``, then ``--models smollm2``).
 
-Expected: tokens equal between 1 and 2 GPUs on the dense path (up to bf16 near-ties: the
-comparison reports the first divergence and the logits gap); on the sparse path they may differ
-because the block selection of a layer is shared by all of its heads, and a rank holds half of
-them (docs/tensor_parallel.md).
+Expected: tokens equal between 1 and 2 GPUs on the dense path, and on the sparse path with
+``--options '{"selection_scope": "kv_head"}'`` (each KV head selects its own blocks, so a rank
+holding some KV heads selects as one GPU does), up to bf16 near-ties: the comparison reports the
+first divergence and the logits gap. With the default per-layer selection the sparse path may
+differ (a rank selects from its own heads' scores; docs/tensor_parallel.md).
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ def test_options_dict_reaches_the_passes():
     ({"no_such_option": 1}, "no_such_option"),
     ({"dense_below_tokens": -1}, "dense_below_tokens"),
     ({"passes": ["rewrite_everything"]}, "passes"),
+    ({"selection_scope": "head"}, "selection_scope"),
 ])
 def test_bad_options_raise_value_error_naming_the_key(options, named):
     f = torch.compile(lambda x: x + 1, backend="infinitehip_eager", options=options)

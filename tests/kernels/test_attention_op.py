@@ -73,8 +73,9 @@ def test_hip_attention_with_covering_budget_equals_dense(s_q):
 def test_select_blocks_public_shape():
     q, k, _ = _qkv(s_q=40)
     blocks = ihip_compile.select_blocks(q, k, config=COVER_ALL)
-    # TOPK = min(budget 1024 / 8, candidates: ceil(150 / 32) chunks x 4 blocks) = 20
-    assert blocks.shape == (1, 3, 20) and blocks.dtype == torch.int32
+    # [B, 1, NQB, TOPK] (one selection per layer); TOPK = min(budget 1024 / 8, ceil(150 / 32)
+    # chunks x 4 blocks) = 20
+    assert blocks.shape == (1, 1, 3, 20) and blocks.dtype == torch.int32
 
 
 @pytest.mark.parametrize("change,match", [

@@ -68,3 +68,25 @@ def test_bad_first_probes_rejected(first_probes):
     with pytest.raises(ValueError, match="first_probes"):
         score_chunks_ref(q, k, starts, key_hi, pos, key_lo=0, chunk_size=8,
                          first_probes=first_probes)
+
+
+# One program scores up to 8 heads' worth of sequences side by side: odd sequence counts leave
+# some of its rows empty, and each sequence has its own candidates, window start and position.
+@pytest.mark.parametrize("seqs,kv_heads", [(3, 1), (6, 1), (11, 1), (5, 2)])
+def test_sequences_scored_side_by_side_match_reference(seqs, kv_heads):
+    from ihip_compile.kernels.prune_stage import score_chunks
+
+    gen = torch.Generator().manual_seed(seqs)
+    d, keys, chunk, blocks = 32, 150, 16, 2
+    q = torch.randn(seqs, 3 * kv_heads, blocks, 2, d, generator=gen).to(DEVICE)
+    k = torch.randn(seqs, kv_heads, keys, d, generator=gen).to(DEVICE)
+    starts = torch.stack([torch.randperm(keys // chunk, generator=gen)[:6] * chunk
+                          for _ in range(seqs * blocks)]).view(seqs, blocks, 6).to(torch.int32)
+    starts[0, 0, 2] = -1
+    key_hi = torch.randint(keys // 2, keys, (seqs, blocks), generator=gen, dtype=torch.int32)
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    args = (q, k, starts.to(DEVICE), key_hi.to(DEVICE), (key_hi + 5).to(DEVICE))
+    kw = dict(key_lo=4, chunk_size=chunk, rope_mode=1, inv_freq=inv.to(DEVICE), rotary_dim=d,
+              rope_layout=1)
+    out = score_chunks(*args, **kw)
+    assert_matches_reference(out, score_chunks_ref, *args, **kw)

@@ -1,10 +1,12 @@
 """Mask caching across decode steps: refresh schedule, in-memory vs offloaded, bank hit ratio."""
 
+import pytest
 import torch
 
 from ihip_compile.kernels.decode_selection_cache import (
     SelectionStates, cached_decode_blocks, cached_selection, reuse_ratio,
 )
+from ihip_compile.kernels.selection_scope import fold_heads, fold_positions, unfold_heads
 from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref
 from ihip_compile.offload import OffloadedCache
 from ihip_compile.kernels import ops  # noqa: F401
@@ -64,7 +66,8 @@ def _decode_inputs(s_k, seed):
             torch.randn(1, 2, 1, 16, generator=g))
 
 
-def test_offloaded_sparse_decode_matches_in_memory_path_with_caching():
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_offloaded_sparse_decode_matches_in_memory_path_with_caching(per_kv_head):
     torch.manual_seed(0)
     prompt = 160
     keys, values = torch.randn(1, 2, prompt, 16), torch.randn(1, 2, prompt, 16)
@@ -80,14 +83,21 @@ def test_offloaded_sparse_decode_matches_in_memory_path_with_caching():
         s_k = keys.shape[2]
         pos = torch.tensor([s_k - 1])
         got = torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, layer=0,
-                                       scale=0.25, refresh_intervals=refresh, **OP_ARGS)
-        blocks, window = cached_decode_blocks(q, keys, pos, layer=0, refresh_intervals=refresh,
-                                              window_tokens=WINDOW, states=in_memory, **SELECT)
-        want = sparse_decode_ref(q, keys, values, blocks, pos.view(1, 1), scale=0.25,
-                                 sink_tokens=8, window_tokens=window)
+                                       scale=0.25, refresh_intervals=refresh,
+                                       per_kv_head=per_kv_head, **OP_ARGS)
+        # The op folds its selection scope into sequences: the layer, or each KV head.
+        groups = 2 if per_kv_head else 1
+        q_seq, k_seq, v_seq = (fold_heads(t, groups) for t in (q, keys, values))
+        pos_seq = fold_positions(pos.view(1, 1), groups)
+        blocks, window = cached_decode_blocks(q_seq, k_seq, pos_seq, layer=0,
+                                              refresh_intervals=refresh, window_tokens=WINDOW,
+                                              states=in_memory, **SELECT)
+        want = unfold_heads(sparse_decode_ref(q_seq, k_seq, v_seq, blocks, pos_seq, scale=0.25,
+                                              sink_tokens=8, window_tokens=window), 1)
         assert torch.equal(got, want), f"step {step}"
         in_memory_op = torch.ops.ihip.attention(q, keys, values, pos, None, None, layer=0,
-                                                scale=0.25, refresh_intervals=refresh, **OP_ARGS)
+                                                scale=0.25, refresh_intervals=refresh,
+                                                per_kv_head=per_kv_head, **OP_ARGS)
         assert torch.equal(in_memory_op, want), f"step {step}"
     ratios = cache.hit_ratios()
     assert ratios["attention"] > 0.5 and ratios["pruning"] is not None
@@ -124,3 +134,17 @@ def test_in_memory_state_is_not_reused_for_another_sequence_of_the_next_length()
                              refresh_intervals=[4, 2], window_tokens=WINDOW, states=states,
                              **SELECT)
     assert states.stage_runs[0] == [2, 2]
+
+
+def test_state_is_not_reused_when_the_selection_settings_change():
+    # Same sequence, next length, same schedule: only the budget differs between the two steps.
+    states = SelectionStates()
+    torch.manual_seed(3)
+    q = torch.randn(1, 4, 1, 16)
+    keys = torch.randn(1, 2, 161, 16)
+    for s_k, selected in ((160, 32), (161, 16)):
+        blocks, _ = cached_decode_blocks(q, keys[:, :, :s_k], torch.tensor([[s_k - 1]]), layer=0,
+                                         refresh_intervals=[4, 2], window_tokens=WINDOW,
+                                         states=states, **{**SELECT, "selected_tokens": selected})
+    assert states.stage_runs[0] == [2, 2]
+    assert (blocks >= 0).sum() <= 16 // 8

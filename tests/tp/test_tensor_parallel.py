@@ -35,6 +35,8 @@ SPARSE_OP_KWARGS = {
     "dense_below_tokens": 0, "block_size_q": 8, "sink_tokens": 2, "window_tokens": 4,
     "selected_tokens": 4, "stage_chunks": [8, 2], "stage_keeps": [8, 4],
 }
+# selection_scope="kv_head": one selection per KV head, the scope that shards.
+SPARSE_KV_HEAD_KWARGS = {**SPARSE_OP_KWARGS, "per_kv_head": True}
 
 # SmolLM2's head counts (9 query / 3 KV) at a tiny width: they do not split into 2 ranks, so
 # tp_plan_for replicates attention and shards only the MLP and the output head.
@@ -49,6 +51,7 @@ TP_CASES = [
     # at this length), so the result must be the unmodified model's
     {"name": "backend", "backend": "infinitehip_eager"},
     {"name": "op_sparse", "attention": "op", "op_kwargs": SPARSE_OP_KWARGS},
+    {"name": "op_sparse_kv_head", "attention": "op", "op_kwargs": SPARSE_KV_HEAD_KWARGS},
     {"name": "heads9_op", "model": "heads9", "attention": "op"},
 ]
 REFERENCE_CASES = [
@@ -57,6 +60,7 @@ REFERENCE_CASES = [
     {"name": "heads9", "model": "heads9", "attention": "sdpa"},
     {"name": "heads9_fp64", "model": "heads9", "attention": "sdpa", "dtype": "float64"},
     {"name": "op_sparse", "attention": "op", "op_kwargs": SPARSE_OP_KWARGS},
+    {"name": "op_sparse_kv_head", "attention": "op", "op_kwargs": SPARSE_KV_HEAD_KWARGS},
     # the op called once per half of the heads: what the two ranks compute
     {"name": "op_sparse_by_rank_heads", "attention": "op",
      "op_kwargs": {**SPARSE_OP_KWARGS, "head_groups": WORLD_SIZE}},
@@ -182,15 +186,18 @@ def test_attention_is_replicated_when_heads_do_not_divide(results):
                     _tolerance(results, "heads9"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sparse path scores chunks by the max over all heads of a layer, so its block "
-    "selection depends on which heads a rank holds; selecting per KV head would make it "
-    "invariant under head sharding (docs/tensor_parallel.md)",
-)
-def test_sparse_op_under_tensor_parallel_matches_one_process(results):
-    _assert_same_as(results("tp", "op_sparse"), results("one", "op_sparse")[0],
+def test_per_kv_head_sparse_op_under_tensor_parallel_matches_one_process(results):
+    """Selection per KV head: sharding heads changes nothing on the sparse path either."""
+    _assert_same_as(results("tp", "op_sparse_kv_head"), results("one", "op_sparse_kv_head")[0],
                     _tolerance(results))
+
+
+def test_per_layer_sparse_op_under_tensor_parallel_selects_from_local_heads(results):
+    """The default scope selects from all heads' scores, so a rank holding half of them selects
+    differently from one process: the setting really selects, and the scope matters here."""
+    reference = results("one", "op_sparse")[0]
+    for result in results("tp", "op_sparse"):
+        assert not torch.equal(result["logits"], reference["logits"])
 
 
 # Minutes on 2 CPU cores (Inductor's C++ compile on every rank, or a whole benchmark run).
