@@ -208,7 +208,8 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
         k, v = fold_heads(k, groups), fold_heads(v, groups)
     common = dict(scale=scale, sink_tokens=sink_tokens, window_tokens=window,
                   block_size_k=stage_chunks[-1], softcap=softcap, remap=remap, **rope_args)
-    return unfold_heads(attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common), b)
+    out = attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common)
+    return unfold_heads(out, b)
 
 
 def _folded_keys_for_stage(keys_for_stage, batch: int, groups: int):

@@ -210,7 +210,7 @@ class HostKVStore:
         [B, H_KV, >= S_K rounded up to blocks, D]}), past the banks, a piece at a time."""
         host = self._layer_host(layer)
         n_blocks = -(-self.lengths[layer] // self.block_tokens)
-        self.streamed_blocks[layer] += n_blocks * self.batch
+        self.streamed_blocks[layer] += n_blocks * self.batch * len(dst)
         bk = self.block_tokens
         for name, out in dst.items():
             by_row = host[name].view(self.batch, self.blocks_per_row, self.kv_heads, bk, -1)
@@ -220,6 +220,26 @@ class HostKVStore:
                 piece = piece.to(out.device, non_blocking=piece.is_pinned())
                 piece = piece.view(self.storage_dtype).to(out.dtype)
                 out[:, :, lo * bk: hi * bk] = piece.permute(0, 2, 1, 3, 4).flatten(2, 3)
+
+    def copy_blocks_into(self, layer: int, block_ids: torch.Tensor,
+                         dst: dict[str, torch.Tensor]) -> None:
+        """Copy blocks ``block_ids`` [B, N] (distinct, valid) from host memory to their places in
+        ``dst`` (as ``stream_into``, past the banks): the blocks one computation reads, not all."""
+        host = self._layer_host(layer)
+        self.streamed_blocks[layer] += block_ids.numel() * len(dst)
+        bk = self.block_tokens
+        for name, out in dst.items():
+            by_row = host[name].view(self.batch, self.blocks_per_row, self.kv_heads, bk, -1)
+            by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
+            for row, ids in enumerate(block_ids.cpu()):
+                for lo in range(0, ids.numel(), _STREAM_BLOCKS):
+                    part = ids[lo: lo + _STREAM_BLOCKS]
+                    piece = as_bits(by_row[row]).index_select(0, part)  # [N, H_KV, BK, D]
+                    if by_row.is_pinned():
+                        piece = piece.pin_memory()
+                    piece = piece.to(out.device, non_blocking=piece.is_pinned())
+                    piece = piece.view(self.storage_dtype).to(out.dtype)
+                    by_block[row].index_copy_(1, part.to(out.device), piece.transpose(0, 1))
 
     def read_blocks(self, layer: int, block_ids: torch.Tensor,
                     kind: str = "attention") -> dict[str, torch.Tensor]:
@@ -243,7 +263,8 @@ class HostKVStore:
         }
 
     def hit_counts(self) -> list[dict[str, int]]:
-        """Per layer: hits and misses of each bank, and blocks streamed past the banks."""
+        """Per layer: hits and misses of each bank, and blocks streamed past the banks (a K block
+        and a V block count as two)."""
         out = []
         for layer, banks in enumerate(self._banks):
             row = {"layer": layer, "streamed_blocks": self.streamed_blocks[layer]}

@@ -4,7 +4,9 @@
 ``OffloadedCache`` (see ``kv_store``). This module turns a proxy back into tensors the ordinary
 attention paths can read: a device scratch pair [B, H_KV, S_K, D] (one per device and dtype,
 shared by all layers, grown on demand) in which exactly the keys a computation reads are filled:
-    dense or prefill call     every key and value, streamed from host memory
+    dense call                every key and value, streamed from host memory
+    sparse prefill chunk      every key (stage 0 scores all of them), streamed; then the values
+                              of the sinks, the selected blocks and the chunk's window only
     decode, stage 0 refresh   every key (scoring reads all of them), streamed
     decode, stage i > 0       keys of stage i - 1's kept chunks, through the pruning bank
     decode attention          sinks + selected blocks + widened window, through the attention bank
@@ -20,6 +22,7 @@ import torch
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
+from ihip_compile.kernels.sparse_attention import sparse_attention
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
@@ -83,9 +86,9 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
 
     Decode on the sparse path (``sparse_path(q, k, v, kv_valid)``; ``remap`` as the op decides):
     selection cached per store and layer, scored keys and attended blocks filled from the banks,
-    split-K sparse decode.
-    Everything else: ``attend`` (the op's own implementation) on K/V streamed from host memory,
-    which gives exactly the in-memory result.
+    split-K sparse decode. Prefill on the sparse path: every key streamed, the values of the
+    attended blocks only. Everything else: ``attend`` (the op's own implementation) on K/V
+    streamed from host memory. Each gives exactly the in-memory result.
     """
     s_q, s_k = q.shape[2], k.shape[2]
     if kv_valid is not None and bool(kv_valid.all()):
@@ -99,12 +102,21 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     b, h_kv = k.shape[:2]
     keys = scratch("keys", store, (b, h_kv, padded, k.shape[-1]))
     values = scratch("values", store, (b, h_kv, padded, v.shape[-1]))
-    if s_q > 1 or not args["sparse_path"](q, k, v, kv_valid):
+    if not args["sparse_path"](q, k, v, kv_valid):
         store.selection_states.forget(layer)
         store.stream_into(layer, {"keys": keys, "values": values})
         scalars = {n: a for n, a in args.items() if n not in ("sparse_path", "remap")}
         return attend(q, keys[:, :, :s_k], values[:, :, :s_k], q_positions, kv_valid, inv_freq,
                       **scalars)
+    kv_for_attention = _attended_kv_filler(store, layer, q_positions, keys, values, s_k,
+                                           args["sink_tokens"])
+    if s_q > 1:
+        store.selection_states.forget(layer)
+        store.stream_into(layer, {"keys": keys})
+        return sparse_attention(
+            q, keys[:, :, :s_k], values[:, :, :s_k], q_positions, **_sparse_args(args),
+            inv_freq=inv_freq, use_triton=q.is_cuda, kv_for_attention=kv_for_attention,
+        )
     chunks = list(args["stage_chunks"])
 
     def keys_for_stage(start: int, candidates: torch.Tensor | None) -> torch.Tensor:
@@ -114,18 +126,6 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
             needed = _distinct_blocks([chunk_blocks(candidates, chunks[start - 1], bk)])
             fill_blocks(store, layer, needed, "pruning", {"keys": keys})
         return keys[:, :, :s_k]
-
-    def kv_for_attention(blocks: torch.Tensor, window: int):
-        last = int(q_positions.max())
-        sink = min(args["sink_tokens"], s_k)
-        win_lo = max(sink, last - window + 1)
-        needed = _distinct_blocks([
-            torch.arange(-(-sink // bk), device=q.device).expand(b, -1),
-            blocks.flatten(1).long(),
-            torch.arange(win_lo // bk, last // bk + 1, device=q.device).expand(b, -1),
-        ])
-        fill_blocks(store, layer, needed, "attention", {"keys": keys, "values": values})
-        return keys[:, :, :s_k], values[:, :, :s_k]
 
     return cached_sparse_decode(
         q, keys[:, :, :s_k], values[:, :, :s_k], q_positions, layer=layer,
@@ -137,7 +137,49 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
         pruning_rope=args.get("pruning_rope", 0), remap=args["remap"], inv_freq=inv_freq,
         rotary_dim=args.get("rotary_dim", 0), rope_layout=args.get("rope_layout", 0),
         use_triton=q.is_cuda, states=store.selection_states, keys_for_stage=keys_for_stage,
-        kv_for_attention=kv_for_attention,
+        kv_for_attention=lambda blocks, window: kv_for_attention(blocks, window, "attention"),
+        first_probes=args.get("first_probes", DEFAULT_FIRST_PROBES),
+        per_kv_head=args.get("per_kv_head", False),
+    )
+
+
+def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, values, s_k: int,
+                        sink_tokens: int):
+    """``kv_for_attention(blocks, window, through)``: fill the keys and values of the sinks, the
+    selected blocks and the window of every query (positions in ``q_positions``) into the scratch
+    pair, through the attention bank (decode: the same blocks again next step) or straight from
+    host memory (``through="host"``: a prefill chunk's blocks, read once; its keys are already
+    in the scratch, streamed for scoring). Returns the (keys, values) views to attend."""
+    bk = store.block_tokens
+    b = keys.shape[0]
+
+    def fill(blocks: torch.Tensor, window: int, through: str = "host"):
+        first, last = int(q_positions.min()), int(q_positions.max())
+        sink = min(sink_tokens, s_k)
+        win_lo = max(sink, first - window + 1)
+        needed = _distinct_blocks([
+            torch.arange(-(-sink // bk), device=keys.device).expand(b, -1),
+            blocks.flatten(1).long(),
+            torch.arange(win_lo // bk, last // bk + 1, device=keys.device).expand(b, -1),
+        ])
+        if through == "attention":
+            fill_blocks(store, layer, needed, "attention", {"keys": keys, "values": values})
+        else:
+            store.copy_blocks_into(layer, needed, {"values": values})
+        return keys[:, :, :s_k], values[:, :, :s_k]
+
+    return fill
+
+
+def _sparse_args(args: dict) -> dict:
+    """``sparse_attention``'s keyword arguments from the op's keyword scalars."""
+    return dict(
+        scale=args["scale"], softcap=args.get("softcap", 0.0), block_size_q=args["block_size_q"],
+        sink_tokens=args["sink_tokens"], window_tokens=args["window_tokens"],
+        selected_tokens=args["selected_tokens"], stage_chunks=tuple(args["stage_chunks"]),
+        stage_keeps=tuple(args["stage_keeps"]), pruning_rope=args.get("pruning_rope", 0),
+        remap=args["remap"], rotary_dim=args.get("rotary_dim", 0),
+        rope_layout=args.get("rope_layout", 0),
         first_probes=args.get("first_probes", DEFAULT_FIRST_PROBES),
         per_kv_head=args.get("per_kv_head", False),
     )

@@ -17,7 +17,7 @@ import torch
 
 from ihip_compile.kernels.block_selection import select_blocks
 from ihip_compile.kernels.selection_scope import (
-    fold_heads, fold_positions, selection_groups, unfold_heads,
+    fold_heads, fold_positions, per_group, selection_groups, unfold_heads,
 )
 from ihip_compile.kernels.block_sparse_attention_ref import block_sparse_attention_ref
 from ihip_compile.kernels.prune_stage_ref import (
@@ -72,9 +72,14 @@ def sparse_attention(
     stage_chunks=(256, 32, 8), stage_keeps=(32768, 8192, 2048), pruning_rope: int = 0,
     remap: bool = False, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
     use_triton: bool | None = None, first_probes: int = DEFAULT_FIRST_PROBES,
-    per_kv_head: bool = False,
+    per_kv_head: bool = False, kv_for_attention=None,
 ):
-    """q [B, H, S_Q, D], k/v [B, H_KV, S_K, D], q_positions [S_Q] or [B, S_Q] -> [B, H, S_Q, D]."""
+    """q [B, H, S_Q, D], k/v [B, H_KV, S_K, D], q_positions [S_Q] or [B, S_Q] -> [B, H, S_Q, D].
+
+    ``kv_for_attention(blocks [B, G, NQB, TOPK], window_tokens)``, when given, returns the (k, v)
+    to attend once the blocks are selected (the offloaded cache fills the values it needs then);
+    otherwise ``k``, ``v`` are used. G is 1, or H_KV with ``per_kv_head``.
+    """
     check_attention_inputs(q, k, v, q_positions)
     if use_triton is None:
         use_triton = q.is_cuda
@@ -94,9 +99,13 @@ def sparse_attention(
         stage_keeps=stage_keeps, rope_mode=prune_mode, use_triton=use_triton,
         first_probes=first_probes, **rope_args,
     )
+    if kv_for_attention is not None:
+        k, v = kv_for_attention(per_group(blocks, b), window_tokens)
+        k, v = fold_heads(k, groups), fold_heads(v, groups)
     common = dict(scale=scale, sink_tokens=sink_tokens, window_tokens=window_tokens,
                   block_size_k=stage_chunks[-1], softcap=softcap, remap=remap, **rope_args)
-    return unfold_heads(attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common), b)
+    out = attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common)
+    return unfold_heads(out, b)
 
 
 def attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common):
