@@ -154,7 +154,7 @@ def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, value
     b = keys.shape[0]
 
     def fill(blocks: torch.Tensor, window: int, through: str = "host"):
-        first, last = int(q_positions.min()), int(q_positions.max())
+        first, last = torch.stack([q_positions.min(), q_positions.max()]).tolist()  # one sync
         sink = min(sink_tokens, s_k)
         win_lo = max(sink, first - window + 1)
         needed = _distinct_blocks([
