@@ -18,9 +18,7 @@ import torch
 from ihip_compile.config import IHipConfig
 from ihip_compile.kernels import ops as _ops  # noqa: F401  (registers torch.ops.ihip.*)
 from ihip_compile.kernels import block_selection
-from ihip_compile.kernels.selection_scope import (
-    fold_heads, fold_positions, per_group, per_sequence, selection_groups,
-)
+from ihip_compile.kernels.selection_scope import fold_inputs, per_group, per_sequence
 from ihip_compile.kernels.sparse_attention import check_attention_inputs, pruning_rope_mode
 from ihip_compile.layer_policy import sparse_args_for_layer
 
@@ -92,12 +90,11 @@ def select_blocks(
     config = IHipConfig.from_options(config)
     check_attention_inputs(q, k, k, q_positions)
     args = sparse_args_for_layer(config, _NORMAL_LAYER if layer is None else layer)
-    b, groups = q.shape[0], selection_groups(k.shape[1], args["per_kv_head"])
-    positions = _default_positions(q, k, q_positions)
-    positions = positions if positions.dim() == 2 else positions.unsqueeze(0)
+    b = q.shape[0]
+    q, k, _, positions, _ = fold_inputs(q, k, k, _default_positions(q, k, q_positions),
+                                        args["per_kv_head"])
     selected = block_selection.select_blocks(
-        fold_heads(q, groups), fold_heads(k, groups),
-        fold_positions(positions.expand(b, q.shape[2]), groups), block_size_q=args["block_size_q"],
+        q, k, positions, block_size_q=args["block_size_q"],
         sink_tokens=args["sink_tokens"], window_tokens=args["window_tokens"],
         selected_tokens=args["selected_tokens"], stage_chunks=args["stage_chunks"],
         stage_keeps=args["stage_keeps"], rope_mode=pruning_rope_mode(args["pruning_rope"], remap),

@@ -22,9 +22,7 @@ from typing import Callable
 import torch
 
 from ihip_compile.kernels.block_selection import select_blocks
-from ihip_compile.kernels.selection_scope import (
-    fold_heads, fold_positions, per_group, selection_groups, unfold_heads,
-)
+from ihip_compile.kernels.selection_scope import fold_heads, fold_inputs, per_group, unfold_heads
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
 from ihip_compile.kernels.sparse_attention import (
     attend_selected_blocks, check_attention_inputs, pruning_rope_mode,
@@ -189,10 +187,7 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
     if remap and not (rope_layout != 0 and inv_freq is not None and rotary_dim > 0):
         remap = False  # as sparse_attention: without RoPE, positions mean nothing to the scores
     b = q.shape[0]
-    groups = selection_groups(k.shape[1], per_kv_head)
-    pos = q_positions.to(q.device)
-    pos = fold_positions((pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, 1), groups)
-    q, k, v = fold_heads(q, groups), fold_heads(k, groups), fold_heads(v, groups)
+    q, k, v, pos, groups = fold_inputs(q, k, v, q_positions, per_kv_head)
     if keys_for_stage is not None:
         keys_for_stage = _folded_keys_for_stage(keys_for_stage, b, groups)
     rope_args = dict(inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout)

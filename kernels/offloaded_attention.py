@@ -21,8 +21,7 @@ import torch
 
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
-from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
-from ihip_compile.kernels.sparse_attention import sparse_attention
+from ihip_compile.kernels.sparse_attention import sparse_attention, sparse_kwargs
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
@@ -84,7 +83,7 @@ def chunk_blocks(starts: torch.Tensor, chunk: int, block_tokens: int) -> torch.T
 def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **args):
     """``ihip.attention`` over an offloaded cache; ``args`` are the op's keyword scalars.
 
-    Decode on the sparse path (``sparse_path(q, k, v, kv_valid)``; ``remap`` as the op decides):
+    Decode on the sparse path (``sparse_path(q, k, v, kv_valid)``):
     selection cached per store and layer, scored keys and attended blocks filled from the banks,
     split-K sparse decode. Prefill on the sparse path: every key streamed, the values of the
     attended blocks only. Everything else: ``attend`` (the op's own implementation) on K/V
@@ -105,18 +104,17 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     if not args["sparse_path"](q, k, v, kv_valid):
         store.selection_states.forget(layer)
         store.stream_into(layer, {"keys": keys, "values": values})
-        scalars = {n: a for n, a in args.items() if n not in ("sparse_path", "remap")}
+        scalars = {n: a for n, a in args.items() if n != "sparse_path"}
         return attend(q, keys[:, :, :s_k], values[:, :, :s_k], q_positions, kv_valid, inv_freq,
                       **scalars)
     kv_for_attention = _attended_kv_filler(store, layer, q_positions, keys, values, s_k,
                                            args["sink_tokens"])
+    sparse = sparse_kwargs(args, s_k, use_triton=q.is_cuda)
     if s_q > 1:
         store.selection_states.forget(layer)
         store.stream_into(layer, {"keys": keys})
-        return sparse_attention(
-            q, keys[:, :, :s_k], values[:, :, :s_k], q_positions, **_sparse_args(args),
-            inv_freq=inv_freq, use_triton=q.is_cuda, kv_for_attention=kv_for_attention,
-        )
+        return sparse_attention(q, keys[:, :, :s_k], values[:, :, :s_k], q_positions,
+                                inv_freq=inv_freq, kv_for_attention=kv_for_attention, **sparse)
     chunks = list(args["stage_chunks"])
 
     def keys_for_stage(start: int, candidates: torch.Tensor | None) -> torch.Tensor:
@@ -128,18 +126,11 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
         return keys[:, :, :s_k]
 
     return cached_sparse_decode(
-        q, keys[:, :, :s_k], values[:, :, :s_k], q_positions, layer=layer,
+        q, keys[:, :, :s_k], values[:, :, :s_k], q_positions, inv_freq=inv_freq, layer=layer,
         refresh_intervals=args.get("refresh_intervals") or [1] * len(chunks),
-        scale=args["scale"], softcap=args.get("softcap", 0.0),
-        block_size_q=args["block_size_q"], sink_tokens=args["sink_tokens"],
-        window_tokens=args["window_tokens"], selected_tokens=args["selected_tokens"],
-        stage_chunks=chunks, stage_keeps=list(args["stage_keeps"]),
-        pruning_rope=args.get("pruning_rope", 0), remap=args["remap"], inv_freq=inv_freq,
-        rotary_dim=args.get("rotary_dim", 0), rope_layout=args.get("rope_layout", 0),
-        use_triton=q.is_cuda, states=store.selection_states, keys_for_stage=keys_for_stage,
+        states=store.selection_states, keys_for_stage=keys_for_stage,
         kv_for_attention=lambda blocks, window: kv_for_attention(blocks, window, "attention"),
-        first_probes=args.get("first_probes", DEFAULT_FIRST_PROBES),
-        per_kv_head=args.get("per_kv_head", False),
+        **sparse,
     )
 
 
@@ -170,16 +161,3 @@ def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, value
 
     return fill
 
-
-def _sparse_args(args: dict) -> dict:
-    """``sparse_attention``'s keyword arguments from the op's keyword scalars."""
-    return dict(
-        scale=args["scale"], softcap=args.get("softcap", 0.0), block_size_q=args["block_size_q"],
-        sink_tokens=args["sink_tokens"], window_tokens=args["window_tokens"],
-        selected_tokens=args["selected_tokens"], stage_chunks=tuple(args["stage_chunks"]),
-        stage_keeps=tuple(args["stage_keeps"]), pruning_rope=args.get("pruning_rope", 0),
-        remap=args["remap"], rotary_dim=args.get("rotary_dim", 0),
-        rope_layout=args.get("rope_layout", 0),
-        first_probes=args.get("first_probes", DEFAULT_FIRST_PROBES),
-        per_kv_head=args.get("per_kv_head", False),
-    )

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 
 from ihip_compile.kernels.dense_attention_ref import dense_attention
-from ihip_compile.kernels.sparse_attention import GPU_DTYPES, REFERENCE_DTYPES, sparse_attention
+from ihip_compile.kernels.sparse_attention import (
+    GPU_DTYPES, REFERENCE_DTYPES, sparse_attention, sparse_kwargs,
+)
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import is_offload_proxy
 from ihip_compile.kernels.offloaded_attention import offloaded_attention
@@ -57,38 +59,23 @@ def _attention(
     stage_keeps=(32768, 8192, 2048), pruning_rope=0, remap_beyond_tokens=-1,
     refresh_intervals=(), first_probes=DEFAULT_FIRST_PROBES, per_kv_head=False,
 ):
+    scalars = {name: value for name, value in locals().items()
+               if name not in ("q", "k", "v", "q_positions", "kv_valid", "inv_freq")}
     if is_offload_proxy(k):  # keys in host memory (OffloadedCache): kernels/offloaded_attention.py
-        scalars = {name: value for name, value in locals().items()
-                   if name not in ("q", "k", "v", "q_positions", "kv_valid", "inv_freq")}
         return offloaded_attention(
             q, k, v, q_positions, kv_valid, inv_freq, attend=_attention,
             sparse_path=lambda *inputs: _takes_sparse_path(*inputs, model_window,
-                                                           dense_below_tokens),
-            remap=0 <= remap_beyond_tokens < k.shape[-2], **scalars,
+                                                           dense_below_tokens), **scalars,
         )
     if not _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens):
         return dense_attention(
             q, k, v, q_positions, kv_valid, scale=scale, softcap=softcap, model_window=model_window
         )
-    kv_valid = None  # _takes_sparse_path admitted it: it hides no key
+    sparse = sparse_kwargs(scalars, k.shape[-2], use_triton=q.is_cuda)
     if refresh_intervals and q.shape[-2] == 1:  # decode with mask caching
-        return cached_sparse_decode(
-            q, k, v, q_positions, layer=layer, refresh_intervals=refresh_intervals, scale=scale,
-            softcap=softcap, block_size_q=block_size_q, sink_tokens=sink_tokens,
-            window_tokens=window_tokens, selected_tokens=selected_tokens,
-            stage_chunks=tuple(stage_chunks), stage_keeps=tuple(stage_keeps),
-            pruning_rope=pruning_rope, remap=0 <= remap_beyond_tokens < k.shape[-2],
-            inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout,
-            use_triton=q.is_cuda, first_probes=first_probes, per_kv_head=per_kv_head,
-        )
-    return sparse_attention(
-        q, k, v, q_positions, scale=scale, softcap=softcap, block_size_q=block_size_q,
-        sink_tokens=sink_tokens, window_tokens=window_tokens, selected_tokens=selected_tokens,
-        stage_chunks=tuple(stage_chunks), stage_keeps=tuple(stage_keeps),
-        pruning_rope=pruning_rope, remap=0 <= remap_beyond_tokens < k.shape[-2],
-        inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout, use_triton=q.is_cuda,
-        first_probes=first_probes, per_kv_head=per_kv_head,
-    )
+        return cached_sparse_decode(q, k, v, q_positions, inv_freq=inv_freq, layer=layer,
+                                    refresh_intervals=refresh_intervals, **sparse)
+    return sparse_attention(q, k, v, q_positions, inv_freq=inv_freq, **sparse)
 
 
 def _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens) -> bool:

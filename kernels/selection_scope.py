@@ -37,6 +37,15 @@ def fold_positions(positions: torch.Tensor, groups: int) -> torch.Tensor:
     return positions.repeat_interleave(groups, dim=0) if groups > 1 else positions
 
 
+def fold_inputs(q, k, v, q_positions, per_kv_head: bool):
+    """The op's inputs as the kernels' sequences: (q, k, v, positions [B * G, S_Q], G)."""
+    b, s_q = q.shape[0], q.shape[2]
+    groups = selection_groups(k.shape[1], per_kv_head)
+    pos = q_positions.to(q.device)
+    pos = fold_positions((pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, s_q), groups)
+    return fold_heads(q, groups), fold_heads(k, groups), fold_heads(v, groups), pos, groups
+
+
 def unfold_heads(t: torch.Tensor, batch: int) -> torch.Tensor:
     """[B * groups, N / groups, ...] -> [B, N, ...] (attention outputs back to query heads)."""
     return t.reshape(batch, -1, *t.shape[2:])

@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 
 from ihip_compile.kernels.block_selection import select_blocks
-from ihip_compile.kernels.selection_scope import (
-    fold_heads, fold_positions, per_group, selection_groups, unfold_heads,
-)
+from ihip_compile.kernels.selection_scope import fold_heads, fold_inputs, per_group, unfold_heads
 from ihip_compile.kernels.block_sparse_attention_ref import block_sparse_attention_ref
 from ihip_compile.kernels.prune_stage_ref import (
     DEFAULT_FIRST_PROBES, PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE, PRUNE_ROPE_TRUE,
@@ -87,11 +85,8 @@ def sparse_attention(
     if remap and not rope:
         remap = False  # no RoPE found in the model: positions mean nothing to the scores
     prune_mode = pruning_rope_mode(pruning_rope, remap)
-    b, s_q = q.shape[0], q.shape[2]
-    groups = selection_groups(k.shape[1], per_kv_head)
-    pos = q_positions.to(q.device)
-    pos = fold_positions((pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, s_q), groups)
-    q, k, v = fold_heads(q, groups), fold_heads(k, groups), fold_heads(v, groups)
+    b = q.shape[0]
+    q, k, v, pos, groups = fold_inputs(q, k, v, q_positions, per_kv_head)
     rope_args = dict(inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout)
     blocks = select_blocks(
         q, k, pos, block_size_q=block_size_q, sink_tokens=sink_tokens,
@@ -106,6 +101,22 @@ def sparse_attention(
                   block_size_k=stage_chunks[-1], softcap=softcap, remap=remap, **rope_args)
     out = attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common)
     return unfold_heads(out, b)
+
+
+def sparse_kwargs(op_args: dict, s_k: int, use_triton: bool) -> dict:
+    """Keyword arguments of ``sparse_attention`` and ``cached_sparse_decode`` from the
+    ``ihip::attention`` keyword scalars ``op_args`` (remapping decided for ``s_k`` keys)."""
+    remap_beyond = op_args.get("remap_beyond_tokens", -1)
+    return dict(
+        scale=op_args["scale"], softcap=op_args.get("softcap", 0.0),
+        block_size_q=op_args["block_size_q"], sink_tokens=op_args["sink_tokens"],
+        window_tokens=op_args["window_tokens"], selected_tokens=op_args["selected_tokens"],
+        stage_chunks=tuple(op_args["stage_chunks"]), stage_keeps=tuple(op_args["stage_keeps"]),
+        pruning_rope=op_args.get("pruning_rope", 0), remap=0 <= remap_beyond < s_k,
+        rotary_dim=op_args.get("rotary_dim", 0), rope_layout=op_args.get("rope_layout", 0),
+        first_probes=op_args.get("first_probes", DEFAULT_FIRST_PROBES),
+        per_kv_head=op_args.get("per_kv_head", False), use_triton=use_triton,
+    )
 
 
 def attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common):
