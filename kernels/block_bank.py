@@ -48,6 +48,10 @@ class BlockBank:
         self.reads = 0
         self.hits = 0
         self.misses = 0
+        # Host-side facts for callers that reuse slots (``resident_blocks``): bumped whenever a
+        # slot changes hands, and whether the last read left every block it named resident.
+        self.admissions = 0
+        self.last_read_resident = False
 
     @property
     def nbytes(self) -> int:
@@ -79,14 +83,25 @@ class BlockBank:
                                 out_dtype=out_dtype)
             for name in self.tensors
         }
-        self._admit(miss_ids, staging, n_hit=block_ids.numel() - n_miss)
+        admitted = self._admit(miss_ids, staging, n_hit=block_ids.numel() - n_miss)
+        self.last_read_resident = admitted == n_miss
         return {name: t[inverse] for name, t in out.items()}
 
-    def _admit(self, miss_ids: torch.Tensor, staging: dict[str, torch.Tensor], n_hit: int) -> None:
-        """Move fetched blocks into the least recently used slots this read did not touch."""
+    def serve_resident(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Blocks known to sit in ``slots`` [N] (nothing admitted since they were read): a read
+        that is all hits, with no host sync."""
+        self.reads += 1
+        self.hits += slots.numel()
+        self.last_used[slots] = self.reads
+        return {name: as_bits(t)[slots].view(t.dtype) for name, t in self.tensors.items()}
+
+    def _admit(self, miss_ids: torch.Tensor, staging: dict[str, torch.Tensor], n_hit: int) -> int:
+        """Move fetched blocks into the least recently used slots this read did not touch;
+        returns how many were admitted."""
         n_admit = min(miss_ids.numel(), self.n_slots - n_hit)
         if n_admit <= 0:
-            return
+            return 0
+        self.admissions += 1
         # Slots touched by this read carry the newest counter value, so they sort last.
         victims = torch.topk(self.last_used, n_admit, largest=False).indices
         evicted = self.block_of_slot[victims]
@@ -97,6 +112,7 @@ class BlockBank:
         self.last_used[victims] = self.reads
         for name, bank in self.tensors.items():
             as_bits(bank)[victims] = as_bits(staging[name][-n_admit:])
+        return n_admit
 
     def write_through(self, block_ids: torch.Tensor, offsets: torch.Tensor,
                       rows: dict[str, torch.Tensor]) -> None:
@@ -111,6 +127,7 @@ class BlockBank:
             as_bits(bank)[target, :, offsets] = as_bits(row)
 
     def clear(self) -> None:
+        self.admissions += 1
         self.slot_of_block.fill_(-1)
         self.block_of_slot.fill_(-1)
         self.last_used.fill_(-1)
@@ -118,6 +135,8 @@ class BlockBank:
 
 def _fetch(host: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy host blocks ``rows`` to the device (through pinned memory when the host copy is)."""
+    if rows.numel() == 0:  # all hits: no pinned staging buffer to allocate
+        return torch.empty((0, *host.shape[1:]), dtype=host.dtype, device=device)
     picked = as_bits(host).index_select(0, rows).view(host.dtype)
     if picked.device == device:
         return picked

@@ -27,6 +27,7 @@ import torch
 from ihip_compile.kernels.block_bank import BlockBank
 from ihip_compile.kernels.block_cache_ref import as_bits
 from ihip_compile.kernels.decode_selection_cache import SelectionStates
+from ihip_compile.kernels.resident_blocks import ResidentBlocks
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Stream host memory in pieces of this many blocks, bounding the staging copy on the device.
@@ -75,6 +76,7 @@ class HostKVStore:
         self._banks: list[dict[str, BlockBank] | None] = [None] * num_layers
         self.streamed_blocks = [0] * num_layers
         self.selection_states = SelectionStates()  # decode mask caching of this sequence batch
+        self.resident_plans: dict[int, ResidentBlocks] = {}  # layer -> last attended blocks
 
     # --- sizes ---------------------------------------------------------------------------------
     @property
@@ -116,6 +118,7 @@ class HostKVStore:
             self.blocks_per_row, self.capacity_tokens = old_blocks, old_blocks * self.block_tokens
             raise
         self._host = [None] * self.num_layers
+        self.resident_plans.clear()
         for layer, host in enumerate(old_host):
             if host is None:
                 continue
@@ -182,6 +185,7 @@ class HostKVStore:
         """Forget one layer's tokens (its next append starts a new sequence)."""
         self.lengths[layer] = 0
         self.selection_states.forget(layer)
+        self.resident_plans.pop(layer, None)
         for bank in (self._banks[layer] or {}).values():
             bank.clear()
 
@@ -189,6 +193,7 @@ class HostKVStore:
         """Forget every token (a new sequence); host memory stays allocated for reuse."""
         self.lengths = [0] * self.num_layers
         self.selection_states = SelectionStates()
+        self.resident_plans.clear()
         for banks in self._banks:
             for bank in (banks or {}).values():
                 bank.clear()
@@ -255,11 +260,25 @@ class HostKVStore:
         batch, n = block_ids.shape
         rows = torch.arange(batch, device=block_ids.device)[:, None] * self.blocks_per_row
         bank = self._banks[layer][kind]
-        got = bank.read((block_ids + rows).reshape(-1), host, self.dtype)
+        return self._per_row(bank.read((block_ids + rows).reshape(-1), host, self.dtype), batch)
+
+    def read_resident(self, layer: int, plan: ResidentBlocks) -> dict[str, torch.Tensor]:
+        """``read_blocks(layer, plan.block_ids, "attention")`` for a plan that still serves
+        (``ResidentBlocks.still_serves``): straight from the bank slots, no host sync."""
+        got = plan.bank.serve_resident(plan.slots)
+        return self._per_row({n: t.to(self.dtype) for n, t in got.items()}, self.batch)
+
+    def attention_bank(self, layer: int):
+        """The layer's attention bank (allocated with the layer's host copies)."""
+        self._layer_host(layer)
+        return self._banks[layer]["attention"]
+
+    def _per_row(self, blocks: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        """[B * N, H_KV, BLOCK_K, D] blocks -> [B, H_KV, N * BLOCK_K, D]."""
         return {
-            name: t.view(batch, n, self.kv_heads, self.block_tokens, -1)
-            .permute(0, 2, 1, 3, 4).reshape(batch, self.kv_heads, n * self.block_tokens, -1)
-            for name, t in got.items()
+            name: t.view(batch, -1, self.kv_heads, self.block_tokens, t.shape[-1])
+            .permute(0, 2, 1, 3, 4).reshape(batch, self.kv_heads, -1, t.shape[-1])
+            for name, t in blocks.items()
         }
 
     def hit_counts(self) -> list[dict[str, int]]:

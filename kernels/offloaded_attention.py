@@ -21,6 +21,7 @@ import torch
 
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
+from ihip_compile.kernels.resident_blocks import record
 from ihip_compile.kernels.sparse_attention import sparse_attention, sparse_kwargs
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -49,8 +50,28 @@ def fill_blocks(store: HostKVStore, layer: int, block_ids: torch.Tensor, kind: s
     """Copy blocks ``block_ids`` [B, N] (distinct per row, valid) through the ``kind`` bank."""
     if block_ids.shape[1] == 0:
         return
-    got = store.read_blocks(layer, block_ids, kind)
-    bk = store.block_tokens
+    place_blocks(store.read_blocks(layer, block_ids, kind), block_ids, store.block_tokens, dst)
+
+
+def fill_attended(store: HostKVStore, layer: int, selection: torch.Tensor,
+                  window_blocks: tuple[int, int], needed, dst: dict[str, torch.Tensor]) -> None:
+    """Copy a decode step's attended blocks (``needed()`` -> [B, N]) through the attention
+    bank, or straight from its slots when the last step attended the same ones
+    (``resident_blocks``)."""
+    plan = store.resident_plans.get(layer)
+    bank = store.attention_bank(layer)
+    if plan is not None and plan.still_serves(selection, window_blocks, bank):
+        place_blocks(store.read_resident(layer, plan), plan.block_ids, store.block_tokens, dst)
+        return
+    block_ids = needed()
+    fill_blocks(store, layer, block_ids, "attention", dst)
+    store.resident_plans[layer] = record(selection, window_blocks, block_ids, bank,
+                                         store.blocks_per_row)
+
+
+def place_blocks(got: dict[str, torch.Tensor], block_ids: torch.Tensor, bk: int,
+                 dst: dict[str, torch.Tensor]) -> None:
+    """Write blocks read per row ([B, H_KV, N * BK, D]) at their places ``block_ids`` [B, N]."""
     for name, out in dst.items():
         blocks = got[name].view(*got[name].shape[:2], -1, bk, got[name].shape[-1])
         by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
@@ -101,7 +122,10 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     b, h_kv = k.shape[:2]
     keys = scratch("keys", store, (b, h_kv, padded, k.shape[-1]))
     values = scratch("values", store, (b, h_kv, padded, v.shape[-1]))
-    if not args["sparse_path"](q, k, v, kv_valid):
+    sparse_path = args["sparse_path"](q, k, v, kv_valid)
+    if s_q > 1 or not sparse_path:
+        store.resident_plans.pop(layer, None)
+    if not sparse_path:
         store.selection_states.forget(layer)
         store.stream_into(layer, {"keys": keys, "values": values})
         scalars = {n: a for n, a in args.items() if n != "sparse_path"}
@@ -148,15 +172,19 @@ def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, value
         first, last = torch.stack([q_positions.min(), q_positions.max()]).tolist()  # one sync
         sink = min(sink_tokens, s_k)
         win_lo = max(sink, first - window + 1)
-        needed = _distinct_blocks([
-            torch.arange(-(-sink // bk), device=keys.device).expand(b, -1),
-            blocks.flatten(1).long(),
-            torch.arange(win_lo // bk, last // bk + 1, device=keys.device).expand(b, -1),
-        ])
+
+        def needed():
+            return _distinct_blocks([
+                torch.arange(-(-sink // bk), device=keys.device).expand(b, -1),
+                blocks.flatten(1).long(),
+                torch.arange(win_lo // bk, last // bk + 1, device=keys.device).expand(b, -1),
+            ])
+
         if through == "attention":
-            fill_blocks(store, layer, needed, "attention", {"keys": keys, "values": values})
+            fill_attended(store, layer, blocks, (win_lo // bk, last // bk), needed,
+                          {"keys": keys, "values": values})
         else:
-            store.copy_blocks_into(layer, needed, {"values": values})
+            store.copy_blocks_into(layer, needed(), {"values": values})
         return keys[:, :, :s_k], values[:, :, :s_k]
 
     return fill

@@ -148,3 +148,37 @@ def test_state_is_not_reused_when_the_selection_settings_change():
                                          states=states, **{**SELECT, "selected_tokens": selected})
     assert states.stage_runs[0] == [2, 2]
     assert (blocks >= 0).sum() <= 16 // 8
+
+
+def test_steps_attending_the_same_blocks_are_served_from_their_bank_slots(monkeypatch):
+    # Between refreshes the attended blocks repeat; such a step copies them from the slots that
+    # the previous step recorded. Poisoning the shared scratch after every step proves the copy
+    # really refills it; equality with the in-memory op proves it refills the right keys, also
+    # after the window enters a new block (steps cross two block boundaries).
+    from ihip_compile.kernels import offloaded_attention
+    from ihip_compile.kernels.kv_store import HostKVStore
+
+    served = []
+    original = HostKVStore.read_resident
+    monkeypatch.setattr(HostKVStore, "read_resident",
+                        lambda self, layer, plan: served.append(layer) or original(self, layer, plan))
+    torch.manual_seed(3)
+    prompt = 404
+    keys, values = torch.randn(1, 2, prompt, 16), torch.randn(1, 2, prompt, 16)
+    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=512,
+                           dtype=torch.float32, gpu_cache_tokens=256)
+    cache.update(keys, values, 0)
+    for step in range(20):
+        q, k_new, v_new = _decode_inputs(prompt + step, seed=10 + step)
+        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
+        k_proxy, v_proxy = cache.update(k_new, v_new, 0)
+        pos = torch.tensor([keys.shape[2] - 1])
+        args = dict(layer=0, scale=0.25, refresh_intervals=[32, 16], **OP_ARGS)
+        got = torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, **args)
+        want = torch.ops.ihip.attention(q, keys, values, pos, None, None, **args)
+        assert torch.equal(got, want), f"step {step}"
+        for buffer in offloaded_attention._SCRATCH.values():
+            buffer.fill_(float("nan"))
+    # 20 steps: the first reads through the bank, as do the two that enter a new window block
+    # and the one that refreshes stage 1 (step 16).
+    assert len(served) == 16, served
