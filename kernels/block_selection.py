@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES, score_chunks_ref
 
 _EMPTY_LAST = torch.iinfo(torch.int32).max
@@ -148,6 +149,8 @@ def select_blocks(
         from ihip_compile.kernels.prune_stage import score_chunks
     else:
         score_chunks = score_chunks_ref
+        if isinstance(k, BlockMajorKeys):  # the reference reads plain tensors only
+            k = k.as_tensor()
     block_q, _, pos_max = query_blocks(q_positions.to(q.device), b, s_q, block_size_q)
     q_pooled = pool_queries(q, block_q, min(query_pool, block_q))
     key_hi = candidate_window_end(pos_max, sink_tokens, window_tokens, s_k)

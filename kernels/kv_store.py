@@ -27,6 +27,7 @@ import torch
 from ihip_compile.kernels.block_bank import BlockBank
 from ihip_compile.kernels.block_cache_ref import as_bits
 from ihip_compile.kernels.decode_selection_cache import SelectionStates
+from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.resident_blocks import ResidentBlocks
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -75,6 +76,7 @@ class HostKVStore:
         self._host: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         self._banks: list[dict[str, BlockBank] | None] = [None] * num_layers
         self.streamed_blocks = [0] * num_layers
+        self.in_place_scans = [0] * num_layers  # scoring runs that read host keys in place
         self.selection_states = SelectionStates()  # decode mask caching of this sequence batch
         self.resident_plans: dict[int, ResidentBlocks] = {}  # layer -> last attended blocks
 
@@ -226,6 +228,17 @@ class HostKVStore:
                 piece = piece.view(self.storage_dtype).to(out.dtype)
                 out[:, :, lo * bk: hi * bk] = piece.permute(0, 2, 1, 3, 4).flatten(2, 3)
 
+    def keys_in_place(self, layer: int, per_kv_head: bool) -> BlockMajorKeys | None:
+        """The layer's keys for the stage kernel to read where they lie (``host_keys``), or None
+        where it cannot: not on CUDA, storage in another dtype (fp8), or one selection per KV
+        head for several rows (not one stride apart). The caller then streams them."""
+        host = self._layer_host(layer)["keys"]
+        if (self.device.type != "cuda" or self.storage_dtype != self.dtype
+                or (per_kv_head and self.batch > 1) or not host.is_pinned()):
+            return None
+        self.in_place_scans[layer] += 1
+        return BlockMajorKeys(host, self.batch, self.lengths[layer], self.device)
+
     def copy_blocks_into(self, layer: int, block_ids: torch.Tensor,
                          dst: dict[str, torch.Tensor]) -> None:
         """Copy blocks ``block_ids`` [B, N] (distinct, valid) from host memory to their places in
@@ -282,11 +295,12 @@ class HostKVStore:
         }
 
     def hit_counts(self) -> list[dict[str, int]]:
-        """Per layer: hits and misses of each bank, and blocks streamed past the banks (a K block
-        and a V block count as two)."""
+        """Per layer: hits and misses of each bank, blocks streamed past the banks (a K block
+        and a V block count as two), and scoring runs that read the host keys in place."""
         out = []
         for layer, banks in enumerate(self._banks):
-            row = {"layer": layer, "streamed_blocks": self.streamed_blocks[layer]}
+            row = {"layer": layer, "streamed_blocks": self.streamed_blocks[layer],
+                   "in_place_scans": self.in_place_scans[layer]}
             for kind in self.bank_slots:
                 bank = (banks or {}).get(kind)
                 row[f"{kind}_hits"] = bank.hits if bank else 0

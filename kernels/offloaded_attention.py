@@ -7,7 +7,8 @@ shared by all layers, grown on demand) in which exactly the keys a computation r
     dense call                every key and value, streamed from host memory
     sparse prefill chunk      every key (stage 0 scores all of them), streamed; then the values
                               of the sinks, the selected blocks and the chunk's window only
-    decode, stage 0 refresh   every key (scoring reads all of them), streamed
+    decode, stage 0 refresh   none on CUDA: the stage kernel reads the probed keys in pinned
+                              host memory (``host_keys``); elsewhere every key, streamed
     decode, stage i > 0       keys of stage i - 1's kept chunks, through the pruning bank
     decode attention          sinks + selected blocks + widened window, through the attention bank
 Other positions hold stale data from another layer; the block plan guarantees nothing reads them.
@@ -141,8 +142,11 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
                                 inv_freq=inv_freq, kv_for_attention=kv_for_attention, **sparse)
     chunks = list(args["stage_chunks"])
 
-    def keys_for_stage(start: int, candidates: torch.Tensor | None) -> torch.Tensor:
+    def keys_for_stage(start: int, candidates: torch.Tensor | None):
         if start == 0:
+            in_place = store.keys_in_place(layer, args["per_kv_head"])
+            if in_place is not None:
+                return in_place
             store.stream_into(layer, {"keys": keys})
         else:
             needed = _distinct_blocks([chunk_blocks(candidates, chunks[start - 1], bk)])

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ihip_compile.kernels._primitives import load_rows_moved
+from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE
 from ihip_compile.kernels.prune_stage_ref import (
     DEFAULT_FIRST_PROBES, RELATIVE_QUERY_DISTANCE, first_probe_count,
@@ -31,8 +32,8 @@ _QUERY_DISTANCE = tl.constexpr(RELATIVE_QUERY_DISTANCE)
 
 @triton.jit
 def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos, s_k,
-                 n_chunks, window_tokens, stride_k_h, stride_k_s, stride_q_h, head_dim,
-                 H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr,
+                 n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
+                 head_dim, KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr,
                  QROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                  ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, CHUNK_TILE: tl.constexpr):
@@ -51,10 +52,12 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
     rows = tl.arange(0, QROWS)
     row_ok = rows < GROUP * NPQ
     q_row_offsets = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
+    # Keys come in blocks of KB (1: a plain [S, D] row per key; the host store: BLOCK keys).
+    key_offset = (probe // KB).to(tl.int64) * stride_k_blk + (probe % KB) * stride_k_s
     score = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
     k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
     for _ in range(H_KV):
-        keys = load_rows_moved(k_head, probe, usable, stride_k_s, cols, col_ok, delta,
+        keys = load_rows_moved(k_head, key_offset, usable, 1, cols, col_ok, delta,
                                inv_freq_ptr, ROPE_MODE != 0, ROTARY_DIM, LAYOUT)
         q_ptrs = q_head + q_row_offsets[:, None] + cols[None, :]
         queries = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -70,9 +73,9 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
 def _score_chunks_kernel(
     q_ptr, k_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr,
     n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim,
-    stride_q_b, stride_q_h, stride_q_blk, stride_k_b, stride_k_h, stride_k_s,
+    stride_q_b, stride_q_h, stride_q_blk, stride_k_b, stride_k_h, stride_k_blk, stride_k_s,
     stride_c_b, stride_c_blk,
-    H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
+    KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
     CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, FIRST_PROBES: tl.constexpr,
     LOG2_FIRST: tl.constexpr, CHUNK_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr,
@@ -94,9 +97,9 @@ def _score_chunks_kernel(
     best = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
     if LOG2_CHUNK == 0:
         best = _probe_score(q_base, k_base, inv_freq_ptr, lo, usable, vlo, vhi, block_pos, s_k,
-                            n_chunks, window_tokens, stride_k_h, stride_k_s, stride_q_h,
-                            head_dim, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
-                            ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
+                            n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s,
+                            stride_q_h, head_dim, KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
+                            ROPE_MODE, ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
     else:
         PART: tl.constexpr = CHUNK // FIRST_PROBES
         pick = tl.zeros((CHUNK_TILE,), tl.int32)
@@ -105,9 +108,9 @@ def _score_chunks_kernel(
         for i in range(FIRST_PROBES):  # first step: the middle key of each part
             s_part = _probe_score(q_base, k_base, inv_freq_ptr, lo + (i * PART + PART // 2),
                                   usable, vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
-                                  stride_k_h, stride_k_s, stride_q_h, head_dim, H_KV, GROUP,
-                                  NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT,
-                                  DOT_PRECISION, CHUNK_TILE)
+                                  stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
+                                  KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
+                                  ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
             pick = tl.where(s_part > best, i, pick)  # strict: ties keep the first part
             best = tl.maximum(best, s_part)
         lo = lo + pick * PART
@@ -115,14 +118,14 @@ def _score_chunks_kernel(
             half = PART >> (step + 1)
             s_left = _probe_score(q_base, k_base, inv_freq_ptr, lo + half // 2, usable, vlo,
                                   vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
-                                  stride_k_s, stride_q_h, head_dim, H_KV, GROUP, NPQ, QROWS,
-                                  CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT, DOT_PRECISION,
-                                  CHUNK_TILE)
+                                  stride_k_blk, stride_k_s, stride_q_h, head_dim, KB, H_KV,
+                                  GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM,
+                                  LAYOUT, DOT_PRECISION, CHUNK_TILE)
             s_right = _probe_score(q_base, k_base, inv_freq_ptr, lo + half + half // 2, usable,
                                    vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
-                                   stride_k_h, stride_k_s, stride_q_h, head_dim, H_KV, GROUP,
-                                   NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT,
-                                   DOT_PRECISION, CHUNK_TILE)
+                                   stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
+                                   KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
+                                   ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
             best = tl.maximum(best, tl.maximum(s_left, s_right))
             lo = tl.where(s_right > s_left, lo + half, lo)
     best = tl.where(usable, best, float("-inf"))
@@ -132,7 +135,8 @@ def _score_chunks_kernel(
 def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
                  rope_mode: int = 0, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
                  window_tokens: int = 0, first_probes: int = DEFAULT_FIRST_PROBES):
-    """Triton twin of ``score_chunks_ref`` (same arguments, shapes and result)."""
+    """Triton twin of ``score_chunks_ref`` (same arguments, shapes and result). ``k`` may also be
+    ``host_keys.BlockMajorKeys``: keys read in place from the offloaded store's host copy."""
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     if k.dim() != 4 or k.shape[0] != b or k.shape[3] != d or h % h_kv:
@@ -143,13 +147,12 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
                          f"NQB={nqb}; got {tuple(chunk_starts.shape)}, {tuple(key_hi.shape)}")
     rope = rope_mode in (PRUNE_ROPE_RELATIVE, PRUNE_ROPE_CHUNK_INDEXED) and rope_layout != 0
     q_pooled = q_pooled.to(k.dtype).contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
+    k, addressing = _key_addressing(k)
     starts = chunk_starts.to(torch.int32)
     if starts.stride(-1) != 1:
         starts = starts.contiguous()
     n_cand = starts.shape[-1]
-    out = torch.empty((b, nqb, n_cand), device=k.device, dtype=torch.float32)
+    out = torch.empty((b, nqb, n_cand), device=q_pooled.device, dtype=torch.float32)
     if n_cand == 0:
         return out
     group = h // h_kv
@@ -162,8 +165,10 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         block_pos.to(torch.int32).contiguous(), inv, out,
         n_cand, nqb, s_k, key_lo, -(-s_k // chunk_size), window_tokens, d,
         q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
-        k.stride(0), k.stride(1), k.stride(2), starts.stride(0), starts.stride(1),
-        H_KV=h_kv, GROUP=group, NPQ=npq, QROWS=max(16, triton.next_power_of_2(group * npq)),
+        addressing["stride_b"], addressing["stride_h"], addressing["stride_blk"],
+        addressing["stride_s"], starts.stride(0), starts.stride(1),
+        KB=addressing["keys_per_block"], H_KV=h_kv, GROUP=group, NPQ=npq,
+        QROWS=max(16, triton.next_power_of_2(group * npq)),
         CHUNK=chunk_size, LOG2_CHUNK=chunk_size.bit_length() - 1, FIRST_PROBES=parts,
         LOG2_FIRST=parts.bit_length() - 1, CHUNK_TILE=tile,
         BLOCK_D=max(16, triton.next_power_of_2(d)), ROPE_MODE=rope_mode if rope else 0,
@@ -171,3 +176,13 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
     )
     return out
+
+
+def _key_addressing(k) -> tuple[torch.Tensor, dict[str, int]]:
+    """The memory the kernel reads and how key s of head h of sequence b is found in it."""
+    if isinstance(k, BlockMajorKeys):
+        return k.blocks, k.addressing()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    return k, {"stride_b": k.stride(0), "stride_h": k.stride(1), "stride_blk": k.stride(2),
+               "stride_s": k.stride(2), "keys_per_block": 1}

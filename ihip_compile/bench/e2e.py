@@ -146,6 +146,7 @@ def decode_section(args, model, ours, device, dtype, on_row=lambda rows: None) -
             after = _bank_totals(cache)
             row["hit_ratio"] = {k: _ratio(after, before, k) for k in ("attention", "pruning")}
             row["blocks_streamed"] = after["streamed_blocks"] - before["streamed_blocks"]
+            row["in_place_scans"] = after["in_place_scans"] - before["in_place_scans"]
             row["ours_gpu_bank_bytes"] = cache.gpu_bytes
             if device.type == "cuda":
                 row["ours_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()

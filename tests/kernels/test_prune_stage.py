@@ -90,3 +90,45 @@ def test_sequences_scored_side_by_side_match_reference(seqs, kv_heads):
               rope_layout=1)
     out = score_chunks(*args, **kw)
     assert_matches_reference(out, score_chunks_ref, *args, **kw)
+
+
+def _block_major(k, block):
+    """[B, H_KV, S, D] -> the offloaded store's [B * N_BLOCKS, H_KV, BLOCK, D] (zero tail)."""
+    b, h, s, d = k.shape
+    n = -(-s // block)
+    padded = torch.zeros(b, h, n * block, d, dtype=k.dtype, device=k.device)
+    padded[:, :, :s] = k
+    blocks = padded.view(b, h, n, block, d).permute(0, 2, 1, 3, 4).reshape(b * n, h, block, d)
+    if blocks.is_cuda:  # the store's layout, in pinned host memory the kernel reads in place
+        blocks = blocks.cpu().pin_memory()
+    return blocks.contiguous()
+
+
+@pytest.mark.parametrize("batch,groups", [(1, 1), (2, 1), (1, 2)])
+def test_block_major_keys_in_host_memory_score_like_the_plain_tensor(batch, groups):
+    from ihip_compile.kernels.host_keys import BlockMajorKeys
+    from ihip_compile.kernels.prune_stage import score_chunks
+    from ihip_compile.kernels.selection_scope import fold_heads
+
+    gen = torch.Generator().manual_seed(batch + 5 * groups)
+    keys, d = 203, 32
+    q = torch.randn(batch * groups, 4 // groups, 1, 2, d, generator=gen).to(DEVICE)
+    k = torch.randn(batch, 2, keys, d, generator=gen).to(DEVICE)
+    starts = torch.arange(0, keys, 32, dtype=torch.int32).expand(batch * groups, 1, -1)
+    key_hi = torch.full((batch * groups, 1), keys - 4, dtype=torch.int32)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    kw = dict(key_lo=3, chunk_size=32, rope_mode=1, inv_freq=inv_freq.to(DEVICE), rotary_dim=d,
+              rope_layout=1, window_tokens=8)
+    args = (starts.to(DEVICE), key_hi.to(DEVICE), (key_hi + 3).to(DEVICE))
+    in_place = BlockMajorKeys(_block_major(k, 8), batch, keys, q.device).fold(groups)
+    assert torch.equal(in_place.as_tensor(), fold_heads(k, groups))
+    got = score_chunks(q, in_place, *args, **kw)
+    assert torch.equal(got, score_chunks(q, fold_heads(k, groups), *args, **kw))
+
+
+def test_folding_block_major_keys_of_several_rows_is_refused():
+    from ihip_compile.kernels.host_keys import BlockMajorKeys
+
+    keys = BlockMajorKeys(torch.zeros(6, 2, 8, 4), batch=2, length=20, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="batch 1"):
+        keys.fold(2)

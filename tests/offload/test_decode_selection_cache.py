@@ -182,3 +182,24 @@ def test_steps_attending_the_same_blocks_are_served_from_their_bank_slots(monkey
     # 20 steps: the first reads through the bank, as do the two that enter a new window block
     # and the one that refreshes stage 1 (step 16).
     assert len(served) == 16, served
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory read by a GPU kernel")
+def test_stage_zero_reads_host_keys_in_place_on_cuda_and_matches_in_memory():
+    torch.manual_seed(4)
+    prompt = 300
+    keys = torch.randn(1, 2, prompt, 16, device="cuda")
+    values = torch.randn(1, 2, prompt, 16, device="cuda")
+    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=400,
+                           dtype=torch.float32, device="cuda", gpu_cache_tokens=128)
+    cache.update(keys, values, 0)
+    for step in range(6):
+        q, k_new, v_new = (t.cuda() for t in _decode_inputs(prompt + step, seed=20 + step))
+        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
+        k_proxy, v_proxy = cache.update(k_new, v_new, 0)
+        pos = torch.tensor([keys.shape[2] - 1], device="cuda")
+        args = dict(layer=0, scale=0.25, refresh_intervals=[2, 1], **OP_ARGS)
+        got = torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, **args)
+        want = torch.ops.ihip.attention(q, keys, values, pos, None, None, **args)
+        assert torch.equal(got, want), f"step {step}"
+    assert cache.hit_counts()[0]["in_place_scans"] == 3  # stage 0 at steps 0, 2, 4

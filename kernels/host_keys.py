@@ -1,0 +1,68 @@
+"""Keys scored where they lie: the offloaded store's host copy, read by the stage kernel in place.
+
+A decode refresh of stage 0 probes ~18 of every 256 keys (the halving search), yet streaming the
+layer's keys to the device moves all of them over PCIe (2 GiB per layer at 1M tokens of a
+Llama-3.1-8B layer). Pinned host memory is addressable from CUDA kernels, so the stage kernel can
+read just the probed keys from host memory. The store keeps keys block-major,
+[B * N_BLOCKS, H_KV, BLOCK, D], so a key's address is not one stride along the sequence: this
+class tells the kernel how to find key s of head h of sequence b (``addressing``), and stands in
+for the [B, H_KV, S_K, D] tensor that ``select_blocks`` otherwise gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockMajorKeys:
+    """Keys [B * N_BLOCKS, H_KV, BLOCK, D] seen as sequences [B * groups, H_KV / groups, S, D]."""
+
+    blocks: torch.Tensor
+    batch: int
+    length: int  # S: valid keys per row
+    device: torch.device  # where the scoring runs (the kernel reads ``blocks`` from there)
+    groups: int = 1  # selection sequences per row (``selection_scope``)
+
+    def __post_init__(self):
+        if self.blocks.dim() != 4 or self.blocks.shape[0] % self.batch:
+            raise ValueError(f"blocks must be [B * N_BLOCKS, H_KV, BLOCK, D] for batch "
+                             f"{self.batch}, got {tuple(self.blocks.shape)}")
+        if self.groups > 1 and self.batch > 1:
+            # Sequence b * groups + g would start at b * row + g * head: not one stride.
+            raise ValueError("folded block-major keys need batch 1")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        heads = self.blocks.shape[1] // self.groups
+        return (self.batch * self.groups, heads, self.length, self.blocks.shape[3])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks.dtype
+
+    def dim(self) -> int:
+        return 4
+
+    def fold(self, groups: int) -> "BlockMajorKeys":
+        """The keys as ``groups`` selection sequences per row (``selection_scope.fold_heads``)."""
+        return BlockMajorKeys(self.blocks, self.batch, self.length, self.device,
+                              self.groups * groups)
+
+    def addressing(self) -> dict[str, int]:
+        """Element strides of sequence, head, block and key within a block; keys per block."""
+        heads, block, dim = self.blocks.shape[1:]
+        s_head = self.blocks.stride(1)
+        row = (self.blocks.shape[0] // self.batch) * self.blocks.stride(0)
+        sequence = row if self.groups == 1 else (heads // self.groups) * s_head
+        return {"stride_b": sequence, "stride_h": s_head, "stride_blk": self.blocks.stride(0),
+                "stride_s": self.blocks.stride(2), "keys_per_block": block}
+
+    def as_tensor(self) -> torch.Tensor:
+        """The keys as a plain [B * groups, H_KV / groups, S, D] tensor (a copy; for checks)."""
+        b, heads = self.batch, self.blocks.shape[1]
+        rows = self.blocks.view(b, -1, *self.blocks.shape[1:]).permute(0, 2, 1, 3, 4)
+        plain = rows.reshape(b, heads, -1, self.blocks.shape[3])[:, :, : self.length]
+        return plain.reshape(*self.shape).to(self.device)
