@@ -151,20 +151,34 @@ class HostKVStore:
             raise ValueError(f"layer {layer}: keys of dtype {key.dtype}, store of {self.dtype}")
         self.device = self.device or key.device
         host = self._layer_host(layer)
-        positions = torch.arange(start, end)
-        blocks, offsets = positions // self.block_tokens, positions % self.block_tokens
-        rows = {"keys": key, "values": value}
-        for name, new in rows.items():
-            self._write_host(host[name], start, self._to_storage(new).to("cpu"))
+        stored = {"keys": self._to_storage(key), "values": self._to_storage(value)}
+        for name, new in self._to_cpu(stored).items():
+            self._write_host(host[name], start, new)
         self.lengths[layer] = end
-        flat_blocks = (torch.arange(batch)[:, None] * self.blocks_per_row + blocks).reshape(-1)
-        flat_offsets = offsets.repeat(batch)
-        for kind, bank in self._banks[layer].items():
-            bank.write_through(
-                flat_blocks.to(self.device), flat_offsets.to(self.device),
-                {n: self._to_storage(t).transpose(1, 2).reshape(batch * s_new, heads, -1)
-                 for n, t in rows.items() if n in bank.tensors},
-            )
+        # Bank indices built where the banks are: a copy from pageable host memory would wait
+        # for the stream, as the one copy above already does.
+        positions = torch.arange(start, end, device=self.device)
+        rows = torch.arange(batch, device=self.device)[:, None] * self.blocks_per_row
+        flat_blocks = (rows + positions // self.block_tokens).reshape(-1)
+        flat_offsets = (positions % self.block_tokens).repeat(batch)
+        for bank in self._banks[layer].values():
+            bank.write_through(flat_blocks, flat_offsets, {
+                n: t.transpose(1, 2).reshape(batch * s_new, heads, -1)
+                for n, t in stored.items() if n in bank.tensors
+            })
+
+    @staticmethod
+    def _to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Device tensors of one dtype to host memory in one copy (one stream sync, not one per
+        tensor: a decode step appends one token per layer)."""
+        if all(t.device.type == "cpu" for t in tensors.values()):
+            return tensors
+        flat = torch.cat([as_bits(t).reshape(-1) for t in tensors.values()]).cpu()
+        out, at = {}, 0
+        for name, t in tensors.items():
+            out[name] = flat[at: at + t.numel()].view(t.dtype).view(t.shape)
+            at += t.numel()
+        return out
 
     def _write_host(self, host: torch.Tensor, start: int, new: torch.Tensor) -> None:
         """Write tokens ``new`` [B, H_KV, S, D] at ``start`` into block-major ``host``."""
