@@ -1,12 +1,14 @@
 """A GPU bank of recently used K/V blocks of one layer, least recently used evicted first.
 
-Host memory holds every block (``kv_store``); reading a block that is not in the bank (a miss)
-copies it from host memory over PCIe into a staging buffer, serves the read from there, and admits
-it into the bank, evicting the least recently used blocks that this read did not touch. Between
-selection refreshes a decode step asks for the same blocks again, so it is served from the bank.
+Host memory holds every block (``kv_store``); a block that is not in the bank (a miss) is read
+by the gather kernel straight from host memory (pinned and registered with CUDA, so addressable
+by GPU kernels: only the missed blocks cross PCIe, with no host-side gather or staging copy),
+served, and admitted into the bank, evicting the least recently used blocks that this read did
+not touch. Between selection refreshes a decode step asks for the same blocks again, so it is
+served from the bank.
 
 The bookkeeping lives on the bank's device as tensors, so a read costs one host sync (the number
-of misses, needed to size the PCIe copy), not one Python operation per block:
+of misses, which bounds the admission), not one Python operation per block:
     slot_of_block  [N_BLOCKS] int64   bank slot holding each block, -1: only in host memory
     block_of_slot  [N_SLOTS]  int64   block held by each slot, -1 when the slot is free
     last_used      [N_SLOTS]  int64   read counter value of the slot's last use (-1: never)
@@ -21,12 +23,26 @@ from ihip_compile.kernels.block_cache_ref import as_bits, gather_blocks_ref
 
 
 def gather_blocks(bank, staging, slots, staged, *, out_dtype):
-    """Kernel on CUDA, reference elsewhere (the two agree bit for bit, tests/offload)."""
+    """Kernel on CUDA (``staging`` may be registered host memory), reference elsewhere (the two
+    agree bit for bit, tests/offload)."""
     if bank.is_cuda:
         from ihip_compile.kernels.block_cache import gather_blocks as triton_gather
 
         return triton_gather(bank, staging, slots, staged, out_dtype=out_dtype)
     return gather_blocks_ref(bank, staging, slots, staged, out_dtype=out_dtype)
+
+
+def host_blocks(host: torch.Tensor, rows: torch.Tensor, device: torch.device,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """Blocks ``rows`` [N] (on ``device``) of a block-major host copy, read in place by the
+    gather kernel on CUDA (no staging copy): [N, *block_shape] on ``device``."""
+    if device.type == "cuda":
+        from ihip_compile.kernels.block_cache import gather_blocks as triton_gather
+
+        misses = torch.full_like(rows, -1)
+        return triton_gather(host[:1], host, misses, rows, out_dtype=out_dtype,
+                             out_device=device)
+    return as_bits(host)[rows.to(host.device)].view(host.dtype).to(device, out_dtype)
 
 
 class BlockBank:
@@ -75,17 +91,14 @@ class BlockBank:
         n_miss = miss_ids.numel()  # the one host sync of a read
         self.hits += block_ids.numel() - n_miss
         self.misses += n_miss
-        staged = torch.cumsum((~hit).to(torch.int64), 0) - 1
-        host_rows = miss_ids.cpu()
-        staging = {name: _fetch(host[name], host_rows, device) for name in self.tensors}
-        out = {
-            name: gather_blocks(self.tensors[name][: self.n_slots], staging[name], slots, staged,
-                                out_dtype=out_dtype)
-            for name in self.tensors
-        }
-        admitted = self._admit(miss_ids, staging, n_hit=block_ids.numel() - n_miss)
+        # Misses come from their rows of the host copy: "staging" is the whole host copy.
+        raw = {name: gather_blocks(self.tensors[name][: self.n_slots], host[name], slots,
+                                   block_ids, out_dtype=self.tensors[name].dtype)
+               for name in self.tensors}
+        admitted = self._admit(miss_ids, {name: t[~hit] for name, t in raw.items()},
+                               n_hit=block_ids.numel() - n_miss)
         self.last_read_resident = admitted == n_miss
-        return {name: t[inverse] for name, t in out.items()}
+        return {name: t.to(out_dtype)[inverse] for name, t in raw.items()}
 
     def serve_resident(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Blocks known to sit in ``slots`` [N] (nothing admitted since they were read): a read
@@ -95,9 +108,9 @@ class BlockBank:
         self.last_used[slots] = self.reads
         return {name: as_bits(t)[slots].view(t.dtype) for name, t in self.tensors.items()}
 
-    def _admit(self, miss_ids: torch.Tensor, staging: dict[str, torch.Tensor], n_hit: int) -> int:
-        """Move fetched blocks into the least recently used slots this read did not touch;
-        returns how many were admitted."""
+    def _admit(self, miss_ids: torch.Tensor, fetched: dict[str, torch.Tensor], n_hit: int) -> int:
+        """Move fetched blocks (``fetched[name]``: the missed blocks, in ``miss_ids`` order)
+        into the least recently used slots this read did not touch; returns how many."""
         n_admit = min(miss_ids.numel(), self.n_slots - n_hit)
         if n_admit <= 0:
             return 0
@@ -111,7 +124,7 @@ class BlockBank:
         self.slot_of_block[admitted] = victims
         self.last_used[victims] = self.reads
         for name, bank in self.tensors.items():
-            as_bits(bank)[victims] = as_bits(staging[name][-n_admit:])
+            as_bits(bank)[victims] = as_bits(fetched[name][-n_admit:])
         return n_admit
 
     def write_through(self, block_ids: torch.Tensor, offsets: torch.Tensor,
@@ -131,15 +144,3 @@ class BlockBank:
         self.slot_of_block.fill_(-1)
         self.block_of_slot.fill_(-1)
         self.last_used.fill_(-1)
-
-
-def _fetch(host: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy host blocks ``rows`` to the device (through pinned memory when the host copy is)."""
-    if rows.numel() == 0:  # all hits: no pinned staging buffer to allocate
-        return torch.empty((0, *host.shape[1:]), dtype=host.dtype, device=device)
-    picked = as_bits(host).index_select(0, rows).view(host.dtype)
-    if picked.device == device:
-        return picked
-    if host.is_pinned():
-        picked = picked.pin_memory()
-    return picked.to(device, non_blocking=True)

@@ -49,8 +49,11 @@ def gather_blocks(
     staged: torch.Tensor,  # [N] int, staging row of a miss
     *,
     out_dtype: torch.dtype | None = None,
+    out_device: torch.device | None = None,
 ) -> torch.Tensor:  # [N, H_KV, BLOCK_K, D]
-    """Triton launch of ``gather_blocks_ref``; same arguments, same result."""
+    """Triton launch of ``gather_blocks_ref``; same arguments, same result. ``bank`` and
+    ``staging`` may be host memory registered with CUDA; the result goes to ``out_device``
+    (default: the bank's device)."""
     assert bank.dim() == 4 and bank.stride(-1) == 1, f"bank must be [N_SLOTS, H_KV, BLOCK_K, D] "\
         f"with contiguous D, got shape {tuple(bank.shape)} strides {bank.stride()}"
     assert staging.shape[1:] == bank.shape[1:] and staging.dtype == bank.dtype, (
@@ -61,7 +64,7 @@ def gather_blocks(
     n, (_, heads, block_k, head_dim) = slots.shape[0], bank.shape
     assert block_k & (block_k - 1) == 0, f"BLOCK_K must be a power of two, got {block_k}"
     out = torch.empty((n, heads, block_k, head_dim), dtype=out_dtype or bank.dtype,
-                      device=bank.device)
+                      device=out_device or bank.device)
     if n == 0:
         return out
     # An empty staging buffer still needs a valid pointer; its loads are all masked off.

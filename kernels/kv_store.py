@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-from ihip_compile.kernels.block_bank import BlockBank
+from ihip_compile.kernels.block_bank import BlockBank, host_blocks
 from ihip_compile.kernels.block_cache_ref import as_bits
 from ihip_compile.kernels.decode_selection_cache import SelectionStates
 from ihip_compile.kernels.host_keys import BlockMajorKeys
@@ -248,7 +248,7 @@ class HostKVStore:
         head for several rows (not one stride apart). The caller then streams them."""
         host = self._layer_host(layer)["keys"]
         if (self.device.type != "cuda" or self.storage_dtype != self.dtype
-                or (per_kv_head and self.batch > 1) or not host.is_pinned()):
+                or (per_kv_head and self.batch > 1) or host.data_ptr() not in self._pinned):
             return None
         self.in_place_scans[layer] += 1
         return BlockMajorKeys(host, self.batch, self.lengths[layer], self.device)
@@ -263,15 +263,11 @@ class HostKVStore:
         for name, out in dst.items():
             by_row = host[name].view(self.batch, self.blocks_per_row, self.kv_heads, bk, -1)
             by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
-            for row, ids in enumerate(block_ids.cpu()):
-                for lo in range(0, ids.numel(), _STREAM_BLOCKS):
+            for row, ids in enumerate(block_ids.to(out.device)):
+                for lo in range(0, ids.numel(), _STREAM_BLOCKS):  # bounds the device copy
                     part = ids[lo: lo + _STREAM_BLOCKS]
-                    piece = as_bits(by_row[row]).index_select(0, part)  # [N, H_KV, BK, D]
-                    if by_row.is_pinned():
-                        piece = piece.pin_memory()
-                    piece = piece.to(out.device, non_blocking=piece.is_pinned())
-                    piece = piece.view(self.storage_dtype).to(out.dtype)
-                    by_block[row].index_copy_(1, part.to(out.device), piece.transpose(0, 1))
+                    piece = host_blocks(by_row[row], part, out.device, out.dtype)
+                    by_block[row].index_copy_(1, part, piece.transpose(0, 1))
 
     def read_blocks(self, layer: int, block_ids: torch.Tensor,
                     kind: str = "attention") -> dict[str, torch.Tensor]:

@@ -99,9 +99,11 @@ def _block_major(k, block):
     padded = torch.zeros(b, h, n * block, d, dtype=k.dtype, device=k.device)
     padded[:, :, :s] = k
     blocks = padded.view(b, h, n, block, d).permute(0, 2, 1, 3, 4).reshape(b * n, h, block, d)
-    if blocks.is_cuda:  # the store's layout, in pinned host memory the kernel reads in place
-        blocks = blocks.cpu().pin_memory()
-    return blocks.contiguous()
+    blocks = blocks.cpu().contiguous()
+    if k.is_cuda:  # registered with CUDA as the store registers its host copies: GPU-readable
+        torch.cuda.cudart().cudaHostRegister(blocks.data_ptr(),
+                                             blocks.numel() * blocks.element_size(), 0)
+    return blocks
 
 
 @pytest.mark.parametrize("batch,groups", [(1, 1), (2, 1), (1, 2)])
@@ -120,10 +122,15 @@ def test_block_major_keys_in_host_memory_score_like_the_plain_tensor(batch, grou
     kw = dict(key_lo=3, chunk_size=32, rope_mode=1, inv_freq=inv_freq.to(DEVICE), rotary_dim=d,
               rope_layout=1, window_tokens=8)
     args = (starts.to(DEVICE), key_hi.to(DEVICE), (key_hi + 3).to(DEVICE))
-    in_place = BlockMajorKeys(_block_major(k, 8), batch, keys, q.device).fold(groups)
-    assert torch.equal(in_place.as_tensor(), fold_heads(k, groups))
-    got = score_chunks(q, in_place, *args, **kw)
-    assert torch.equal(got, score_chunks(q, fold_heads(k, groups), *args, **kw))
+    blocks = _block_major(k, 8)
+    try:
+        in_place = BlockMajorKeys(blocks, batch, keys, q.device).fold(groups)
+        assert torch.equal(in_place.as_tensor(), fold_heads(k, groups))
+        got = score_chunks(q, in_place, *args, **kw)
+        assert torch.equal(got, score_chunks(q, fold_heads(k, groups), *args, **kw))
+    finally:
+        if k.is_cuda:
+            torch.cuda.cudart().cudaHostUnregister(blocks.data_ptr())
 
 
 def test_folding_block_major_keys_of_several_rows_is_refused():
