@@ -92,8 +92,10 @@ def dense_cache(model, context, device, dtype):
     return cache
 
 
-def time_decode(forward, cache, steps: int, warmup: int, device, vocab: int) -> dict:
-    """Mean ms per decode step over ``steps`` steps after ``warmup`` (greedy, logits of 1)."""
+def time_decode(forward, cache, steps: int, warmup: int, device, vocab: int,
+                after_step=lambda: None) -> dict:
+    """Mean ms per decode step over ``steps`` steps after ``warmup`` (greedy, logits of 1);
+    ``after_step()`` runs after each timed step, outside the timing."""
     token = torch.randint(3, vocab, (1, 1), device=device)
     times = []
     with torch.no_grad():
@@ -106,6 +108,7 @@ def time_decode(forward, cache, steps: int, warmup: int, device, vocab: int) -> 
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+                after_step()
     mean = sum(times) / len(times)
     return {"ms_per_token": 1e3 * mean, "tokens_per_s": 1.0 / mean, "steps": steps,
             "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times)}
@@ -120,6 +123,34 @@ def _ratio(after: dict, before: dict, kind: str):
     hits = after[f"{kind}_hits"] - before[f"{kind}_hits"]
     misses = after[f"{kind}_misses"] - before[f"{kind}_misses"]
     return hits / (hits + misses) if hits + misses else None
+
+
+class StepBankCounts:
+    """Bank counters after every timed step, to tell steps between refreshes (no pruning stage
+    ran in any layer) from refresh steps."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.rows = [self._snapshot()]
+
+    def _snapshot(self) -> dict:
+        runs = self.cache.store.selection_states.stage_runs
+        return {**_bank_totals(self.cache), "stage_runs": sum(sum(r) for r in runs.values())}
+
+    def __call__(self) -> None:
+        self.rows.append(self._snapshot())
+
+    def between_refreshes(self) -> dict:
+        """Attention-bank hits and misses over the steps that refreshed nothing (a miss there:
+        the window entering a block never read before, or a bank too small for the selection)."""
+        hits = misses = steps = 0
+        for before, after in zip(self.rows, self.rows[1:]):
+            if after["stage_runs"] == before["stage_runs"]:
+                steps += 1
+                hits += after["attention_hits"] - before["attention_hits"]
+                misses += after["attention_misses"] - before["attention_misses"]
+        return {"steps": steps, "attention_hits": hits, "attention_misses": misses,
+                "attention_hit_ratio": hits / (hits + misses) if hits + misses else None}
 
 
 def decode_section(args, model, ours, device, dtype, on_row=lambda rows: None) -> list[dict]:
@@ -142,9 +173,12 @@ def decode_section(args, model, ours, device, dtype, on_row=lambda rows: None) -
             # Warm-up: compile, and one whole refresh cycle so the banks hold the selection.
             time_decode(ours, cache, 1, cycle, device, model.config.vocab_size)
             before = _bank_totals(cache)
-            row["ours"] = time_decode(ours, cache, cycle, 0, device, model.config.vocab_size)
+            per_step = StepBankCounts(cache)
+            row["ours"] = time_decode(ours, cache, cycle, 0, device, model.config.vocab_size,
+                                      per_step)
             after = _bank_totals(cache)
             row["hit_ratio"] = {k: _ratio(after, before, k) for k in ("attention", "pruning")}
+            row["between_refreshes"] = per_step.between_refreshes()
             row["blocks_streamed"] = after["streamed_blocks"] - before["streamed_blocks"]
             row["in_place_scans"] = after["in_place_scans"] - before["in_place_scans"]
             row["ours_gpu_bank_bytes"] = cache.gpu_bytes
@@ -444,13 +478,15 @@ def markdown(result: dict) -> str:
     for r in result.get("decode", []) if isinstance(result.get("decode"), list) else []:
         ours, dense = r.get("ours", {}), r.get("dense", {})
         hit = r.get("hit_ratio", {})
+        between = r.get("between_refreshes", {})
         rows.append([r["context"], ours.get("tokens_per_s"), dense.get("tokens_per_s"),
                      r.get("speedup"), hit.get("attention"), hit.get("pruning"),
+                     between.get("attention_hit_ratio"),
                      r.get("ours_error") or r.get("dense_error") or ""])
     if rows:
         lines += ["## Decode", "", tabulate(rows, headers=[
             "context", "ours tok/s", "dense tok/s", "speedup", "hit attention", "hit pruning",
-            "error"], tablefmt="github", floatfmt=".3g"), ""]
+            "hit attention between refreshes", "error"], tablefmt="github", floatfmt=".3g"), ""]
     for name in ("ttft", "capacity", "passkey"):
         if name in result:
             lines += [f"## {name}", "", "```json", json.dumps(result[name], indent=2,

@@ -10,8 +10,8 @@ SPARSE_TINY = ('{"dense_below_tokens": 64, "sink_tokens": 8, "sliding_window_tok
 
 def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     argv = ["--tiny", "--layers", "1", "--contexts", "96", "--ttft-context", "70",
-            "--chunk-tokens", "32", "--backend", "infinitehip_eager", "--refresh", "2,2,1",
-            "--gpu-cache-tokens", "64", "--dense-steps", "1",
+            "--chunk-tokens", "32", "--backend", "infinitehip_eager", "--refresh", "4,4,2",
+            "--gpu-cache-tokens", "512", "--dense-steps", "1",
             "--sections", "decode,ttft,capacity", "--options", SPARSE_TINY,
             "--out", str(tmp_path)]
     assert e2e.main(argv) == 0
@@ -19,6 +19,11 @@ def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     (row,) = result["decode"]
     assert row["ours"]["tokens_per_s"] > 0 and row["dense"]["tokens_per_s"] > 0
     assert 0 <= row["hit_ratio"]["attention"] <= 1
+    # Every other step of a 4,4,2 schedule refreshes nothing. With a bank that holds the whole
+    # selection such a step misses at most the one block its window has just entered.
+    between = row["between_refreshes"]
+    assert between["steps"] == 2 and between["attention_hits"] > 0
+    assert between["attention_misses"] <= between["steps"]
     assert result["ttft"]["ours_s"] > 0 and "dense_estimate_s" in result["ttft"]
     assert result["capacity"]["ours_max_tokens"] > 0
     table = (tmp_path / "e2e.md").read_text()
