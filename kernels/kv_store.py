@@ -10,8 +10,9 @@ attention op recognises such a proxy (``is_offload_proxy``) and reads the real k
 that last appended to its layer. A proxy that reaches any other attention sees NaN, never a silent
 wrong number.
 
-Layout per layer: block-major host copies [B * N_BLOCKS, H_KV, BLOCK_K, D] (pinned when the model
-runs on CUDA, so a block crosses PCIe as one contiguous DMA), and two GPU banks
+Layout per layer: block-major host copies [B * N_BLOCKS, H_KV, BLOCK_K, D] (pinned in place and
+registered with CUDA when the model runs on CUDA: GPU kernels read blocks and probed keys from
+them directly, and a streamed piece crosses PCIe as one DMA), and two GPU banks
 (``block_bank.BlockBank``): one of keys for pruning, one of keys and values for attention.
 Storage may be float8_e4m3fn (half the bytes; values beyond +-448 saturate).
 """
