@@ -365,20 +365,40 @@ def passkey_section(args, device, dtype) -> dict:
     ids, key = passkey_prompt(tokenizer, args.passkey_context, args.passkey_depth, seed=7)
     ids = ids.to(device)
     model.compile(backend=args.backend, options=config.as_dict())
-    cache = OffloadedCache(model.config, max_cache_tokens=ids.shape[1] + 16, dtype=dtype,
-                           device=device, ihip_config=config, storage_dtype=args.storage_dtype)
+    cache = OffloadedCache(model.config, max_cache_tokens=ids.shape[1] + args.passkey_new_tokens,
+                           dtype=dtype, device=device, ihip_config=config,
+                           storage_dtype=args.storage_dtype)
     _sync(device)
     t0 = time.perf_counter()
     chunked_prefill(model, ids, cache, chunk_tokens=args.chunk_tokens, progress=args.progress)
     prefill_s = time.perf_counter() - t0
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id)
+    per_step = StepBankCounts(cache)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=args.passkey_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                         streamer=AfterEachToken(per_step))
     _sync(device)
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return {"context": ids.shape[1], "depth": args.passkey_depth, "key": key, "answer": text,
             "correct": answer_has_key(text, key), "prefill_s": prefill_s,
             "total_s": time.perf_counter() - t0, "hit_ratio": cache.hit_ratios(),
+            "between_refreshes": per_step.between_refreshes(),
             "trained_context_tokens": config.trained_context_tokens}
+
+
+class AfterEachToken:
+    """A ``generate()`` streamer that only calls ``callback()`` after each generated token (the
+    first ``put`` carries the prompt)."""
+
+    def __init__(self, callback):
+        self.callback, self.seen_prompt = callback, False
+
+    def put(self, _tokens) -> None:
+        if self.seen_prompt:
+            self.callback()
+        self.seen_prompt = True
+
+    def end(self) -> None:
+        pass
 
 
 def _error(e: Exception) -> str:
@@ -406,6 +426,8 @@ def parse_args(argv):
     p.add_argument("--sections", default="decode,ttft,capacity,passkey")
     p.add_argument("--passkey-context", type=int, default=1 << 20)
     p.add_argument("--passkey-depth", type=float, default=0.5)
+    p.add_argument("--passkey-new-tokens", type=int, default=10,
+                   help="tokens generate() adds after the pass-key prompt")
     p.add_argument("--backend", default="infinitehip",
                    choices=["infinitehip", "infinitehip_eager"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
