@@ -352,6 +352,10 @@ class HostKVStore:
         return t
 
     def _unpin(self, tensors) -> None:
+        tensors = [t for t in tensors if t.data_ptr() in self._pinned]
+        if tensors and torch.cuda.is_initialized():
+            # Kernels read this memory in place: none may still be running when it goes.
+            torch.cuda.synchronize()
         for t in tensors:
             if t.data_ptr() in self._pinned:
                 self._pinned.remove(t.data_ptr())
