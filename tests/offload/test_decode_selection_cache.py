@@ -66,14 +66,21 @@ def _decode_inputs(s_k, seed):
             torch.randn(1, 2, 1, 16, generator=g))
 
 
+def _cached_prompt(prompt, capacity, bank_tokens, seed, device="cpu"):
+    """A random prompt's K/V [1, 2, prompt, 16], and an OffloadedCache holding them."""
+    torch.manual_seed(seed)
+    keys = torch.randn(1, 2, prompt, 16, device=device)
+    values = torch.randn(1, 2, prompt, 16, device=device)
+    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=capacity,
+                           dtype=torch.float32, device=device, gpu_cache_tokens=bank_tokens)
+    cache.update(keys, values, 0)
+    return keys, values, cache
+
+
 @pytest.mark.parametrize("per_kv_head", [False, True])
 def test_offloaded_sparse_decode_matches_in_memory_path_with_caching(per_kv_head):
-    torch.manual_seed(0)
     prompt = 160
-    keys, values = torch.randn(1, 2, prompt, 16), torch.randn(1, 2, prompt, 16)
-    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=256,
-                           dtype=torch.float32, gpu_cache_tokens=128)
-    cache.update(keys, values, 0)
+    keys, values, cache = _cached_prompt(prompt, capacity=256, bank_tokens=128, seed=0)
     in_memory = SelectionStates()
     refresh = [4, 2]
     for step in range(10):
@@ -162,12 +169,8 @@ def test_steps_attending_the_same_blocks_are_served_from_their_bank_slots(monkey
     original = HostKVStore.read_resident
     monkeypatch.setattr(HostKVStore, "read_resident",
                         lambda self, layer, plan: served.append(layer) or original(self, layer, plan))
-    torch.manual_seed(3)
     prompt = 404
-    keys, values = torch.randn(1, 2, prompt, 16), torch.randn(1, 2, prompt, 16)
-    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=512,
-                           dtype=torch.float32, gpu_cache_tokens=256)
-    cache.update(keys, values, 0)
+    keys, values, cache = _cached_prompt(prompt, capacity=512, bank_tokens=256, seed=3)
     for step in range(20):
         q, k_new, v_new = _decode_inputs(prompt + step, seed=10 + step)
         keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
@@ -186,13 +189,9 @@ def test_steps_attending_the_same_blocks_are_served_from_their_bank_slots(monkey
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory read by a GPU kernel")
 def test_stage_zero_reads_host_keys_in_place_on_cuda_and_matches_in_memory():
-    torch.manual_seed(4)
     prompt = 300
-    keys = torch.randn(1, 2, prompt, 16, device="cuda")
-    values = torch.randn(1, 2, prompt, 16, device="cuda")
-    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=400,
-                           dtype=torch.float32, device="cuda", gpu_cache_tokens=128)
-    cache.update(keys, values, 0)
+    keys, values, cache = _cached_prompt(prompt, capacity=400, bank_tokens=128, seed=4,
+                                         device="cuda")
     for step in range(6):
         q, k_new, v_new = (t.cuda() for t in _decode_inputs(prompt + step, seed=20 + step))
         keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
