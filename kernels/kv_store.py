@@ -277,33 +277,35 @@ class HostKVStore:
         Returns {"keys": [B, H_KV, N * BLOCK_K, D]} (and "values" for the attention bank) in the
         model dtype. Tokens of a block past the layer's length are whatever was last written there.
         """
+        blocks = self.read_bank_blocks(layer, block_ids, kind)
+        return {name: t.transpose(1, 2).flatten(2, 3) for name, t in blocks.items()}
+
+    def read_bank_blocks(self, layer: int, block_ids: torch.Tensor,
+                         kind: str = "attention") -> dict[str, torch.Tensor]:
+        """``read_blocks`` as the bank returns them: [B, N, H_KV, BLOCK_K, D] (a view, no copy)."""
         self._check_layer(layer)
         if kind not in self.bank_slots:
             raise ValueError(f"kind must be one of {sorted(self.bank_slots)}, got {kind!r}")
         host = self._layer_host(layer)
-        batch, n = block_ids.shape
+        batch = block_ids.shape[0]
         rows = torch.arange(batch, device=block_ids.device)[:, None] * self.blocks_per_row
-        bank = self._banks[layer][kind]
-        return self._per_row(bank.read((block_ids + rows).reshape(-1), host, self.dtype), batch)
+        got = self._banks[layer][kind].read((block_ids + rows).reshape(-1), host, self.dtype)
+        return self._by_row(got)
 
     def read_resident(self, layer: int, plan: ResidentBlocks) -> dict[str, torch.Tensor]:
-        """``read_blocks(layer, plan.block_ids, "attention")`` for a plan that still serves
+        """``read_bank_blocks(layer, plan.block_ids)`` for a plan that still serves
         (``ResidentBlocks.still_serves``): straight from the bank slots, no host sync."""
         got = plan.bank.serve_resident(plan.slots)
-        return self._per_row({n: t.to(self.dtype) for n, t in got.items()}, self.batch)
+        return self._by_row({n: t.to(self.dtype) for n, t in got.items()})
 
     def attention_bank(self, layer: int):
         """The layer's attention bank (allocated with the layer's host copies)."""
         self._layer_host(layer)
         return self._banks[layer]["attention"]
 
-    def _per_row(self, blocks: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
-        """[B * N, H_KV, BLOCK_K, D] blocks -> [B, H_KV, N * BLOCK_K, D]."""
-        return {
-            name: t.view(batch, -1, self.kv_heads, self.block_tokens, t.shape[-1])
-            .permute(0, 2, 1, 3, 4).reshape(batch, self.kv_heads, -1, t.shape[-1])
-            for name, t in blocks.items()
-        }
+    def _by_row(self, blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """[B * N, H_KV, BLOCK_K, D] blocks -> [B, N, H_KV, BLOCK_K, D] (a view)."""
+        return {name: t.view(self.batch, -1, *t.shape[1:]) for name, t in blocks.items()}
 
     def hit_counts(self) -> list[dict[str, int]]:
         """Per layer: hits and misses of each bank, blocks streamed past the banks (a K block

@@ -51,7 +51,7 @@ def fill_blocks(store: HostKVStore, layer: int, block_ids: torch.Tensor, kind: s
     """Copy blocks ``block_ids`` [B, N] (distinct per row, valid) through the ``kind`` bank."""
     if block_ids.shape[1] == 0:
         return
-    place_blocks(store.read_blocks(layer, block_ids, kind), block_ids, store.block_tokens, dst)
+    place_blocks(store.read_bank_blocks(layer, block_ids, kind), block_ids, dst)
 
 
 def fill_attended(store: HostKVStore, layer: int, selection: torch.Tensor,
@@ -62,7 +62,7 @@ def fill_attended(store: HostKVStore, layer: int, selection: torch.Tensor,
     plan = store.resident_plans.get(layer)
     bank = store.attention_bank(layer)
     if plan is not None and plan.still_serves(selection, window_blocks, bank):
-        place_blocks(store.read_resident(layer, plan), plan.block_ids, store.block_tokens, dst)
+        place_blocks(store.read_resident(layer, plan), plan.block_ids, dst)
         return
     block_ids = needed()
     fill_blocks(store, layer, block_ids, "attention", dst)
@@ -70,14 +70,15 @@ def fill_attended(store: HostKVStore, layer: int, selection: torch.Tensor,
                                          store.blocks_per_row)
 
 
-def place_blocks(got: dict[str, torch.Tensor], block_ids: torch.Tensor, bk: int,
+def place_blocks(got: dict[str, torch.Tensor], block_ids: torch.Tensor,
                  dst: dict[str, torch.Tensor]) -> None:
-    """Write blocks read per row ([B, H_KV, N * BK, D]) at their places ``block_ids`` [B, N]."""
+    """Write blocks read per row ([B, N, H_KV, BK, D]) at their places ``block_ids`` [B, N] of
+    ``dst`` ([B, H_KV, >= S_K, D]): one indexed copy per row, straight from the bank's layout."""
     for name, out in dst.items():
-        blocks = got[name].view(*got[name].shape[:2], -1, bk, got[name].shape[-1])
+        bk = got[name].shape[3]
         by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
         for row in range(block_ids.shape[0]):
-            by_block[row].index_copy_(1, block_ids[row].long(), blocks[row])
+            by_block[row].index_copy_(1, block_ids[row].long(), got[name][row].transpose(0, 1))
 
 
 def _distinct_blocks(parts: list[torch.Tensor]) -> torch.Tensor:
