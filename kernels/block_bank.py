@@ -12,7 +12,8 @@ of misses, which bounds the admission), not one Python operation per block:
     slot_of_block  [N_BLOCKS] int64   bank slot holding each block, -1: only in host memory
     block_of_slot  [N_SLOTS]  int64   block held by each slot, -1 when the slot is free
     last_used      [N_SLOTS]  int64   read counter value of the slot's last use (-1: never)
-Blocks are written through: tokens appended to a block that is in the bank land in both copies.
+Blocks are written through: tokens appended to a block that is in the bank land in both copies
+(``token_append``).
 """
 
 from __future__ import annotations
@@ -53,9 +54,8 @@ class BlockBank:
         if n_slots < 1:
             raise ValueError(f"a block bank needs at least one slot, got n_slots={n_slots}")
         self.n_slots = n_slots
-        # One extra slot at the end absorbs write-through writes to blocks not in the bank.
         self.tensors = {
-            name: torch.zeros((n_slots + 1, *shape), dtype=dtype, device=device)
+            name: torch.zeros((n_slots, *shape), dtype=dtype, device=device)
             for name, shape in block_shapes.items()
         }
         self.slot_of_block = torch.full((n_blocks,), -1, dtype=torch.int64, device=device)
@@ -92,7 +92,7 @@ class BlockBank:
         self.hits += block_ids.numel() - n_miss
         self.misses += n_miss
         # Misses come from their rows of the host copy: "staging" is the whole host copy.
-        raw = {name: gather_blocks(self.tensors[name][: self.n_slots], host[name], slots,
+        raw = {name: gather_blocks(self.tensors[name], host[name], slots,
                                    block_ids, out_dtype=self.tensors[name].dtype)
                for name in self.tensors}
         admitted = self._admit(miss_ids, {name: t[~hit] for name, t in raw.items()},
@@ -126,18 +126,6 @@ class BlockBank:
         for name, bank in self.tensors.items():
             as_bits(bank)[victims] = as_bits(fetched[name][-n_admit:])
         return n_admit
-
-    def write_through(self, block_ids: torch.Tensor, offsets: torch.Tensor,
-                      rows: dict[str, torch.Tensor]) -> None:
-        """Tokens just appended to host memory: update the bank's copy of blocks it holds.
-
-        block_ids, offsets: [S] block and position in block of each token; rows[name]: [S, ...].
-        """
-        slots = self.slot_of_block[block_ids]
-        target = torch.where(slots >= 0, slots, self.n_slots)
-        for name, bank in self.tensors.items():
-            row = rows[name].to(device=bank.device, dtype=bank.dtype)
-            as_bits(bank)[target, :, offsets] = as_bits(row)
 
     def clear(self) -> None:
         self.admissions += 1

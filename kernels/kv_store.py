@@ -30,6 +30,7 @@ from ihip_compile.kernels.block_cache_ref import as_bits
 from ihip_compile.kernels.decode_selection_cache import SelectionStates
 from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.resident_blocks import ResidentBlocks
+from ihip_compile.kernels.token_append import append_tokens
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Stream host memory in pieces of this many blocks, bounding the staging copy on the device.
@@ -122,6 +123,7 @@ class HostKVStore:
             raise
         self._host = [None] * self.num_layers
         self.resident_plans.clear()
+        self._wait_for_device()  # appends write host memory from the device
         for layer, host in enumerate(old_host):
             if host is None:
                 continue
@@ -152,51 +154,11 @@ class HostKVStore:
             raise ValueError(f"layer {layer}: keys of dtype {key.dtype}, store of {self.dtype}")
         self.device = self.device or key.device
         host = self._layer_host(layer)
-        stored = {"keys": self._to_storage(key), "values": self._to_storage(value)}
-        for name, new in self._to_cpu(stored).items():
-            self._write_host(host[name], start, new)
+        for name, new in (("keys", key), ("values", value)):
+            banks = [(bank.slot_of_block, bank.tensors[name])
+                     for bank in self._banks[layer].values() if name in bank.tensors]
+            append_tokens(self._to_storage(new), host[name], start, self.blocks_per_row, banks)
         self.lengths[layer] = end
-        # Bank indices built where the banks are: a copy from pageable host memory would wait
-        # for the stream, as the one copy above already does.
-        positions = torch.arange(start, end, device=self.device)
-        rows = torch.arange(batch, device=self.device)[:, None] * self.blocks_per_row
-        flat_blocks = (rows + positions // self.block_tokens).reshape(-1)
-        flat_offsets = (positions % self.block_tokens).repeat(batch)
-        for bank in self._banks[layer].values():
-            bank.write_through(flat_blocks, flat_offsets, {
-                n: t.transpose(1, 2).reshape(batch * s_new, heads, -1)
-                for n, t in stored.items() if n in bank.tensors
-            })
-
-    @staticmethod
-    def _to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Device tensors of one dtype to host memory in one copy (one stream sync, not one per
-        tensor: a decode step appends one token per layer)."""
-        if all(t.device.type == "cpu" for t in tensors.values()):
-            return tensors
-        flat = torch.cat([as_bits(t).reshape(-1) for t in tensors.values()]).cpu()
-        out, at = {}, 0
-        for name, t in tensors.items():
-            out[name] = flat[at: at + t.numel()].view(t.dtype).view(t.shape)
-            at += t.numel()
-        return out
-
-    def _write_host(self, host: torch.Tensor, start: int, new: torch.Tensor) -> None:
-        """Write tokens ``new`` [B, H_KV, S, D] at ``start`` into block-major ``host``."""
-        batch, heads, s_new, _ = new.shape
-        bk = self.block_tokens
-        by_row = as_bits(host).view(batch, self.blocks_per_row, heads, bk, -1)
-        new = as_bits(new)
-        # Whole blocks (a prefill chunk from a block boundary) are one strided copy.
-        whole = s_new // bk if start % bk == 0 else 0
-        if whole:
-            first = start // bk
-            by_row[:, first: first + whole] = new[:, :, : whole * bk].unflatten(
-                2, (whole, bk)).transpose(1, 2)
-        rest = torch.arange(start + whole * bk, start + s_new)
-        if rest.numel():
-            tail = new[:, :, whole * bk:].permute(2, 0, 1, 3)  # [S_rest, B, H_KV, D]
-            by_row[:, rest // bk, :, rest % bk, :] = tail
 
     def reset_layer(self, layer: int) -> None:
         """Forget one layer's tokens (its next append starts a new sequence)."""
@@ -355,13 +317,18 @@ class HostKVStore:
 
     def _unpin(self, tensors) -> None:
         tensors = [t for t in tensors if t.data_ptr() in self._pinned]
-        if tensors and torch.cuda.is_initialized():
-            # Kernels read this memory in place: none may still be running when it goes.
-            torch.cuda.synchronize()
+        if tensors:
+            # Kernels read and write this memory in place: none may still run when it goes.
+            self._wait_for_device()
         for t in tensors:
             if t.data_ptr() in self._pinned:
                 self._pinned.remove(t.data_ptr())
                 torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+    def _wait_for_device(self) -> None:
+        """Let device work on this store's host memory finish before the host touches it."""
+        if self.device is not None and self.device.type == "cuda" and torch.cuda.is_initialized():
+            torch.cuda.synchronize(self.device)
 
     def __del__(self) -> None:
         # Unregister before the memory goes back to the system (the tensors are still alive here).

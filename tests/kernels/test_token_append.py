@@ -1,0 +1,76 @@
+"""The token-append kernel against its reference: new tokens land bit-exact in the block-major
+copy and in every bank slot that holds their block, nowhere else."""
+
+import pytest
+import torch
+
+from ihip_compile.kernels.block_cache_ref import as_bits
+from ihip_compile.kernels.token_append_ref import append_tokens_ref
+from tests.kernels.conftest import DEVICE
+
+BLOCK = 8
+
+
+def _store(batch, heads, dim, blocks_per_row, dtype, gen):
+    host = torch.randn(batch * blocks_per_row, heads, BLOCK, dim, generator=gen).to(dtype)
+    banks = []
+    for n_slots in (3, 5):
+        bank = torch.randn(n_slots, heads, BLOCK, dim, generator=gen).to(dtype)
+        slot_of_block = torch.full((batch * blocks_per_row,), -1, dtype=torch.int64)
+        held = torch.randperm(batch * blocks_per_row, generator=gen)[:n_slots]
+        slot_of_block[held] = torch.randperm(n_slots, generator=gen)[:held.numel()]
+        banks.append((slot_of_block, bank))
+    return host, banks
+
+
+def _on(device, host, banks):
+    """Copies on ``device`` (copies on the CPU too: the inputs stay as they were)."""
+    return host.to(device, copy=True), [(s.to(device), b.to(device, copy=True)) for s, b in banks]
+
+
+@pytest.mark.parametrize("batch,heads,dim", [(1, 3, 16), (2, 2, 24)])
+@pytest.mark.parametrize("start,s_new", [(0, 1), (5, 1), (7, 19), (3, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_append_matches_reference(batch, heads, dim, start, s_new, dtype):
+    from ihip_compile.kernels.token_append import append_tokens_kernel
+
+    gen = torch.Generator().manual_seed(start * 100 + s_new)
+    blocks_per_row = -(-(start + s_new) // BLOCK) + 1
+    host, banks = _store(batch, heads, dim, blocks_per_row, dtype, gen)
+    # Non-contiguous source, as a model's transposed projection gives it.
+    new = torch.randn(batch, s_new, heads, dim, generator=gen).to(dtype).transpose(1, 2)
+    want_host, want_banks = host.clone(), [(s, b.clone()) for s, b in banks]
+    append_tokens_ref(new, want_host, start, blocks_per_row, want_banks)
+    got_host, got_banks = _on(DEVICE, host, banks)
+    append_tokens_kernel(new.to(DEVICE), got_host, start, blocks_per_row, got_banks)
+    assert torch.equal(as_bits(got_host).cpu(), as_bits(want_host))
+    for (_, got), (_, want) in zip(got_banks, want_banks):
+        assert torch.equal(as_bits(got).cpu(), as_bits(want))
+    # The reference wrote something: the check above cannot pass by both doing nothing.
+    assert not torch.equal(as_bits(want_host), as_bits(host))
+
+
+def test_append_with_one_bank_and_without_banks():
+    from ihip_compile.kernels.token_append import append_tokens_kernel
+
+    gen = torch.Generator().manual_seed(3)
+    host, banks = _store(1, 2, 16, 4, torch.float32, gen)
+    new = torch.randn(1, 2, 11, 16, generator=gen)
+    for use in ([], banks[:1]):
+        want_host, want_banks = host.clone(), [(s, b.clone()) for s, b in use]
+        append_tokens_ref(new, want_host, 9, 4, want_banks)
+        got_host, got_banks = _on(DEVICE, host, use)
+        append_tokens_kernel(new.to(DEVICE), got_host, 9, 4, got_banks)
+        assert torch.equal(got_host.cpu(), want_host)
+        for (_, got), (_, want) in zip(got_banks, want_banks):
+            assert torch.equal(got.cpu(), want)
+
+
+def test_mismatched_bank_blocks_rejected():
+    from ihip_compile.kernels.token_append import append_tokens_kernel
+
+    host = torch.zeros(4, 2, BLOCK, 16, device=DEVICE)
+    bank = torch.zeros(2, 2, BLOCK, 32, device=DEVICE)
+    slots = torch.full((4,), -1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="bank blocks"):
+        append_tokens_kernel(torch.zeros(1, 2, 1, 16, device=DEVICE), host, 0, 4, [(slots, bank)])
