@@ -1,0 +1,201 @@
+"""Pass-key caches of 16k+ tokens that cost a few hundred tokens of compute, needle anywhere.
+
+A full prefill of a long prompt takes minutes on a CPU, and far longer through the torch
+references of the sparse kernels. Pass-key filler is one sentence repeated, so after a few
+repeats the model's keys and values for it settle into a steady period. The cache is built as:
+    head     intro + two filler sentences, run by the model at positions 0.. (exact);
+    body     one steady-state filler period (taken after ~500 tokens of filler context), copied
+             to every later period, each copy's keys re-rotated to its own positions (RoPE
+             rotations compose, ``rope_delta_ref.rotate_by_delta``);
+    needle   the key sentence and two filler sentences, run by the model after the same filler
+             context and re-rotated to its place: right after the head, or at ``needle_at``
+             (snapped to the filler period) inside the body;
+    tail     the question, run by the model (dense or through the op) against that cache.
+Key positions run 0..S_K-1 and keys are rotated exactly as a transformers cache holds them; only
+the body's and the needle's hidden states are approximated (computed in a ~500-token context).
+
+    python -m ihip_compile.eval.tiled_passkey --context 16384 --needle-at 8179,12279 \\
+        --preset cpu-small --options '{"first_probe_parts": 64}'
+
+answers the pass key with infinitehip for each needle position and prints, per position,
+whether the key was found and in how many layers the question attended every needle block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ihip_compile.eval.data import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION
+from ihip_compile.kernels.rope_delta_ref import ROPE_ROTATE_HALF, rotate_by_delta
+from ihip_compile.layer_calibration import model_rope
+
+WARMUP_PERIODS = 20
+ANSWER_TOKENS = 6  # a space and five digits
+
+
+@dataclass
+class TiledPasskey:
+    cache: object  # DynamicCache holding the prompt up to the question
+    question: torch.Tensor  # [1, T] ids
+    key: str
+    needle_at: int  # position of the needle's first token
+    needle_tokens: int
+
+
+@torch.no_grad()
+def tiled_passkey_cache(model, tokenizer, total_tokens: int, seed: int,
+                        needle_at: int | None = None) -> TiledPasskey:
+    """A ~``total_tokens`` cache with the needle right after the head, or at ``needle_at``."""
+    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    key = str(random.Random(seed).randint(10000, 99999))
+    filler = ids(PASSKEY_FILLER)
+    period = len(filler)
+    head = ids(PASSKEY_INTRO) + filler * 2
+    needle = ids(f"The pass key is {key}. Remember it. {key} is the pass key. ") + filler * 2
+    question = ids(PASSKEY_QUESTION)
+    copies = (total_tokens - len(head) - len(needle) - len(question)) // period
+    if copies <= WARMUP_PERIODS:
+        raise ValueError(f"total_tokens {total_tokens} leaves no room for tiled filler")
+    before = 0 if needle_at is None else round((needle_at - len(head)) / period)
+    if not 0 <= before <= copies:
+        raise ValueError(f"needle_at {needle_at} is outside the filler, allowed: "
+                         f"{len(head)}..{len(head) + copies * period}")
+    context = ids(PASSKEY_INTRO) + filler * WARMUP_PERIODS
+    head_cache = model(torch.tensor([head]), use_cache=True).past_key_values
+    in_context = model(torch.tensor([context + needle]), use_cache=True).past_key_values
+    inv_freq, rotary_dim, layout = model_rope(model)
+    if layout != ROPE_ROTATE_HALF:
+        raise ValueError("tiled caches support rotate_half RoPE models only")
+    steady_at = len(context) - period  # the steady filler period's first position
+    needle_pos = len(head) + before * period
+    place = _Placer(inv_freq, rotary_dim, layout, period, steady_at)
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer in range(len(head_cache.layers)):
+        keys, values = in_context.layers[layer].keys, in_context.layers[layer].values
+        period_kv = (keys[:, :, steady_at: len(context)], values[:, :, steady_at: len(context)])
+        needle_kv = (keys[:, :, len(context):], values[:, :, len(context):])
+        parts = [(head_cache.layers[layer].keys, head_cache.layers[layer].values),
+                 place.periods(period_kv, before, len(head)),
+                 place.shifted(needle_kv, needle_pos - len(context)),
+                 place.periods(period_kv, copies - before, needle_pos + len(needle))]
+        cache.update(torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2),
+                     layer)
+    return TiledPasskey(cache, torch.tensor([question]), key, needle_pos, len(needle) - 2 * period)
+
+
+@dataclass
+class _Placer:
+    """Moves keys computed at one place to another by rotating them (values do not move)."""
+
+    inv_freq: torch.Tensor
+    rotary_dim: int
+    layout: int
+    period: int
+    steady_at: int
+
+    def shifted(self, kv, delta: int):
+        k, v = kv
+        return rotate_by_delta(k, torch.tensor(delta), self.inv_freq, self.rotary_dim,
+                               self.layout), v
+
+    def periods(self, kv, count: int, first: int):
+        """``count`` copies of the steady period, the first at position ``first``."""
+        k, v = kv
+        shifts = first + self.period * torch.arange(count) - self.steady_at
+        k_body = rotate_by_delta(
+            k.unsqueeze(2).expand(-1, -1, count, -1, -1), shifts[None, None, :, None],
+            self.inv_freq, self.rotary_dim, self.layout,
+        ).flatten(2, 3)
+        return k_body, v.repeat(1, 1, count, 1)
+
+
+def _covering(selections: list[list[int]], tiled: TiledPasskey, block: int) -> int:
+    """How many selections hold every block of the key sentence."""
+    first, last = tiled.needle_at // block, (tiled.needle_at + tiled.needle_tokens - 1) // block
+    return sum(set(range(first, last + 1)) <= set(blocks) for blocks in selections)
+
+
+class QuestionSelections:
+    """Records the blocks each prefill call's last query block attends (the question's, one call
+    per layer), by wrapping the attention step of ``sparse_attention`` while in use."""
+
+    def __enter__(self):
+        from ihip_compile.kernels import sparse_attention
+
+        self.blocks: list[list[int]] = []
+        self._module, self._original = sparse_attention, sparse_attention.attend_selected_blocks
+
+        def recording(q, k, v, blocks, *args):
+            if q.shape[2] > 1:
+                self.blocks.append(blocks[0, -1].tolist())
+            return self._original(q, k, v, blocks, *args)
+
+        sparse_attention.attend_selected_blocks = recording
+        return self
+
+    def __exit__(self, *exc):
+        self._module.attend_selected_blocks = self._original
+
+
+def _parse(argv):
+    from ihip_compile.eval.__main__ import PRESETS
+
+    p = argparse.ArgumentParser(prog="python -m ihip_compile.eval.tiled_passkey",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context", type=int, default=16384)
+    p.add_argument("--needle-at", default="8179", help="comma-separated token positions")
+    p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
+    p.add_argument("--options", default="{}", help="extra infinitehip options as JSON")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default=None, help="write the rows as JSON to this file")
+    args = p.parse_args(argv)
+    args.options = {**PRESETS[args.preset], **json.loads(args.options)}
+    args.needle_at = [int(x) for x in args.needle_at.split(",") if x]
+    return args
+
+
+def main(argv=None) -> int:
+    from ihip_compile.config import IHipConfig
+    from ihip_compile.eval.paths import ModelRunner, greedy_answer
+    from ihip_compile.eval.run import answer_has_key
+    from ihip_compile.layer_policy import with_model_facts
+    from ihip_compile.smollm2 import load_smollm2
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse(argv)
+    model, tokenizer = load_smollm2()
+    config = with_model_facts(IHipConfig.from_options(args.options), model)
+    runner = ModelRunner(model, config, path="interface")
+    rows = []
+    for position in args.needle_at:
+        tiled = tiled_passkey_cache(model, tokenizer, args.context, args.seed, position)
+        context = tiled.cache.get_seq_length()
+        with QuestionSelections() as seen:
+            new = greedy_answer(runner.forward("infinitehip"), tiled.question, ANSWER_TOKENS,
+                                cache=tiled.cache)
+        answer = tokenizer.decode(new)
+        layers = model.config.num_hidden_layers
+        rows.append({"context": context, "needle_at": tiled.needle_at, "answer": answer,
+                     "found": answer_has_key(answer, tiled.key),
+                     "layers_attending_whole_needle": _covering(
+                         seen.blocks[:layers], tiled, config.stages[-1].chunk_size),
+                     "layers": layers})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": "python -m ihip_compile.eval.tiled_passkey", "argv": argv,
+                       "options": args.options, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
