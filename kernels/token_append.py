@@ -3,7 +3,8 @@
 Spec: ``token_append_ref.append_tokens_ref`` (layout, banks, bit-exact copies). On CUDA the
 store's block-major host copy is pinned and registered, so a kernel can write it in place: one
 launch per tensor writes the new tokens over PCIe and into every bank that holds their blocks,
-with no host-side copy and no stream sync (a decode step's append was ~25 torch ops and a sync).
+with no host-side copy and no stream sync (a device-to-host copy would wait for the stream,
+and the host-side scatter into blocks and the bank updates would be ~25 small torch ops).
 One program writes TOKENS tokens of one KV head of one row.
 
 Caution: writes to host memory are ordered with later work on the same stream only; host code
