@@ -19,6 +19,8 @@ the body's and the needle's hidden states are approximated (computed in a ~500-t
 
 answers the pass key with infinitehip for each needle position and prints, per position,
 whether the key was found and in how many layers the question attended every needle block.
+``--device cuda`` runs it in bf16 on a GPU, where contexts of 1M tokens fit: the cache costs two
+short forwards and one rotation per layer, not a 1M-token prefill.
 """
 
 from __future__ import annotations
@@ -67,8 +69,10 @@ def tiled_passkey_cache(model, tokenizer, total_tokens: int, seed: int,
         raise ValueError(f"needle_at {needle_at} is outside the filler, allowed: "
                          f"{len(head)}..{len(head) + copies * period}")
     context = ids(PASSKEY_INTRO) + filler * WARMUP_PERIODS
-    head_cache = model(torch.tensor([head]), use_cache=True).past_key_values
-    in_context = model(torch.tensor([context + needle]), use_cache=True).past_key_values
+    device = next(model.parameters()).device
+    head_cache = model(torch.tensor([head], device=device), use_cache=True).past_key_values
+    in_context = model(torch.tensor([context + needle], device=device),
+                       use_cache=True).past_key_values
     inv_freq, rotary_dim, layout = model_rope(model)
     if layout != ROPE_ROTATE_HALF:
         raise ValueError("tiled caches support rotate_half RoPE models only")
@@ -88,7 +92,8 @@ def tiled_passkey_cache(model, tokenizer, total_tokens: int, seed: int,
                  place.periods(period_kv, copies - before, needle_pos + len(needle))]
         cache.update(torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2),
                      layer)
-    return TiledPasskey(cache, torch.tensor([question]), key, needle_pos, len(needle) - 2 * period)
+    return TiledPasskey(cache, torch.tensor([question], device=device), key, needle_pos,
+                        len(needle) - 2 * period)
 
 
 @dataclass
@@ -103,13 +108,13 @@ class _Placer:
 
     def shifted(self, kv, delta: int):
         k, v = kv
-        return rotate_by_delta(k, torch.tensor(delta), self.inv_freq, self.rotary_dim,
-                               self.layout), v
+        return rotate_by_delta(k, torch.tensor(delta, device=k.device), self.inv_freq,
+                               self.rotary_dim, self.layout), v
 
     def periods(self, kv, count: int, first: int):
         """``count`` copies of the steady period, the first at position ``first``."""
         k, v = kv
-        shifts = first + self.period * torch.arange(count) - self.steady_at
+        shifts = first + self.period * torch.arange(count, device=k.device) - self.steady_at
         k_body = rotate_by_delta(
             k.unsqueeze(2).expand(-1, -1, count, -1, -1), shifts[None, None, :, None],
             self.inv_freq, self.rotary_dim, self.layout,
@@ -157,6 +162,7 @@ def _parse(argv):
     p.add_argument("--options", default="{}", help="extra infinitehip options as JSON")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="write the rows as JSON to this file")
+    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     args = p.parse_args(argv)
     args.options = {**PRESETS[args.preset], **json.loads(args.options)}
     args.needle_at = [int(x) for x in args.needle_at.split(",") if x]
@@ -172,7 +178,8 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
-    model, tokenizer = load_smollm2()
+    dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+    model, tokenizer = load_smollm2(dtype=dtype, device=args.device)
     config = with_model_facts(IHipConfig.from_options(args.options), model)
     runner = ModelRunner(model, config, path="interface")
     rows = []
@@ -193,7 +200,8 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": "python -m ihip_compile.eval.tiled_passkey", "argv": argv,
-                       "options": args.options, "rows": rows}, f, indent=2)
+                       "device": args.device, "options": args.options, "rows": rows}, f,
+                      indent=2)
     return 0
 
 
