@@ -122,32 +122,58 @@ class _Placer:
         return k_body, v.repeat(1, 1, count, 1)
 
 
+def _needle_blocks(tiled: TiledPasskey, block: int) -> list[int]:
+    """The ``block``-token blocks the key sentence covers."""
+    first, last = tiled.needle_at // block, (tiled.needle_at + tiled.needle_tokens - 1) // block
+    return list(range(first, last + 1))
+
+
 def _covering(selections: list[list[int]], tiled: TiledPasskey, block: int) -> int:
     """How many selections hold every block of the key sentence."""
-    first, last = tiled.needle_at // block, (tiled.needle_at + tiled.needle_tokens - 1) // block
-    return sum(set(range(first, last + 1)) <= set(blocks) for blocks in selections)
+    return sum(set(_needle_blocks(tiled, block)) <= set(blocks) for blocks in selections)
 
 
 class QuestionSelections:
-    """Records the blocks each prefill call's last query block attends (the question's, one call
-    per layer), by wrapping the attention step of ``sparse_attention`` while in use."""
+    """While in use, wraps the attention step after the selection (prefill and decode) to record
+    the blocks each prefill call's last query block attends (the question's, one call per layer)
+    and, given ``force``, to add those blocks to every selection: a miss that persists then is
+    not the selection's."""
+
+    def __init__(self, force: list[int] | None = None):
+        self.force, self.blocks = sorted(force or []), []
 
     def __enter__(self):
-        from ihip_compile.kernels import sparse_attention
+        from ihip_compile.kernels import decode_selection_cache, sparse_attention
 
-        self.blocks: list[list[int]] = []
-        self._module, self._original = sparse_attention, sparse_attention.attend_selected_blocks
+        self._modules = (sparse_attention, decode_selection_cache)
+        self._original = sparse_attention.attend_selected_blocks
 
         def recording(q, k, v, blocks, *args):
+            if self.force:
+                blocks = _with_blocks(blocks, self.force)
             if q.shape[2] > 1:
                 self.blocks.append(blocks[0, -1].tolist())
             return self._original(q, k, v, blocks, *args)
 
-        sparse_attention.attend_selected_blocks = recording
+        for module in self._modules:
+            module.attend_selected_blocks = recording
         return self
 
     def __exit__(self, *exc):
-        self._module.attend_selected_blocks = self._original
+        for module in self._modules:
+            module.attend_selected_blocks = self._original
+
+
+def _with_blocks(blocks: torch.Tensor, force: list[int]) -> torch.Tensor:
+    """Selections [..., TOPK] (sorted, -1 last) with ``force`` added; the earliest other blocks
+    make room where a row is full."""
+    rows = []
+    for row in blocks.reshape(-1, blocks.shape[-1]).tolist():
+        others = [b for b in row if b >= 0 and b not in force]
+        others = others[max(0, len(others) + len(force) - len(row)):]
+        merged = sorted(others + force)
+        rows.append(merged + [-1] * (len(row) - len(merged)))
+    return torch.tensor(rows, dtype=blocks.dtype, device=blocks.device).view(blocks.shape)
 
 
 def _parse(argv):
@@ -163,6 +189,9 @@ def _parse(argv):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="write the rows as JSON to this file")
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
+    p.add_argument("--attend-needle", action="store_true",
+                   help="add the key sentence's blocks to every selection (tells selection "
+                        "misses from other misses)")
     args = p.parse_args(argv)
     args.options = {**PRESETS[args.preset], **json.loads(args.options)}
     args.needle_at = [int(x) for x in args.needle_at.split(",") if x]
@@ -186,21 +215,24 @@ def main(argv=None) -> int:
     for position in args.needle_at:
         tiled = tiled_passkey_cache(model, tokenizer, args.context, args.seed, position)
         context = tiled.cache.get_seq_length()
-        with QuestionSelections() as seen:
+        block = config.stages[-1].chunk_size
+        needle = _needle_blocks(tiled, block) if args.attend_needle else None
+        with QuestionSelections(needle) as seen:
             new = greedy_answer(runner.forward("infinitehip"), tiled.question, ANSWER_TOKENS,
                                 cache=tiled.cache)
         answer = tokenizer.decode(new)
         layers = model.config.num_hidden_layers
         rows.append({"context": context, "needle_at": tiled.needle_at, "answer": answer,
                      "found": answer_has_key(answer, tiled.key),
-                     "layers_attending_whole_needle": _covering(
-                         seen.blocks[:layers], tiled, config.stages[-1].chunk_size),
+                     "layers_attending_whole_needle": _covering(seen.blocks[:layers], tiled,
+                                                                block),
                      "layers": layers})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": "python -m ihip_compile.eval.tiled_passkey", "argv": argv,
-                       "device": args.device, "options": args.options, "rows": rows}, f,
+                       "device": args.device, "attend_needle": args.attend_needle,
+                       "options": args.options, "rows": rows}, f,
                       indent=2)
     return 0
 

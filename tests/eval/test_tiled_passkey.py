@@ -27,3 +27,14 @@ def test_command_writes_one_row_per_needle(tmp_path):
     assert [abs(r["needle_at"] - want) < 40 for r, want in zip(rows, (700, 1200))] == [True] * 2
     assert all(isinstance(r["found"], bool) and 0 <= r["layers_attending_whole_needle"] <= 30
                for r in rows)
+
+
+def test_forced_blocks_join_every_selection_keeping_order_and_width():
+    import torch
+
+    from ihip_compile.eval.tiled_passkey import _with_blocks
+
+    blocks = torch.tensor([[[3, 9, 20, -1], [1, 2, 5, 7]]], dtype=torch.int32)
+    got = _with_blocks(blocks, [6, 9])
+    assert got.tolist() == [[[3, 6, 9, 20], [5, 6, 7, 9]]]  # full rows drop their earliest
+    assert got.dtype == blocks.dtype
