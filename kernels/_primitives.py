@@ -28,10 +28,38 @@ def rope_pairing(cols, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr):
     return partner, sign, freq_index, rotated
 
 
+# 2*pi as three fp32 parts (Cody-Waite): 8 and 12 significant bits, then the rest. The multiple
+# k is split into k_hi (a multiple of 2**10) and k_lo (|k_lo| <= 512), so every product of a k part
+# with one of the first two parts is exact in fp32 and so are the subtractions, with or without
+# fused multiply-adds (the Triton interpreter has none) for |angle| < 2**25 rad.
+_TWO_PI_1 = tl.constexpr(6.28125)
+_TWO_PI_2 = tl.constexpr(0.0019350051879882812)
+_TWO_PI_3 = tl.constexpr(3.019916050561733e-07)
+_INV_TWO_PI = tl.constexpr(0.15915494309189535)
+_K_SPLIT = tl.constexpr(1024.0)
+
+
+@triton.jit
+def reduce_angle(angle):
+    """``angle`` (fp32 radians) minus the nearest multiple of 2*pi: the same cos and sin within
+    ~1.5e-7 for |angle| < 2**25 (RoPE distances up to 33M tokens), and a result within +-4 rad.
+
+    Why: RoPE angles of re-positioned keys reach delta * inv_freq ~ 1e6 rad at 1M tokens, where
+    the GPU's precise cos/sin fall into a slow range reduction (a loop through local memory, per
+    element); reduced here first, they take the short polynomial path.
+    """
+    k = tl.floor(angle * _INV_TWO_PI + 0.5)
+    k_hi = tl.floor(k / _K_SPLIT + 0.5) * _K_SPLIT
+    k_lo = k - k_hi
+    r = angle - k_hi * _TWO_PI_1 - k_lo * _TWO_PI_1
+    r = r - k_hi * _TWO_PI_2 - k_lo * _TWO_PI_2
+    return r - k * _TWO_PI_3
+
+
 @triton.jit
 def rotate_by_delta(x, x_partner, delta, freq, sign, rotated):
     """x, x_partner [N, D] fp32; delta [N] positions; freq, sign, rotated [D] -> [N, D] fp32."""
-    angle = delta.to(tl.float32)[:, None] * freq[None, :]
+    angle = reduce_angle(delta.to(tl.float32)[:, None] * freq[None, :])
     turned = x * tl.cos(angle) + sign[None, :] * x_partner * tl.sin(angle)
     return tl.where(rotated[None, :], turned, x)
 

@@ -44,12 +44,13 @@ def test_reference_matches_model_rope(layout, head_dim, rotary_dim):
 @pytest.mark.parametrize("layout", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (96, 32)])
-def test_kernel_matches_reference(layout, dtype, head_dim, rotary_dim):
+@pytest.mark.parametrize("max_delta", [4000, 4_194_304])  # within a window; 4M-token distances
+def test_kernel_matches_reference(layout, dtype, head_dim, rotary_dim, max_delta):
     from ihip_compile.kernels.rope_delta import rotate_by_delta
 
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(21, head_dim, generator=gen).to(DEVICE, dtype)
-    delta = torch.randint(-4000, 4000, (21,), generator=gen).to(DEVICE)
+    delta = torch.randint(-max_delta, max_delta, (21,), generator=gen).to(DEVICE)
     inv = _inv_freq(rotary_dim).to(DEVICE)
     out = rotate_by_delta(x, delta, inv, rotary_dim, layout)
     assert_matches_reference(out, rope_delta_ref.rotate_by_delta, x, delta, inv, rotary_dim, layout)
