@@ -57,11 +57,24 @@ def reduce_angle(angle):
 
 
 @triton.jit
+def rotation_cos_sin(delta, freq):
+    """delta [N] positions, freq [D] -> cos and sin [N, D] (fp32) of the rotation by delta."""
+    angle = reduce_angle(delta.to(tl.float32)[:, None] * freq[None, :])
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def apply_rotation(x, x_partner, cos, sin, sign, rotated):
+    """x, x_partner [N, D] fp32 turned by ``rotation_cos_sin``; sign, rotated [D] -> [N, D]."""
+    turned = x * cos + sign[None, :] * x_partner * sin
+    return tl.where(rotated[None, :], turned, x)
+
+
+@triton.jit
 def rotate_by_delta(x, x_partner, delta, freq, sign, rotated):
     """x, x_partner [N, D] fp32; delta [N] positions; freq, sign, rotated [D] -> [N, D] fp32."""
-    angle = reduce_angle(delta.to(tl.float32)[:, None] * freq[None, :])
-    turned = x * tl.cos(angle) + sign[None, :] * x_partner * tl.sin(angle)
-    return tl.where(rotated[None, :], turned, x)
+    cos, sin = rotation_cos_sin(delta, freq)
+    return apply_rotation(x, x_partner, cos, sin, sign, rotated)
 
 
 @triton.jit

@@ -25,6 +25,7 @@ import torch
 
 from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES, score_chunks_ref
+from ihip_compile.kernels.positioned_scoring import positioned_scoring_inputs, probes_per_chunk
 
 _EMPTY_LAST = torch.iinfo(torch.int32).max
 
@@ -162,15 +163,20 @@ def select_blocks(
         starts = starts.expand(b, pos_max.shape[1], -1)
     else:
         starts = split_chunks(candidates, stage_chunks[start_stage - 1], stage_chunks[start_stage])
+    rope = dict(inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout)
+    moved = {}  # keys moved to where a pruning RoPE mode scores them, shared between stages
     stages = []
     for i in range(start_stage, len(stage_chunks)):
         chunk = stage_chunks[i]
         if i > start_stage:
             starts = split_chunks(starts, stage_chunks[i - 1], chunk)
+        stage_q, stage_k, stage_mode = positioned_scoring_inputs(
+            q_pooled, k, pos_max, rope_mode, rope, chunk_size=chunk, window_tokens=window_tokens,
+            n_probed=starts.numel() * probes_per_chunk(chunk, first_probes),
+            use_triton=use_triton, memo=moved)
         scores = score_chunks(
-            q_pooled, k, starts, key_hi, pos_max, key_lo=sink_tokens, chunk_size=chunk,
-            rope_mode=rope_mode, inv_freq=inv_freq, rotary_dim=rotary_dim,
-            rope_layout=rope_layout, window_tokens=window_tokens, first_probes=first_probes,
+            stage_q, stage_k, starts, key_hi, pos_max, key_lo=sink_tokens, chunk_size=chunk,
+            rope_mode=stage_mode, window_tokens=window_tokens, first_probes=first_probes, **rope,
         )
         starts = keep_best_chunks(scores, starts, keeps[i] // chunk)
         stages.append(starts)

@@ -1,14 +1,17 @@
 """Standalone launcher of the in-kernel RoPE re-positioning (``_primitives.load_rows_moved``).
 
-Only for tests: the attention and pruning kernels call the jit helper directly. Its spec is
-``rope_delta_ref.rotate_by_delta``.
+The attention and pruning kernels call the jit helper directly. ``rotate_by_delta`` tests it;
+``rotate_positions`` moves whole key tensors, one rotation per position shared by all heads
+(``positioned_scoring``). Their spec is ``rope_delta_ref.rotate_by_delta``.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import load_rows_moved
+from ihip_compile.kernels._primitives import (
+    apply_rotation, load_rows, load_rows_moved, rope_pairing, rotation_cos_sin,
+)
 
 
 @triton.jit
@@ -21,7 +24,7 @@ def _rotate_rows_kernel(x_ptr, delta_ptr, inv_freq_ptr, out_ptr, n_rows, head_di
     delta = tl.load(delta_ptr + rows, mask=row_ok, other=0)
     x = load_rows_moved(x_ptr, rows, row_ok, head_dim, cols, col_ok, delta, inv_freq_ptr,
                         True, ROTARY_DIM, LAYOUT)
-    tl.store(out_ptr + rows[:, None] * head_dim + cols[None, :], x,
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * head_dim + cols[None, :], x,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -35,6 +38,47 @@ def rotate_by_delta(x, delta, inv_freq, rotary_dim: int, layout: int) -> torch.T
     block_n = 16
     _rotate_rows_kernel[(triton.cdiv(n, block_n),)](
         x, delta.to(torch.int32).contiguous(), inv_freq.float().contiguous(), out, n, d,
+        ROTARY_DIM=rotary_dim, LAYOUT=layout, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
+    )
+    return out
+
+
+@triton.jit
+def _rotate_positions_kernel(x_ptr, delta_ptr, inv_freq_ptr, out_ptr, n_pos, heads, head_dim,
+                             ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program: BLOCK_N positions of one sequence, every head. The heads of a position share
+    # its rotation, so cos and sin are computed once for all of them.
+    pos = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seq = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    pos_ok, col_ok = pos < n_pos, cols < head_dim
+    delta = tl.load(delta_ptr + pos, mask=pos_ok, other=0)
+    partner, sign, freq_index, rotated = rope_pairing(cols, ROTARY_DIM, LAYOUT)
+    cos, sin = rotation_cos_sin(delta, tl.load(inv_freq_ptr + freq_index).to(tl.float32))
+    head_stride = n_pos.to(tl.int64) * head_dim
+    base, out = x_ptr + seq * heads * head_stride, out_ptr + seq * heads * head_stride
+    for _ in range(heads):
+        x = load_rows(base, pos, pos_ok, head_dim, cols, col_ok)
+        x_partner = load_rows(base, pos, pos_ok, head_dim, partner, col_ok)
+        moved = apply_rotation(x.to(tl.float32), x_partner.to(tl.float32), cos, sin, sign, rotated)
+        tl.store(out + pos.to(tl.int64)[:, None] * head_dim + cols[None, :], moved.to(x.dtype),
+                 mask=pos_ok[:, None] & col_ok[None, :])
+        base += head_stride
+        out += head_stride
+
+
+def rotate_positions(x, delta, inv_freq, rotary_dim: int, layout: int) -> torch.Tensor:
+    """x [B, H, S, D], delta [S] int -> x with position s of every head rotated by delta[s]."""
+    if x.dim() != 4 or delta.shape != x.shape[2:3]:
+        raise ValueError(f"x must be [B, H, S, D] and delta [S], got {tuple(x.shape)}, "
+                         f"{tuple(delta.shape)}")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    b, h, s, d = x.shape
+    block_n = 32
+    _rotate_positions_kernel[(triton.cdiv(s, block_n), b)](
+        x, delta.to(torch.int32).contiguous(), inv_freq.float().contiguous(), out, s, h, d,
         ROTARY_DIM=rotary_dim, LAYOUT=layout, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
     )
     return out

@@ -62,3 +62,20 @@ def test_reference_rejects_bad_rotary_arguments(rotary_dim, layout):
     with pytest.raises(ValueError, match="rotary_dim|rope_layout"):
         rope_delta_ref.rotate_by_delta(x, torch.zeros(2), _inv_freq(max(rotary_dim, 2)),
                                        rotary_dim, layout)
+
+
+@pytest.mark.parametrize("layout", [1, 2])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (96, 32)])
+def test_rotate_positions_matches_reference(layout, head_dim, rotary_dim):
+    from ihip_compile.kernels.rope_delta import rotate_positions
+
+    gen = torch.Generator().manual_seed(head_dim + layout)
+    x = torch.randn(2, 3, 45, head_dim, generator=gen).to(DEVICE, torch.bfloat16)
+    delta = torch.randint(-2_000_000, 2_000_000, (45,), generator=gen).to(DEVICE)
+    inv = _inv_freq(rotary_dim).to(DEVICE)
+
+    def per_position(x, delta, inv):
+        return rope_delta_ref.rotate_by_delta(x, delta.view(1, 1, -1), inv, rotary_dim, layout)
+
+    out = rotate_positions(x, delta, inv, rotary_dim, layout)
+    assert_matches_reference(out, per_position, x, delta, inv)
