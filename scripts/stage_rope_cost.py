@@ -1,0 +1,55 @@
+"""Time the pruning-stage kernel alone for stage 0 at 1M keys, with and without pruning RoPE.
+
+    python scripts/stage_rope_cost.py            (a CUDA GPU; prints one JSON line, ms per call)
+
+Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d 128, bf16), 256-key chunks over every key:
+``prefill`` is a 32k-token chunk's 512 query blocks (16 pooled queries each), ``decode`` one query
+block; ``rope1`` the relative pruning RoPE (every probed key rotated in the kernel), ``rope0`` none.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from ihip_compile.kernels import prune_stage
+
+S_K, HEADS, KV_HEADS, HEAD_DIM, CHUNK = 1 << 20, 32, 8, 128, 256
+
+
+def time_stage(keys, inv_freq, n_blocks: int, pooled: int, rope_mode: int, first: int,
+               reps: int) -> float:
+    q = torch.randn(1, HEADS, n_blocks, pooled, HEAD_DIM, device="cuda", dtype=keys.dtype)
+    starts = torch.arange(256, S_K - 1024, CHUNK, device="cuda", dtype=torch.int32)
+    starts = starts.expand(1, n_blocks, -1).contiguous()
+    block_pos = torch.full((1, n_blocks), S_K - 1, device="cuda", dtype=torch.int32)
+    key_hi = torch.full((1, n_blocks), S_K - 1024, device="cuda", dtype=torch.int32)
+    kw = dict(key_lo=256, chunk_size=CHUNK, rope_mode=rope_mode, inv_freq=inv_freq,
+              rotary_dim=HEAD_DIM, rope_layout=1 if rope_mode else 0, first_probes=first)
+    prune_stage.score_chunks(q, keys, starts, key_hi, block_pos, **kw)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        prune_stage.score_chunks(q, keys, starts, key_hi, block_pos, **kw)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("stage_rope_cost.py times the Triton kernel: it needs a CUDA GPU")
+    torch.manual_seed(0)
+    keys = torch.randn(1, KV_HEADS, S_K, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM)
+    result = {}
+    for name, n_blocks, pooled, reps in (("prefill", 512, 16, 3), ("decode", 1, 1, 20)):
+        for rope_mode, first in ((1, 8), (1, 2), (0, 8)):
+            ms = time_stage(keys, inv_freq, n_blocks, pooled, rope_mode, first, reps)
+            result[f"{name}_rope{rope_mode}_first{first}"] = round(ms, 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
