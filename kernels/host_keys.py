@@ -61,8 +61,13 @@ class BlockMajorKeys:
                 "stride_s": self.blocks.stride(2), "keys_per_block": block}
 
     def as_tensor(self) -> torch.Tensor:
-        """The keys as a plain [B * groups, H_KV / groups, S, D] tensor (a copy; for checks)."""
-        b, heads = self.batch, self.blocks.shape[1]
-        rows = self.blocks.view(b, -1, *self.blocks.shape[1:]).permute(0, 2, 1, 3, 4)
-        plain = rows.reshape(b, heads, -1, self.blocks.shape[3])[:, :, : self.length]
-        return plain.reshape(*self.shape).to(self.device)
+        """The keys as a plain [B * groups, H_KV / groups, S, D] tensor on ``device`` (a copy).
+
+        The blocks holding the S valid keys are copied as they lie and rearranged on the device:
+        rearranging in host memory first would cost a pass over them on the CPU.
+        """
+        b, heads, block = self.batch, self.blocks.shape[1], self.blocks.shape[2]
+        used = -(-self.length // block)
+        rows = self.blocks.view(b, -1, *self.blocks.shape[1:])[:, :used].to(self.device)
+        plain = rows.permute(0, 2, 1, 3, 4).reshape(b, heads, -1, self.blocks.shape[3])
+        return plain[:, :, : self.length].reshape(*self.shape)

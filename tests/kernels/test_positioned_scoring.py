@@ -119,3 +119,20 @@ def test_probe_count_per_chunk():
     assert positioned_scoring.probes_per_chunk(256, 2) == 2 + 2 * 7
     assert positioned_scoring.probes_per_chunk(8, 8) == 8
     assert positioned_scoring.probes_per_chunk(1, 8) == 1
+
+
+def test_keys_in_host_memory_are_moved_like_the_plain_tensor():
+    from ihip_compile.kernels.host_keys import BlockMajorKeys
+
+    gen = torch.Generator().manual_seed(5)
+    b, h, s, block = 2, 2, 203, 8
+    k = torch.randn(b, h, s, D, generator=gen)
+    n = -(-s // block) + 3  # spare blocks past the valid keys, as a growing store has
+    padded = torch.zeros(b, h, n * block, D)
+    padded[:, :, :s] = k
+    blocks = padded.view(b, h, n, block, D).permute(0, 2, 1, 3, 4).reshape(b * n, h, block, D)
+    in_host = BlockMajorKeys(blocks.contiguous(), b, s, torch.device("cpu"))
+    rope = dict(inv_freq=_inv_freq().float(), rotary_dim=D, rope_layout=1)
+    delta = positioned_scoring.key_targets(1, s, 16, "cpu")
+    moved = positioned_scoring.moved_keys(in_host, delta, rope, use_triton=False)
+    assert torch.equal(moved, positioned_scoring.moved_keys(k, delta, rope, use_triton=False))
