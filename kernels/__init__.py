@@ -38,6 +38,8 @@ Keys appended after stage 0 last ran are not candidates; widening the attention'
 their count keeps them attended (the sets stay disjoint: selected keys inside a query's window
 are masked). ``rope_mode`` of select_blocks is 0 true positions, 1 relative, 2 chunk-indexed:
 map the op's ``pruning_rope`` with ``sparse_attention.pruning_rope_mode(pruning_rope, remap)``.
+Where a stage probes many keys per cached key (prefill), ``positioned_scoring`` moves the keys
+to their pruning-RoPE positions once and turns the queries instead, so probes need no rotation.
 No function here synchronises with the host on the Triton path, so a decode step (selection
 included) can be captured in a CUDA graph.
 """
