@@ -87,6 +87,10 @@ class IHipConfig:
     # Parts of each chunk probed in a stage's first step (2: the paper's plain halving). More parts
     # find isolated needles more often but make stage recomputation slower at decode.
     first_probe_parts: int = 8
+    # Selections for at most this many query blocks (decode steps, short prompts) score every key
+    # of each candidate chunk (exact chunk maxima) where the keys are in device memory: isolated
+    # needles are found far more often, for a dearer decode refresh. 0: never.
+    exact_probe_query_blocks: int = 0
     # One block selection per layer (all heads' scores) or per KV head (its query heads' scores;
     # invariant under tensor-parallel head sharding, more selection work at prefill).
     selection_scope: str = "layer"
@@ -113,6 +117,7 @@ class IHipConfig:
         _check_int(self, "sliding_window_tokens", minimum=0)
         _check_int(self, "selected_tokens", minimum=0)
         _check_int(self, "gpu_cache_tokens", minimum=1)
+        _check_int(self, "exact_probe_query_blocks", minimum=0)
         parts = self.first_probe_parts
         if (isinstance(parts, bool) or not isinstance(parts, int) or parts < 2
                 or parts & (parts - 1)):

@@ -98,5 +98,6 @@ def sparse_args_for_layer(config: IHipConfig, layer: int) -> dict[str, Any]:
         "remap_beyond_tokens": remap_beyond_tokens(config),
         "refresh_intervals": list(config.refresh_intervals),
         "first_probes": config.first_probe_parts,
+        "exact_probe_blocks": config.exact_probe_query_blocks,
         "per_kv_head": config.selection_scope == "kv_head",
     }

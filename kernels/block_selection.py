@@ -126,6 +126,7 @@ def select_blocks(
     rope_layout: int = 0,
     query_pool: int = 4,
     first_probes: int = DEFAULT_FIRST_PROBES,
+    exact_probe_blocks: int = 0,
     start_stage: int = 0,
     candidates: torch.Tensor | None = None,
     return_stages: bool = False,
@@ -136,6 +137,9 @@ def select_blocks(
     With ``return_stages=True`` returns ``(block_indices, stages)``: the kept chunk starts of each
     stage run, ``stages[j]`` for stage ``start_stage + j`` ([B, NQB, keep / chunk] int32, sorted,
     -1 last). ``candidates`` for ``start_stage=i`` is such an output of stage i - 1.
+    With at most ``exact_probe_blocks`` query blocks (a decode step, a short prompt), each stage
+    scores every key of its chunks (exact chunk maxima) instead of the ``first_probes`` search,
+    unless the keys lie in host memory (``BlockMajorKeys``: it would read them all over PCIe).
     """
     _check_stages(stage_chunks, stage_keeps, selected_tokens)
     if not 0 <= start_stage < len(stage_chunks):
@@ -144,13 +148,14 @@ def select_blocks(
         raise ValueError("candidates (stage start_stage - 1's output) is needed iff start_stage > 0")
     b, h, s_q, _ = q.shape
     s_k = k.shape[2]
+    keys_in_host = isinstance(k, BlockMajorKeys)
     if use_triton is None:
         use_triton = q.is_cuda
     if use_triton:
         from ihip_compile.kernels.prune_stage import score_chunks
     else:
         score_chunks = score_chunks_ref
-        if isinstance(k, BlockMajorKeys):  # the reference reads plain tensors only
+        if keys_in_host:  # the reference reads plain tensors only
             k = k.as_tensor()
     block_q, _, pos_max = query_blocks(q_positions.to(q.device), b, s_q, block_size_q)
     q_pooled = pool_queries(q, block_q, min(query_pool, block_q))
@@ -165,18 +170,20 @@ def select_blocks(
         starts = split_chunks(candidates, stage_chunks[start_stage - 1], stage_chunks[start_stage])
     rope = dict(inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout)
     moved = {}  # keys moved to where a pruning RoPE mode scores them, shared between stages
+    exact = pos_max.shape[1] <= exact_probe_blocks and not keys_in_host
     stages = []
     for i in range(start_stage, len(stage_chunks)):
         chunk = stage_chunks[i]
         if i > start_stage:
             starts = split_chunks(starts, stage_chunks[i - 1], chunk)
+        probes = chunk if exact else first_probes
         stage_q, stage_k, stage_mode = positioned_scoring_inputs(
             q_pooled, k, pos_max, rope_mode, rope, chunk_size=chunk, window_tokens=window_tokens,
-            n_probed=starts.numel() * probes_per_chunk(chunk, first_probes),
+            n_probed=starts.numel() * probes_per_chunk(chunk, probes),
             use_triton=use_triton, memo=moved)
         scores = score_chunks(
             stage_q, stage_k, starts, key_hi, pos_max, key_lo=sink_tokens, chunk_size=chunk,
-            rope_mode=stage_mode, window_tokens=window_tokens, first_probes=first_probes, **rope,
+            rope_mode=stage_mode, window_tokens=window_tokens, first_probes=probes, **rope,
         )
         starts = keep_best_chunks(scores, starts, keeps[i] // chunk)
         stages.append(starts)

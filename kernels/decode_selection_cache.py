@@ -174,7 +174,7 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
                          rotary_dim: int = 0, rope_layout: int = 0, use_triton: bool = False,
                          states: SelectionStates = DENSE_PATH_STATES, keys_for_stage=None,
                          kv_for_attention=None, first_probes: int = DEFAULT_FIRST_PROBES,
-                         per_kv_head: bool = False):
+                         exact_probe_blocks: int = 0, per_kv_head: bool = False):
     """Sparse decode (S_Q == 1) with the selection cached across steps: the decode branch of
     ``sparse_attention`` with ``select_blocks`` replaced by ``cached_decode_blocks``.
 
@@ -196,7 +196,8 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
         states=states, keys_for_stage=keys_for_stage, block_size_q=block_size_q,
         sink_tokens=sink_tokens, selected_tokens=selected_tokens, stage_chunks=stage_chunks,
         stage_keeps=stage_keeps, rope_mode=pruning_rope_mode(pruning_rope, remap),
-        use_triton=use_triton, first_probes=first_probes, **rope_args,
+        use_triton=use_triton, first_probes=first_probes,
+        exact_probe_blocks=exact_probe_blocks, **rope_args,
     )
     if kv_for_attention is not None:
         k, v = kv_for_attention(per_group(blocks, b), window)

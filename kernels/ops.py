@@ -35,7 +35,7 @@ _ATTENTION_SCHEMA = (
     "int window_tokens=1024, int selected_tokens=2048, "
     "int[] stage_chunks=[256, 32, 8], int[] stage_keeps=[32768, 8192, 2048], "
     "int pruning_rope=0, int remap_beyond_tokens=-1, int[] refresh_intervals=[], "
-    "int first_probes=8, bool per_kv_head=False) -> Tensor"
+    "int first_probes=8, int exact_probe_blocks=0, bool per_kv_head=False) -> Tensor"
 )
 
 # rope_layout values: how the model rotated q and k before attention (0: no RoPE found).
@@ -45,7 +45,8 @@ ROPE_NONE, ROPE_ROTATE_HALF, ROPE_INTERLEAVED = 0, 1, 2
 # refresh_intervals: decode steps between recomputations of each pruning stage (mask caching,
 # kernels/decode_selection_cache.py); empty: recompute every step.
 # first_probes: parts of each chunk probed in a pruning stage's first step (a power of two >= 2;
-# 2 is plain halving; kernels/prune_stage_ref.py).
+# 2 is plain halving; kernels/prune_stage_ref.py). exact_probe_blocks: selections for at most
+# this many query blocks probe every key of a chunk instead (block_selection.select_blocks).
 # per_kv_head: one block selection per KV head instead of one per layer (selection_scope.py).
 
 _lib = torch.library.Library("ihip", "DEF")
@@ -57,7 +58,8 @@ def _attention(
     rotary_dim=0, rope_layout=0, dense_below_tokens=8192, block_size_q=64, sink_tokens=256,
     window_tokens=1024, selected_tokens=2048, stage_chunks=(256, 32, 8),
     stage_keeps=(32768, 8192, 2048), pruning_rope=0, remap_beyond_tokens=-1,
-    refresh_intervals=(), first_probes=DEFAULT_FIRST_PROBES, per_kv_head=False,
+    refresh_intervals=(), first_probes=DEFAULT_FIRST_PROBES, exact_probe_blocks=0,
+    per_kv_head=False,
 ):
     scalars = {name: value for name, value in locals().items()
                if name not in ("q", "k", "v", "q_positions", "kv_valid", "inv_freq")}

@@ -304,12 +304,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
     parser.add_argument("--first-probes", type=int, default=DEFAULT_FIRST_PROBES,
                         help="parts of each chunk's first probing step (2: plain halving)")
+    parser.add_argument("--exact-probe-blocks", type=int, default=0,
+                        help="selections of at most this many query blocks score every key of "
+                             "a chunk (exact chunk maxima; 1: every decode step)")
     parser.add_argument("--selection-scope", choices=["layer", "kv_head"], default="layer")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default="reports/bench")
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
     SELECTION["first_probes"] = args.first_probes
+    SELECTION["exact_probe_blocks"] = args.exact_probe_blocks
     SELECTION_SCOPE["scope"] = args.selection_scope
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
