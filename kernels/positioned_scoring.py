@@ -32,9 +32,11 @@ from ihip_compile.kernels.prune_stage_ref import (
 )
 from ihip_compile.kernels.rope_delta_ref import rotate_by_delta
 
-# Moving pays once a stage probes more than this many keys per cached key. From the H200 attention
-# benchmark's stage timings: moving costs ~0.6 ns per key and KV head (one rotation per position,
-# shared by the heads), a rotated probe ~2 ns.
+# Moving pays once a stage probes more than this many keys per cached key. Estimated from H200
+# stage timings at 4M keys (reports/bench/attention_notes.md): stage 1 of a 32k chunk rotating
+# its ~6.3M probes per KV head took ~110 ms (~2 ns a probe and head); stage 0 with the move of
+# all 4M keys took ~160 ms against ~140 ms expected for its probes alone (4x the 35 ms measured
+# without rotation at 1M), so the move costs ~20 ms (~0.6 ns a key and head).
 _PROBES_PER_KEY_TO_MOVE = 0.3
 _MOVABLE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,7 +50,8 @@ def probes_per_chunk(chunk_size: int, first_probes: int) -> int:
 
 
 def worth_positioning(rope_mode: int, rope_layout: int, keys, n_probed: int) -> bool:
-    """Whether moving every key once beats rotating each of ``n_probed`` probes (per KV head)."""
+    """Whether moving every key once beats rotating ``n_probed`` probes (counted for one KV head,
+    over all batch rows and query blocks)."""
     if rope_mode == PRUNE_ROPE_TRUE or not rope_layout or keys.dtype not in _MOVABLE_DTYPES:
         return False
     b, _, s_k, _ = keys.shape

@@ -45,10 +45,12 @@ def rotate_by_delta(x, delta, inv_freq, rotary_dim: int, layout: int) -> torch.T
 
 @triton.jit
 def _rotate_positions_kernel(x_ptr, delta_ptr, inv_freq_ptr, out_ptr, n_pos, heads, head_dim,
+                             stride_x_b, stride_x_h, stride_x_s,
                              ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program: BLOCK_N positions of one sequence, every head. The heads of a position share
-    # its rotation, so cos and sin are computed once for all of them.
+    # its rotation, so cos and sin are computed once for all of them. The input is read through
+    # its strides (a cache's keys are often a slice of a longer buffer); the output is contiguous.
     pos = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     seq = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -56,29 +58,32 @@ def _rotate_positions_kernel(x_ptr, delta_ptr, inv_freq_ptr, out_ptr, n_pos, hea
     delta = tl.load(delta_ptr + pos, mask=pos_ok, other=0)
     partner, sign, freq_index, rotated = rope_pairing(cols, ROTARY_DIM, LAYOUT)
     cos, sin = rotation_cos_sin(delta, tl.load(inv_freq_ptr + freq_index).to(tl.float32))
-    head_stride = n_pos.to(tl.int64) * head_dim
-    base, out = x_ptr + seq * heads * head_stride, out_ptr + seq * heads * head_stride
+    out_head = n_pos.to(tl.int64) * head_dim
+    base, out = x_ptr + seq * stride_x_b, out_ptr + seq * heads * out_head
     for _ in range(heads):
-        x = load_rows(base, pos, pos_ok, head_dim, cols, col_ok)
-        x_partner = load_rows(base, pos, pos_ok, head_dim, partner, col_ok)
+        x = load_rows(base, pos, pos_ok, stride_x_s, cols, col_ok)
+        x_partner = load_rows(base, pos, pos_ok, stride_x_s, partner, col_ok)
         moved = apply_rotation(x.to(tl.float32), x_partner.to(tl.float32), cos, sin, sign, rotated)
         tl.store(out + pos.to(tl.int64)[:, None] * head_dim + cols[None, :], moved.to(x.dtype),
                  mask=pos_ok[:, None] & col_ok[None, :])
-        base += head_stride
-        out += head_stride
+        base += stride_x_h
+        out += out_head
 
 
 def rotate_positions(x, delta, inv_freq, rotary_dim: int, layout: int) -> torch.Tensor:
-    """x [B, H, S, D], delta [S] int -> x with position s of every head rotated by delta[s]."""
+    """x [B, H, S, D] (any strides, D contiguous), delta [S] int -> a contiguous copy of x with
+    position s of every head rotated by delta[s]."""
     if x.dim() != 4 or delta.shape != x.shape[2:3]:
         raise ValueError(f"x must be [B, H, S, D] and delta [S], got {tuple(x.shape)}, "
                          f"{tuple(delta.shape)}")
-    x = x.contiguous()
-    out = torch.empty_like(x)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     b, h, s, d = x.shape
     block_n = 32
     _rotate_positions_kernel[(triton.cdiv(s, block_n), b)](
         x, delta.to(torch.int32).contiguous(), inv_freq.float().contiguous(), out, s, h, d,
+        x.stride(0), x.stride(1), x.stride(2),
         ROTARY_DIM=rotary_dim, LAYOUT=layout, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
     )
     return out

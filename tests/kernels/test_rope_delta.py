@@ -70,7 +70,8 @@ def test_rotate_positions_matches_reference(layout, head_dim, rotary_dim):
     from ihip_compile.kernels.rope_delta import rotate_positions
 
     gen = torch.Generator().manual_seed(head_dim + layout)
-    x = torch.randn(2, 3, 45, head_dim, generator=gen).to(DEVICE, torch.bfloat16)
+    longer = torch.randn(2, 3, 60, head_dim, generator=gen).to(DEVICE, torch.bfloat16)
+    x = longer[:, :, :45]  # a slice of a longer buffer, as a cache's keys often are
     delta = torch.randint(-2_000_000, 2_000_000, (45,), generator=gen).to(DEVICE)
     inv = _inv_freq(rotary_dim).to(DEVICE)
 
@@ -78,4 +79,5 @@ def test_rotate_positions_matches_reference(layout, head_dim, rotary_dim):
         return rope_delta_ref.rotate_by_delta(x, delta.view(1, 1, -1), inv, rotary_dim, layout)
 
     out = rotate_positions(x, delta, inv, rotary_dim, layout)
+    assert out.is_contiguous()
     assert_matches_reference(out, per_position, x, delta, inv)
