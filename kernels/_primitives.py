@@ -1,8 +1,9 @@
 """Small ``@triton.jit`` helpers shared by the kernels: RoPE re-positioning, gathered row loads,
 soft-capping and the online-softmax update.
 
-``rotate_by_delta`` follows ``rope_delta_ref.rotate_by_delta`` (its torch reference and spec):
-rows already rotated at their true positions are turned by ``delta`` more positions, in fp32.
+``load_rows_moved`` (``row_rotation`` + ``turn_rows``) follows ``rope_delta_ref.rotate_by_delta``
+(its torch reference and spec): rows already rotated at their true positions are turned by
+``delta`` more positions, in fp32.
 """
 
 import triton
@@ -71,17 +72,28 @@ def apply_rotation(x, x_partner, cos, sin, sign, rotated):
 
 
 @triton.jit
-def rotate_by_delta(x, x_partner, delta, freq, sign, rotated):
-    """x, x_partner [N, D] fp32; delta [N] positions; freq, sign, rotated [D] -> [N, D] fp32."""
-    cos, sin = rotation_cos_sin(delta, freq)
-    return apply_rotation(x, x_partner, cos, sin, sign, rotated)
-
-
-@triton.jit
 def load_rows(base_ptr, rows, row_ok, stride_row, cols, col_ok):
     """Gather rows [N] of a row-major matrix -> [N, BLOCK_D] (masked entries are 0)."""
     ptrs = base_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
     return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def row_rotation(delta, cols, inv_freq_ptr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr):
+    """The rotation by ``delta`` [N] positions of rows of columns ``cols``: partner column, sign
+    and rotated flag per column, cos and sin [N, D]. Computed once, it serves every head whose
+    rows share the positions (``turn_rows``)."""
+    partner, sign, freq_index, rotated = rope_pairing(cols, ROTARY_DIM, LAYOUT)
+    cos, sin = rotation_cos_sin(delta, tl.load(inv_freq_ptr + freq_index).to(tl.float32))
+    return partner, sign, rotated, cos, sin
+
+
+@triton.jit
+def turn_rows(x, base_ptr, rows, row_ok, stride_row, col_ok, partner, sign, rotated, cos, sin):
+    """Rows ``x`` (as ``load_rows`` gave them) turned by a ``row_rotation``; keeps x's dtype."""
+    x_partner = load_rows(base_ptr, rows, row_ok, stride_row, partner, col_ok)
+    moved = apply_rotation(x.to(tl.float32), x_partner.to(tl.float32), cos, sin, sign, rotated)
+    return moved.to(x.dtype)
 
 
 @triton.jit
@@ -96,12 +108,10 @@ def load_rows_moved(base_ptr, rows, row_ok, stride_row, cols, col_ok, delta, inv
     x = load_rows(base_ptr, rows, row_ok, stride_row, cols, col_ok)
     if ROPE:
         if tl.max(tl.abs(delta), 0) != 0:
-            partner, sign, freq_index, rotated = rope_pairing(cols, ROTARY_DIM, LAYOUT)
-            freq = tl.load(inv_freq_ptr + freq_index).to(tl.float32)
-            x_partner = load_rows(base_ptr, rows, row_ok, stride_row, partner, col_ok)
-            moved = rotate_by_delta(x.to(tl.float32), x_partner.to(tl.float32), delta, freq, sign,
-                                    rotated)
-            x = moved.to(x.dtype)
+            partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr,
+                                                            ROTARY_DIM, LAYOUT)
+            x = turn_rows(x, base_ptr, rows, row_ok, stride_row, col_ok, partner, sign, rotated,
+                          cos, sin)
     return x
 
 

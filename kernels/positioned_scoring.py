@@ -11,12 +11,12 @@ score equals ``<R(-b) q, R(t(j) - j) k>`` with the per-block turn b (``block_pos
 t(j) in one pass, the pooled queries are turned by -b, and the stage kernel probes with no
 rotation at all. Same scores up to rounding.
 
-Why: the rotation per probe (cos and sin per element) is nearly all of a stage's time. Measured on
-an H200 (``reports/bench/attention_notes.md``): stage 0 of a 32k-token prefill chunk at 1M keys
-takes 666 ms rotating probes and 35 ms without rotation. A prefill chunk's 512 query blocks
-probe each cached key ~37 times at stage 0; moving every key once costs one pass over the keys. A
-decode step (one query block) probes fewer keys than the cache holds, so there the rotation stays
-in the kernel (``worth_positioning``).
+Why: the rotation per probe (cos and sin per element) is most of a stage's time. Measured on an
+H200 (``reports/bench/shared_rotation/stage0_rope_cost.json``): stage 0 of a 32k-token prefill
+chunk at 1M keys takes 132 ms rotating probes and 35 ms without rotation. A prefill chunk's 512
+query blocks probe each cached key ~37 times at stage 0; moving every key once costs one pass
+over the keys. A decode step (one query block) probes at most as many keys as the cache holds,
+so there the rotation stays in the kernel (``worth_positioning``).
 Cost: a transient copy of the layer's keys on the device per stage that uses it (relative mode:
 one copy shared by all stages).
 """
@@ -32,12 +32,14 @@ from ihip_compile.kernels.prune_stage_ref import (
 )
 from ihip_compile.kernels.rope_delta_ref import rotate_by_delta
 
-# Moving pays once a stage probes more than this many keys per cached key. Estimated from H200
-# stage timings at 4M keys (reports/bench/attention_notes.md): stage 1 of a 32k chunk rotating
-# its ~6.3M probes per KV head took ~110 ms (~2 ns a probe and head); stage 0 with the move of
-# all 4M keys took ~160 ms against ~140 ms expected for its probes alone (4x the 35 ms measured
-# without rotation at 1M), so the move costs ~20 ms (~0.6 ns a key and head).
-_PROBES_PER_KEY_TO_MOVE = 0.3
+# Moving pays once a stage probes more than this many keys per cached key. From H200 timings at
+# 1M keys, 8 KV heads (reports/bench/shared_rotation/stage0_rope_cost.json): rotating a probe in
+# the kernel costs ~0.16 ns per KV head when probes are dense (every key of a decode step:
+# 2.48 vs 1.17 ms) to ~0.39 ns when sparse (decode, 8 first probes: 0.355 vs 0.124 ms for ~74k
+# probes); moving every key costs ~0.18 ns per key and head (1.53 ms). Probing every key once
+# (exact chunk maxima at decode) is then cheaper in the kernel; a prefill chunk (~37 probes per
+# key at stage 0) moves.
+_PROBES_PER_KEY_TO_MOVE = 1.0
 _MOVABLE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 

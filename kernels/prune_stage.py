@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import load_rows_moved
+from ihip_compile.kernels._primitives import load_rows, row_rotation, turn_rows
 from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE
 from ihip_compile.kernels.prune_stage_ref import (
@@ -54,11 +54,19 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
     q_row_offsets = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
     # Keys come in blocks of KB (1: a plain [S, D] row per key; the host store: BLOCK keys).
     key_offset = (probe // KB).to(tl.int64) * stride_k_blk + (probe % KB) * stride_k_s
+    if ROPE_MODE != 0:
+        # The KV heads' keys at a probe share its position: one cos/sin for all of them. Rotating
+        # the probes took ~1.4 of the ~1.5 ms of one decode query block's stage 0 at 1M keys when
+        # each head computed its own (scripts/stage_rope_cost.py).
+        partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr, ROTARY_DIM,
+                                                        LAYOUT)
     score = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
     k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
     for _ in range(H_KV):
-        keys = load_rows_moved(k_head, key_offset, usable, 1, cols, col_ok, delta,
-                               inv_freq_ptr, ROPE_MODE != 0, ROTARY_DIM, LAYOUT)
+        keys = load_rows(k_head, key_offset, usable, 1, cols, col_ok)
+        if ROPE_MODE != 0:
+            keys = turn_rows(keys, k_head, key_offset, usable, 1, col_ok, partner, sign, rotated,
+                             cos, sin)
         q_ptrs = q_head + q_row_offsets[:, None] + cols[None, :]
         queries = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)  # [TILE, QROWS]

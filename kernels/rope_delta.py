@@ -9,9 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import (
-    apply_rotation, load_rows, load_rows_moved, rope_pairing, rotation_cos_sin,
-)
+from ihip_compile.kernels._primitives import load_rows, load_rows_moved, row_rotation, turn_rows
 
 
 @triton.jit
@@ -56,15 +54,13 @@ def _rotate_positions_kernel(x_ptr, delta_ptr, inv_freq_ptr, out_ptr, n_pos, hea
     cols = tl.arange(0, BLOCK_D)
     pos_ok, col_ok = pos < n_pos, cols < head_dim
     delta = tl.load(delta_ptr + pos, mask=pos_ok, other=0)
-    partner, sign, freq_index, rotated = rope_pairing(cols, ROTARY_DIM, LAYOUT)
-    cos, sin = rotation_cos_sin(delta, tl.load(inv_freq_ptr + freq_index).to(tl.float32))
+    partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr, ROTARY_DIM, LAYOUT)
     out_head = n_pos.to(tl.int64) * head_dim
     base, out = x_ptr + seq * stride_x_b, out_ptr + seq * heads * out_head
     for _ in range(heads):
         x = load_rows(base, pos, pos_ok, stride_x_s, cols, col_ok)
-        x_partner = load_rows(base, pos, pos_ok, stride_x_s, partner, col_ok)
-        moved = apply_rotation(x.to(tl.float32), x_partner.to(tl.float32), cos, sin, sign, rotated)
-        tl.store(out + pos.to(tl.int64)[:, None] * head_dim + cols[None, :], moved.to(x.dtype),
+        moved = turn_rows(x, base, pos, pos_ok, stride_x_s, col_ok, partner, sign, rotated, cos, sin)
+        tl.store(out + pos.to(tl.int64)[:, None] * head_dim + cols[None, :], moved,
                  mask=pos_ok[:, None] & col_ok[None, :])
         base += stride_x_h
         out += out_head

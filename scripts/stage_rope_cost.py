@@ -4,7 +4,10 @@
 
 Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d 128, bf16), 256-key chunks over every key:
 ``prefill`` is a 32k-token chunk's 512 query blocks (16 pooled queries each), ``decode`` one query
-block; ``rope1`` the relative pruning RoPE (every probed key rotated in the kernel), ``rope0`` none.
+block; ``rope1`` the relative pruning RoPE (every probed key rotated in the kernel), ``rope0`` none;
+``first256`` scores every key (exact chunk maxima). ``move`` is the one pass that re-positions
+every key instead (``rope_delta.rotate_positions``), which ``positioned_scoring`` weighs against
+the rotations per probe.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 
 import torch
 
-from ihip_compile.kernels import prune_stage
+from ihip_compile.kernels import prune_stage, rope_delta
 
 S_K, HEADS, KV_HEADS, HEAD_DIM, CHUNK = 1 << 20, 32, 8, 128, 256
 
@@ -37,6 +40,17 @@ def time_stage(keys, inv_freq, n_blocks: int, pooled: int, rope_mode: int, first
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
+def time_move(keys, inv_freq, reps: int) -> float:
+    delta = -torch.arange(S_K, device="cuda", dtype=torch.int32)
+    rope_delta.rotate_positions(keys, delta, inv_freq, HEAD_DIM, 1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        rope_delta.rotate_positions(keys, delta, inv_freq, HEAD_DIM, 1)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("stage_rope_cost.py times the Triton kernel: it needs a CUDA GPU")
@@ -44,10 +58,13 @@ def main() -> None:
     keys = torch.randn(1, KV_HEADS, S_K, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM)
     result = {}
-    for name, n_blocks, pooled, reps in (("prefill", 512, 16, 3), ("decode", 1, 1, 20)):
-        for rope_mode, first in ((1, 8), (1, 2), (0, 8)):
+    variants = ((1, 8), (1, 2), (0, 8))
+    for name, n_blocks, pooled, reps, exact in (("prefill", 512, 16, 3, ()),
+                                                ("decode", 1, 1, 20, ((1, 256), (0, 256)))):
+        for rope_mode, first in variants + exact:
             ms = time_stage(keys, inv_freq, n_blocks, pooled, rope_mode, first, reps)
             result[f"{name}_rope{rope_mode}_first{first}"] = round(ms, 3)
+    result["move_all_keys"] = round(time_move(keys, inv_freq, reps=10), 3)
     print(json.dumps(result))
 
 

@@ -92,6 +92,7 @@ def test_moving_only_where_probes_outnumber_keys():
     keys = torch.empty(1, 8, 1 << 20, 128, dtype=torch.bfloat16, device="meta")
     stage_0 = 4096 * positioned_scoring.probes_per_chunk(256, 8)
     assert not positioned_scoring.worth_positioning(1, 1, keys, stage_0)  # decode: 1 block
+    assert not positioned_scoring.worth_positioning(1, 1, keys, 1 << 20)  # exact decode probes
     assert positioned_scoring.worth_positioning(1, 1, keys, 512 * stage_0)  # a 32k chunk
     assert positioned_scoring.worth_positioning(2, 1, keys, 512 * stage_0)
     assert not positioned_scoring.worth_positioning(0, 1, keys, 512 * stage_0)  # true positions
