@@ -6,8 +6,10 @@ soft-capping and the online-softmax update.
 ``delta`` more positions, in fp32.
 """
 
+import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -57,10 +59,24 @@ def reduce_angle(angle):
     return r - k * _TWO_PI_3
 
 
+def approximate_trig(x: torch.Tensor) -> bool:
+    """Whether kernels rotating ``x`` take the GPU's approximate cos/sin (``FAST_TRIG``).
+
+    Yes for 16-bit data on the GPU: on reduced angles their absolute error (~1e-6) is far below
+    a bf16/fp16 element's rounding (~4e-3 / ~5e-4 relative), and the precise ones made the
+    rotation ~70% of the prefill attention kernel's time (scripts/sparse_attention_costs.py).
+    fp32 data keeps the precise ones; the Triton interpreter has only those.
+    """
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and not triton.knobs.runtime.interpret)
+
+
 @triton.jit
-def rotation_cos_sin(delta, freq):
+def rotation_cos_sin(delta, freq, FAST_TRIG: tl.constexpr):
     """delta [N] positions, freq [D] -> cos and sin [N, D] (fp32) of the rotation by delta."""
     angle = reduce_angle(delta.to(tl.float32)[:, None] * freq[None, :])
+    if FAST_TRIG:
+        return libdevice.fast_cosf(angle), libdevice.fast_sinf(angle)
     return tl.cos(angle), tl.sin(angle)
 
 
@@ -79,12 +95,14 @@ def load_rows(base_ptr, rows, row_ok, stride_row, cols, col_ok):
 
 
 @triton.jit
-def row_rotation(delta, cols, inv_freq_ptr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr):
+def row_rotation(delta, cols, inv_freq_ptr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
+                 FAST_TRIG: tl.constexpr):
     """The rotation by ``delta`` [N] positions of rows of columns ``cols``: partner column, sign
     and rotated flag per column, cos and sin [N, D]. Computed once, it serves every head whose
     rows share the positions (``turn_rows``)."""
     partner, sign, freq_index, rotated = rope_pairing(cols, ROTARY_DIM, LAYOUT)
-    cos, sin = rotation_cos_sin(delta, tl.load(inv_freq_ptr + freq_index).to(tl.float32))
+    cos, sin = rotation_cos_sin(delta, tl.load(inv_freq_ptr + freq_index).to(tl.float32),
+                                FAST_TRIG)
     return partner, sign, rotated, cos, sin
 
 
@@ -98,7 +116,8 @@ def turn_rows(x, base_ptr, rows, row_ok, stride_row, col_ok, partner, sign, rota
 
 @triton.jit
 def load_rows_moved(base_ptr, rows, row_ok, stride_row, cols, col_ok, delta, inv_freq_ptr,
-                    ROPE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr):
+                    ROPE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
+                    FAST_TRIG: tl.constexpr):
     """``load_rows``, then (ROPE) rotate each row by ``delta`` positions; keeps the input dtype.
 
     A tile whose deltas are all zero (sliding-window keys under renumbering, padding slots) is
@@ -109,7 +128,7 @@ def load_rows_moved(base_ptr, rows, row_ok, stride_row, cols, col_ok, delta, inv
     if ROPE:
         if tl.max(tl.abs(delta), 0) != 0:
             partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr,
-                                                            ROTARY_DIM, LAYOUT)
+                                                            ROTARY_DIM, LAYOUT, FAST_TRIG)
             x = turn_rows(x, base_ptr, rows, row_ok, stride_row, col_ok, partner, sign, rotated,
                           cos, sin)
     return x
@@ -176,7 +195,8 @@ def fold_slot_tile(q, acc, running_max, running_sum, slot, slot_ok, pos, blocks_
                    window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s,
                    stride_v_s, cols, col_ok, inv_freq_ptr, scale, softcap,
                    BLOCK_K: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
-                   ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """One tile of a query block's key list: gather K (re-positioned if REMAP) and V, mask,
     and fold into the online-softmax state of the query rows ``q`` at key indices ``pos``."""
     key, ok, is_sel, is_win, delta = attended_slots(
@@ -186,7 +206,7 @@ def fold_slot_tile(q, acc, running_max, running_sum, slot, slot_ok, pos, blocks_
     # indices, so they are in flight together (a decode program walks a single tile).
     values = load_rows(v_base, key, ok, stride_v_s, cols, col_ok)
     keys = load_rows_moved(k_base, key, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
-                           REMAP, ROTARY_DIM, LAYOUT)
+                           REMAP, ROTARY_DIM, LAYOUT, FAST_TRIG)
     scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
     scores = soft_cap(scores, SOFTCAP, softcap)
     vis = visible_slots(key, ok, is_sel, is_win, pos, sink, window)

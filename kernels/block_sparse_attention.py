@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import fold_slot_tile, load_rows
+from ihip_compile.kernels._primitives import approximate_trig, fold_slot_tile, load_rows
 from ihip_compile.kernels.block_sparse_attention_ref import attention_block_plan
 from ihip_compile.kernels.block_selection import query_blocks
 
@@ -32,7 +32,8 @@ def _block_sparse_attention_kernel(
     stride_v_b, stride_v_h, stride_v_s, stride_o_b, stride_o_h, stride_o_s,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
-    ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # int64: one KV head of a 4M-key cache is 2^29 elements, head offsets overflow int32.
     blk = tl.program_id(0)
@@ -60,7 +61,7 @@ def _block_sparse_attention_kernel(
             q, acc, running_max, running_sum, slot, slot >= 0, pos, blocks_row, topk, sink,
             window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s, stride_v_s, cols,
             col_ok, inv_freq_ptr, scale, softcap, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM, LAYOUT,
-            DOT_PRECISION)
+            FAST_TRIG, DOT_PRECISION)
     out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
     o_ptrs = out_ptr + b * stride_o_b + h * stride_o_h + rows[:, None] * stride_o_s + cols[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -69,10 +70,13 @@ def _block_sparse_attention_kernel(
 def block_sparse_attention(
     q, k, v, q_positions, block_indices, *, scale: float, block_size_q: int, sink_tokens: int,
     window_tokens: int, block_size_k: int = 8, softcap: float = 0.0, remap: bool = False,
-    inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
+    inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0, tile_slots: int | None = None,
+    num_warps: int = 4,
 ):
     """Triton twin of ``block_sparse_attention_ref``: q [B, H, S_Q, D], k/v [B, H_KV, S_K, D],
-    q_positions [B, S_Q], block_indices [B, NQB, TOPK] int32 (NQB from ``query_blocks``)."""
+    q_positions [B, S_Q], block_indices [B, NQB, TOPK] int32 (NQB from ``query_blocks``).
+    ``tile_slots`` (keys per tile; default 32 re-positioning, else 64) and ``num_warps`` tune
+    the launch, not the result."""
     b, h, s_q, d = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     pos = q_positions.expand(b, s_q).to(torch.int32).contiguous()
@@ -84,6 +88,10 @@ def block_sparse_attention(
     win_lo, win_len, n_valid = attention_block_plan(pos_min, pos_max, block_indices,
                                                      sink_tokens, window_tokens)
     rope = remap and rope_layout != 0
+    if tile_slots is None:
+        # Re-positioned 64-key tiles spill registers: 32-key tiles ran 3.5x faster at 1M keys on
+        # an H200 (scripts/sparse_attention_costs.py); unrotated, 64 keys a tile.
+        tile_slots = 32 if rope else 64
     out = torch.empty_like(q)
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
@@ -96,9 +104,10 @@ def block_sparse_attention(
         s_q, s_k, block_q, nqb, topk, min(sink_tokens, s_k), window_tokens, d, scale, softcap,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        GROUP=h // h_kv, BLOCK_Q=max(16, block_q), BLOCK_N=64, BLOCK_K=block_size_k,
+        GROUP=h // h_kv, BLOCK_Q=max(16, block_q), BLOCK_N=tile_slots, BLOCK_K=block_size_k,
         BLOCK_D=max(16, triton.next_power_of_2(d)), SOFTCAP=softcap > 0, REMAP=rope,
         ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FAST_TRIG=rope and approximate_trig(k),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
     return out

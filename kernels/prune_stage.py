@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import load_rows, row_rotation, turn_rows
+from ihip_compile.kernels._primitives import approximate_trig, load_rows, row_rotation, turn_rows
 from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE
 from ihip_compile.kernels.prune_stage_ref import (
@@ -36,7 +36,7 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
                  head_dim, KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr,
                  QROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                  ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, CHUNK_TILE: tl.constexpr):
+                 FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK_TILE: tl.constexpr):
     """Max over heads and pooled queries of <q, key at probe> for CHUNK_TILE probes -> [CHUNK_TILE]."""
     probe = tl.minimum(tl.maximum(probe, vlo), vhi - 1)
     probe = tl.minimum(tl.maximum(probe, 0), s_k - 1)
@@ -59,7 +59,7 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
         # the probes took ~1.4 of the ~1.5 ms of one decode query block's stage 0 at 1M keys when
         # each head computed its own (scripts/stage_rope_cost.py).
         partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr, ROTARY_DIM,
-                                                        LAYOUT)
+                                                        LAYOUT, FAST_TRIG)
     score = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
     k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
     for _ in range(H_KV):
@@ -87,7 +87,7 @@ def _score_chunks_kernel(
     CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, FIRST_PROBES: tl.constexpr,
     LOG2_FIRST: tl.constexpr, CHUNK_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr,
-    LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Query blocks vary fastest: programs running together probe the same chunks (L2 reuse).
     blk, tile, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -107,7 +107,7 @@ def _score_chunks_kernel(
         best = _probe_score(q_base, k_base, inv_freq_ptr, lo, usable, vlo, vhi, block_pos, s_k,
                             n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s,
                             stride_q_h, head_dim, KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
-                            ROPE_MODE, ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
+                            ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE)
     else:
         PART: tl.constexpr = CHUNK // FIRST_PROBES
         pick = tl.zeros((CHUNK_TILE,), tl.int32)
@@ -118,7 +118,7 @@ def _score_chunks_kernel(
                                   usable, vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
                                   stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
                                   KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
-                                  ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
+                                  ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE)
             pick = tl.where(s_part > best, i, pick)  # strict: ties keep the first part
             best = tl.maximum(best, s_part)
         lo = lo + pick * PART
@@ -128,12 +128,12 @@ def _score_chunks_kernel(
                                   vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
                                   stride_k_blk, stride_k_s, stride_q_h, head_dim, KB, H_KV,
                                   GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM,
-                                  LAYOUT, DOT_PRECISION, CHUNK_TILE)
+                                  LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE)
             s_right = _probe_score(q_base, k_base, inv_freq_ptr, lo + half + half // 2, usable,
                                    vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
                                    stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
                                    KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
-                                   ROTARY_DIM, LAYOUT, DOT_PRECISION, CHUNK_TILE)
+                                   ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE)
             best = tl.maximum(best, tl.maximum(s_left, s_right))
             lo = tl.where(s_right > s_left, lo + half, lo)
     best = tl.where(usable, best, float("-inf"))
@@ -181,6 +181,7 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         LOG2_FIRST=parts.bit_length() - 1, CHUNK_TILE=tile,
         BLOCK_D=max(16, triton.next_power_of_2(d)), ROPE_MODE=rope_mode if rope else 0,
         ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
+        FAST_TRIG=rope and approximate_trig(q_pooled),
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
     )
     return out

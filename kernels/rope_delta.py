@@ -9,19 +9,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import load_rows, load_rows_moved, row_rotation, turn_rows
+from ihip_compile.kernels._primitives import (
+    approximate_trig, load_rows, load_rows_moved, row_rotation, turn_rows,
+)
 
 
 @triton.jit
 def _rotate_rows_kernel(x_ptr, delta_ptr, inv_freq_ptr, out_ptr, n_rows, head_dim,
-                        ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
+                        ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     row_ok, col_ok = rows < n_rows, cols < head_dim
     delta = tl.load(delta_ptr + rows, mask=row_ok, other=0)
     x = load_rows_moved(x_ptr, rows, row_ok, head_dim, cols, col_ok, delta, inv_freq_ptr,
-                        True, ROTARY_DIM, LAYOUT)
+                        True, ROTARY_DIM, LAYOUT, FAST_TRIG)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * head_dim + cols[None, :], x,
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -36,7 +38,8 @@ def rotate_by_delta(x, delta, inv_freq, rotary_dim: int, layout: int) -> torch.T
     block_n = 16
     _rotate_rows_kernel[(triton.cdiv(n, block_n),)](
         x, delta.to(torch.int32).contiguous(), inv_freq.float().contiguous(), out, n, d,
-        ROTARY_DIM=rotary_dim, LAYOUT=layout, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
+        ROTARY_DIM=rotary_dim, LAYOUT=layout, FAST_TRIG=approximate_trig(x), BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d),
     )
     return out
 
@@ -45,7 +48,7 @@ def rotate_by_delta(x, delta, inv_freq, rotary_dim: int, layout: int) -> torch.T
 def _rotate_positions_kernel(x_ptr, delta_ptr, inv_freq_ptr, out_ptr, n_pos, heads, head_dim,
                              stride_x_b, stride_x_h, stride_x_s,
                              ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                             FAST_TRIG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program: BLOCK_N positions of one sequence, every head. The heads of a position share
     # its rotation, so cos and sin are computed once for all of them. The input is read through
     # its strides (a cache's keys are often a slice of a longer buffer); the output is contiguous.
@@ -54,7 +57,8 @@ def _rotate_positions_kernel(x_ptr, delta_ptr, inv_freq_ptr, out_ptr, n_pos, hea
     cols = tl.arange(0, BLOCK_D)
     pos_ok, col_ok = pos < n_pos, cols < head_dim
     delta = tl.load(delta_ptr + pos, mask=pos_ok, other=0)
-    partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr, ROTARY_DIM, LAYOUT)
+    partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr, ROTARY_DIM, LAYOUT,
+                                                    FAST_TRIG)
     out_head = n_pos.to(tl.int64) * head_dim
     base, out = x_ptr + seq * stride_x_b, out_ptr + seq * heads * out_head
     for _ in range(heads):
@@ -80,6 +84,7 @@ def rotate_positions(x, delta, inv_freq, rotary_dim: int, layout: int) -> torch.
     _rotate_positions_kernel[(triton.cdiv(s, block_n), b)](
         x, delta.to(torch.int32).contiguous(), inv_freq.float().contiguous(), out, s, h, d,
         x.stride(0), x.stride(1), x.stride(2),
-        ROTARY_DIM=rotary_dim, LAYOUT=layout, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
+        ROTARY_DIM=rotary_dim, LAYOUT=layout, FAST_TRIG=approximate_trig(x), BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d),
     )
     return out

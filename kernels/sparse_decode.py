@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import fold_slot_tile, load_rows
+from ihip_compile.kernels._primitives import approximate_trig, fold_slot_tile, load_rows
 
 
 @triton.jit
@@ -36,7 +36,8 @@ def _sparse_decode_split_kernel(
     GROUP: tl.constexpr, QROWS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
-    ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # int64: one KV head of a 4M-key cache is 2^29 elements, head offsets overflow int32.
     split = tl.program_id(0)
@@ -73,7 +74,7 @@ def _sparse_decode_split_kernel(
             q, acc, running_max, running_sum, slot, slot < last, pos, blocks_row, topk, sink,
             window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s, stride_v_s, cols,
             col_ok, inv_freq_ptr, scale, softcap, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM, LAYOUT,
-            DOT_PRECISION)
+            FAST_TRIG, DOT_PRECISION)
     part = (b * n_kv * GROUP + heads) * NUM_SPLITS + split  # [B, H, NUM_SPLITS] order
     tl.store(acc_ptr + part[:, None] * BLOCK_D + cols[None, :], acc, mask=row_ok[:, None])
     tl.store(max_ptr + part, running_max, mask=row_ok)
@@ -152,8 +153,10 @@ def sparse_decode(
         pos.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
-        BLOCK_N=block_n, BLOCK_T=min(128, max(16, triton.next_power_of_2(topk))), BLOCK_K=block_size_k, BLOCK_D=block_d, SOFTCAP=softcap > 0,
+        BLOCK_N=block_n, BLOCK_T=min(128, max(16, triton.next_power_of_2(topk))),
+        BLOCK_K=block_size_k, BLOCK_D=block_d, SOFTCAP=softcap > 0,
         REMAP=rope, ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
+        FAST_TRIG=rope and approximate_trig(k),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     out = torch.empty_like(q)

@@ -81,3 +81,14 @@ def test_rotate_positions_matches_reference(layout, head_dim, rotary_dim):
     out = rotate_positions(x, delta, inv, rotary_dim, layout)
     assert out.is_contiguous()
     assert_matches_reference(out, per_position, x, delta, inv)
+
+
+def test_approximate_trig_only_for_16_bit_data_on_the_gpu():
+    import triton
+
+    from ihip_compile.kernels._primitives import approximate_trig
+
+    assert not approximate_trig(torch.empty(2, dtype=torch.bfloat16))  # host memory
+    assert not approximate_trig(torch.empty(2, dtype=torch.float32, device=DEVICE))
+    on_gpu = DEVICE == "cuda" and not triton.knobs.runtime.interpret
+    assert approximate_trig(torch.empty(2, dtype=torch.float16, device=DEVICE)) == on_gpu
