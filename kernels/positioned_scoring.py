@@ -38,7 +38,10 @@ from ihip_compile.kernels.rope_delta_ref import rotate_by_delta
 # 2.48 vs 1.17 ms) to ~0.39 ns when sparse (decode, 8 first probes: 0.355 vs 0.124 ms for ~74k
 # probes); moving every key costs ~0.18 ns per key and head (1.53 ms). Probing every key once
 # (exact chunk maxima at decode) is then cheaper in the kernel; a prefill chunk (~37 probes per
-# key at stage 0) moves.
+# key at stage 0) moves. Those were the precise cos/sin (now fp32 data only); with the approximate
+# ones (16-bit data on the GPU) rotating costs ~0.06 ns a probe and head and moving ~0.13 ns a key
+# and head (reports/bench/fast_rotation/stage0_rope_cost.json), a break-even near 2: selections
+# between 1 and 2 probes per key (rare: a few query blocks) move where rotating is a little cheaper.
 _PROBES_PER_KEY_TO_MOVE = 1.0
 _MOVABLE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

@@ -142,9 +142,11 @@ def _score_chunks_kernel(
 
 def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
                  rope_mode: int = 0, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
-                 window_tokens: int = 0, first_probes: int = DEFAULT_FIRST_PROBES):
+                 window_tokens: int = 0, first_probes: int = DEFAULT_FIRST_PROBES,
+                 chunk_tile: int | None = None, num_warps: int = 4):
     """Triton twin of ``score_chunks_ref`` (same arguments, shapes and result). ``k`` may also be
-    ``host_keys.BlockMajorKeys``: keys read in place from the offloaded store's host copy."""
+    ``host_keys.BlockMajorKeys``: keys read in place from the offloaded store's host copy.
+    ``chunk_tile`` (chunks per program) and ``num_warps`` tune the launch, not the result."""
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     if k.dim() != 4 or k.shape[0] != b or k.shape[3] != d or h % h_kv:
@@ -165,7 +167,10 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         return out
     group = h // h_kv
     parts = first_probe_count(first_probes, chunk_size) if chunk_size > 1 else 1
-    tile = 16 if b * nqb * n_cand < 16 * 4096 else 32
+    # Many chunks (prefill): 64 per program without rotation ran 1.8x faster than 32 (stage 0 of a
+    # 32k chunk at 1M keys on an H200, scripts/stage_rope_cost.py); rotating, 32 (not measured at
+    # 64, where the fp32 cos/sin tiles would double). Few (decode): 16, more programs in flight.
+    tile = chunk_tile or (16 if b * nqb * n_cand < 16 * 4096 else 32 if rope else 64)
     inv = inv_freq.float().contiguous() if rope else out
     grid = (nqb, triton.cdiv(n_cand, tile), b)
     _score_chunks_kernel[grid](
@@ -182,7 +187,7 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         BLOCK_D=max(16, triton.next_power_of_2(d)), ROPE_MODE=rope_mode if rope else 0,
         ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         FAST_TRIG=rope and approximate_trig(q_pooled),
-        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
     return out
 

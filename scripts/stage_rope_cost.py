@@ -7,7 +7,8 @@ Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d 128, bf16), 256-key chun
 block; ``rope1`` the relative pruning RoPE (every probed key rotated in the kernel), ``rope0`` none;
 ``first256`` scores every key (exact chunk maxima). ``move`` is the one pass that re-positions
 every key instead (``rope_delta.rotate_positions``), which ``positioned_scoring`` weighs against
-the rotations per probe.
+the rotations per probe. ``tile``/``warps`` entries: the unrotated prefill stage and the rotating
+decode stage at other launch shapes (chunks per program, warps per program).
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ S_K, HEADS, KV_HEADS, HEAD_DIM, CHUNK = 1 << 20, 32, 8, 128, 256
 
 
 def time_stage(keys, inv_freq, n_blocks: int, pooled: int, rope_mode: int, first: int,
-               reps: int) -> float:
+               reps: int, **launch) -> float:
     q = torch.randn(1, HEADS, n_blocks, pooled, HEAD_DIM, device="cuda", dtype=keys.dtype)
     starts = torch.arange(256, S_K - 1024, CHUNK, device="cuda", dtype=torch.int32)
     starts = starts.expand(1, n_blocks, -1).contiguous()
     block_pos = torch.full((1, n_blocks), S_K - 1, device="cuda", dtype=torch.int32)
     key_hi = torch.full((1, n_blocks), S_K - 1024, device="cuda", dtype=torch.int32)
     kw = dict(key_lo=256, chunk_size=CHUNK, rope_mode=rope_mode, inv_freq=inv_freq,
-              rotary_dim=HEAD_DIM, rope_layout=1 if rope_mode else 0, first_probes=first)
+              rotary_dim=HEAD_DIM, rope_layout=1 if rope_mode else 0, first_probes=first,
+              **launch)
     prune_stage.score_chunks(q, keys, starts, key_hi, block_pos, **kw)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -65,6 +67,12 @@ def main() -> None:
             ms = time_stage(keys, inv_freq, n_blocks, pooled, rope_mode, first, reps)
             result[f"{name}_rope{rope_mode}_first{first}"] = round(ms, 3)
     result["move_all_keys"] = round(time_move(keys, inv_freq, reps=10), 3)
+    for tile, warps in ((16, 4), (32, 2), (32, 8), (64, 4), (64, 8)):  # now: 32 chunks, 4 warps
+        ms = time_stage(keys, inv_freq, 512, 16, 0, 8, 3, chunk_tile=tile, num_warps=warps)
+        result[f"prefill_rope0_first8_tile{tile}_warps{warps}"] = round(ms, 3)
+    for tile, warps in ((16, 2), (16, 8), (32, 4)):  # now: 16 chunks, 4 warps
+        ms = time_stage(keys, inv_freq, 1, 1, 1, 8, 20, chunk_tile=tile, num_warps=warps)
+        result[f"decode_rope1_first8_tile{tile}_warps{warps}"] = round(ms, 3)
     print(json.dumps(result))
 
 

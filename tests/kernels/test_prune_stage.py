@@ -45,6 +45,18 @@ def test_scores_match_reference_with_pruning_rope(rope_mode, chunk, first_probes
     assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
 
 
+@pytest.mark.parametrize("chunk_tile,rope_mode", [(32, 1), (64, 0), (64, 2)])
+def test_wide_chunk_tiles_score_like_the_reference(chunk_tile, rope_mode):
+    """Prefill launches take 32 or 64 chunks per program; tests' small inputs would take 16."""
+    from ihip_compile.kernels.prune_stage import score_chunks
+
+    q, k, starts, key_hi, pos, inv = _inputs(4, 2, 3, 2, 700, 8, torch.float32, chunk_tile)
+    kw = dict(key_lo=5, chunk_size=8, rope_mode=rope_mode, inv_freq=inv, rotary_dim=32,
+              rope_layout=1, window_tokens=7)
+    out = score_chunks(q, k, starts, key_hi, pos, chunk_tile=chunk_tile, **kw)
+    assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
+
+
 def test_chunks_outside_candidate_range_score_minus_inf():
     q, k, starts, key_hi, pos, _ = _inputs(2, 1, 1, 1, 96, 16, torch.float32, 1)
     key_hi.fill_(40)
