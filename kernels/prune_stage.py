@@ -20,14 +20,11 @@ import triton
 import triton.language as tl
 
 from ihip_compile.kernels._primitives import approximate_trig, load_rows, row_rotation, turn_rows
+from ihip_compile.kernels.chunk_maxima import score_chunk_maxima
 from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE
-from ihip_compile.kernels.prune_stage_ref import (
-    DEFAULT_FIRST_PROBES, RELATIVE_QUERY_DISTANCE, first_probe_count,
-)
-
-# jit code reads module globals only as tl.constexpr.
-_QUERY_DISTANCE = tl.constexpr(RELATIVE_QUERY_DISTANCE)
+from ihip_compile.kernels.prune_rope import probe_delta
+from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES, first_probe_count
 
 
 @triton.jit
@@ -40,13 +37,7 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
     """Max over heads and pooled queries of <q, key at probe> for CHUNK_TILE probes -> [CHUNK_TILE]."""
     probe = tl.minimum(tl.maximum(probe, vlo), vhi - 1)
     probe = tl.minimum(tl.maximum(probe, 0), s_k - 1)
-    if ROPE_MODE == 1:
-        delta = block_pos - _QUERY_DISTANCE - probe
-    elif ROPE_MODE == 2:
-        query_at = tl.minimum(block_pos, n_chunks + window_tokens)
-        delta = probe // CHUNK - probe - (query_at - block_pos)
-    else:
-        delta = probe * 0
+    delta = probe_delta(probe, block_pos, n_chunks, window_tokens, CHUNK, ROPE_MODE)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < head_dim
     rows = tl.arange(0, QROWS)
@@ -157,6 +148,7 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
                          f"NQB={nqb}; got {tuple(chunk_starts.shape)}, {tuple(key_hi.shape)}")
     rope = rope_mode in (PRUNE_ROPE_RELATIVE, PRUNE_ROPE_CHUNK_INDEXED) and rope_layout != 0
     q_pooled = q_pooled.to(k.dtype).contiguous()
+    in_host_blocks = isinstance(k, BlockMajorKeys)
     k, addressing = _key_addressing(k)
     starts = chunk_starts.to(torch.int32)
     if starts.stride(-1) != 1:
@@ -167,6 +159,11 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         return out
     group = h // h_kv
     parts = first_probe_count(first_probes, chunk_size) if chunk_size > 1 else 1
+    if parts == chunk_size > 1 and not in_host_blocks:  # every key probed: stream the chunks
+        return score_chunk_maxima(
+            q_pooled, k, starts, key_hi, block_pos, key_lo=key_lo, chunk_size=chunk_size,
+            rope_mode=rope_mode, inv_freq=inv_freq, rotary_dim=rotary_dim,
+            rope_layout=rope_layout, window_tokens=window_tokens, rope=rope)
     # Many chunks (prefill): 64 per program without rotation ran 1.8x faster than 32 (stage 0 of a
     # 32k chunk at 1M keys on an H200, scripts/stage_rope_cost.py); rotating, 32 (not measured at
     # 64, where the fp32 cos/sin tiles would double). Few (decode): 16, more programs in flight.

@@ -1,0 +1,101 @@
+"""Triton kernel of a pruning stage that scores every key: exact chunk maxima, streamed.
+
+Spec: ``prune_stage_ref.score_chunks_ref`` with ``first_probes == chunk_size`` (every key of a
+chunk probed, so a chunk's score is the maximum over its keys in [key_lo, key_hi), the heads and
+the pooled queries). ``prune_stage.score_chunks`` hands such stages here when the keys are a
+device tensor.
+
+Why a kernel of its own: the halving kernel walks its probes one dependent step at a time, a
+[CHUNK_TILE, D] gather per step and KV head; probing all 256 keys of a chunk that way took 1.15 ms
+for a decode query block at 1M keys on an H200 (scripts/stage_rope_cost.py, ``first256``), ~2 GB
+read at under half the memory's speed. Here one program streams one chunk: BLOCK_KEYS contiguous
+keys per step, their RoPE cos/sin computed once for all KV heads, one tensor-core product per head
+with the head's GROUP x NPQ query rows.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ihip_compile.kernels._primitives import approximate_trig, load_rows, row_rotation, turn_rows
+from ihip_compile.kernels.prune_rope import probe_delta
+
+
+@triton.jit
+def _chunk_maxima_kernel(
+    q_ptr, k_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr,
+    n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim,
+    stride_q_b, stride_q_h, stride_q_blk, stride_k_b, stride_k_h, stride_k_s,
+    stride_c_b, stride_c_blk,
+    H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
+    FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    n, blk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    start = tl.load(starts_ptr + b * stride_c_b + blk * stride_c_blk + n)
+    key_hi = tl.load(key_hi_ptr + b * n_blocks + blk)
+    block_pos = tl.load(block_pos_ptr + b * n_blocks + blk)
+    vlo = tl.maximum(start, key_lo)
+    vhi = tl.minimum(tl.minimum(start + CHUNK, key_hi), s_k)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < head_dim
+    rows = tl.arange(0, QROWS)
+    row_ok = rows < GROUP * NPQ
+    q_row_offsets = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
+    q_base = q_ptr + b * stride_q_b + blk * stride_q_blk
+    k_base = k_ptr + b * stride_k_b
+    best = tl.max(tl.full((BLOCK_KEYS,), float("-inf"), tl.float32), 0)
+    if (start >= 0) & (vlo < vhi):
+        for sub in range(0, CHUNK, BLOCK_KEYS):
+            keys_at = start + sub + tl.arange(0, BLOCK_KEYS)
+            ok = (keys_at >= vlo) & (keys_at < vhi)
+            if ROPE_MODE != 0:
+                delta = probe_delta(keys_at, block_pos, n_chunks, window_tokens, CHUNK, ROPE_MODE)
+                partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr,
+                                                                ROTARY_DIM, LAYOUT, FAST_TRIG)
+            k_head, q_head = k_base, q_base  # advanced per head: offsets overflow int32 at 4M
+            for _ in range(H_KV):
+                keys = load_rows(k_head, keys_at, ok, stride_k_s, cols, col_ok)
+                if ROPE_MODE != 0:
+                    keys = turn_rows(keys, k_head, keys_at, ok, stride_k_s, col_ok, partner, sign,
+                                     rotated, cos, sin)
+                queries = tl.load(q_head + q_row_offsets[:, None] + cols[None, :],
+                                  mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)
+                dots = tl.where(ok[:, None] & row_ok[None, :], dots, float("-inf"))
+                best = tl.maximum(best, tl.max(tl.max(dots, 1), 0))
+                k_head += stride_k_h
+                q_head += GROUP * stride_q_h
+    tl.store(out_ptr + (b * n_blocks + blk) * n_cand + n, best)
+
+
+def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
+                       rope_mode: int, inv_freq, rotary_dim: int, rope_layout: int,
+                       window_tokens: int, rope: bool) -> torch.Tensor:
+    """Exact chunk scores [B, NQB, N] (fp32). Inputs as ``prune_stage.score_chunks`` prepares
+    them: q_pooled contiguous in k's dtype, k a [B, H_KV, S_K, D] tensor with unit last stride,
+    starts int32 with unit last stride; ``rope`` whether the pruning RoPE applies."""
+    b, h, nqb, npq, d = q_pooled.shape
+    h_kv, s_k = k.shape[1], k.shape[2]
+    n_cand = starts.shape[-1]
+    out = torch.empty((b, nqb, n_cand), device=q_pooled.device, dtype=torch.float32)
+    if n_cand == 0:
+        return out
+    group = h // h_kv
+    # Rotating, 32-key steps: 64 would hold [64, D] fp32 cos and sin per program (the prefill
+    # attention kernel spilled registers at that size).
+    block_keys = max(16, min(32 if rope else 64, chunk_size))
+    _chunk_maxima_kernel[(n_cand, nqb, b)](
+        q_pooled, k, starts, key_hi.to(torch.int32).contiguous(),
+        block_pos.to(torch.int32).contiguous(), inv_freq.float().contiguous() if rope else out,
+        out, n_cand, nqb, s_k, key_lo, -(-s_k // chunk_size), window_tokens, d,
+        q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), starts.stride(0), starts.stride(1),
+        H_KV=h_kv, GROUP=group, NPQ=npq, QROWS=max(16, triton.next_power_of_2(group * npq)),
+        CHUNK=chunk_size, BLOCK_KEYS=block_keys, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        ROPE_MODE=rope_mode if rope else 0, ROTARY_DIM=max(rotary_dim, 2),
+        LAYOUT=rope_layout if rope else 1, FAST_TRIG=rope and approximate_trig(k),
+        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+    )
+    return out
