@@ -3,7 +3,8 @@
 Spec: ``prune_stage_ref.score_chunks_ref`` with ``first_probes == chunk_size`` (every key of a
 chunk probed, so a chunk's score is the maximum over its keys in [key_lo, key_hi), the heads and
 the pooled queries). ``prune_stage.score_chunks`` hands such stages here when the keys are a
-device tensor.
+device tensor and either the chunks are long or there are few of them (its comment has the
+measurements).
 
 Why a kernel of its own: the halving kernel walks its probes one dependent step at a time, a
 [CHUNK_TILE, D] gather per step and KV head; probing all 256 keys of a chunk that way took 1.15 ms
@@ -72,10 +73,12 @@ def _chunk_maxima_kernel(
 
 def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
                        rope_mode: int, inv_freq, rotary_dim: int, rope_layout: int,
-                       window_tokens: int, rope: bool) -> torch.Tensor:
+                       window_tokens: int, rope: bool, block_keys: int | None = None,
+                       num_warps: int = 4) -> torch.Tensor:
     """Exact chunk scores [B, NQB, N] (fp32). Inputs as ``prune_stage.score_chunks`` prepares
     them: q_pooled contiguous in k's dtype, k a [B, H_KV, S_K, D] tensor with unit last stride,
-    starts int32 with unit last stride; ``rope`` whether the pruning RoPE applies."""
+    starts int32 with unit last stride; ``rope`` whether the pruning RoPE applies.
+    ``block_keys`` (keys per step) and ``num_warps`` tune the launch, not the result."""
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     n_cand = starts.shape[-1]
@@ -83,9 +86,9 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
     if n_cand == 0:
         return out
     group = h // h_kv
-    # Rotating, 32-key steps: 64 would hold [64, D] fp32 cos and sin per program (the prefill
-    # attention kernel spilled registers at that size).
-    block_keys = max(16, min(32 if rope else 64, chunk_size))
+    # 64-key steps: rotating every key of 1M for one decode query block on an H200 took 0.96 ms
+    # with them, 1.27 ms with 32-key steps, 1.41 ms with 16 (scripts/stage_rope_cost.py).
+    block_keys = max(16, min(block_keys or 64, chunk_size))
     _chunk_maxima_kernel[(n_cand, nqb, b)](
         q_pooled, k, starts, key_hi.to(torch.int32).contiguous(),
         block_pos.to(torch.int32).contiguous(), inv_freq.float().contiguous() if rope else out,
@@ -96,6 +99,6 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
         CHUNK=chunk_size, BLOCK_KEYS=block_keys, BLOCK_D=max(16, triton.next_power_of_2(d)),
         ROPE_MODE=rope_mode if rope else 0, ROTARY_DIM=max(rotary_dim, 2),
         LAYOUT=rope_layout if rope else 1, FAST_TRIG=rope and approximate_trig(k),
-        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
     return out

@@ -134,7 +134,7 @@ def _score_chunks_kernel(
 def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
                  rope_mode: int = 0, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
                  window_tokens: int = 0, first_probes: int = DEFAULT_FIRST_PROBES,
-                 chunk_tile: int | None = None, num_warps: int = 4):
+                 chunk_tile: int | None = None, num_warps: int | None = None):
     """Triton twin of ``score_chunks_ref`` (same arguments, shapes and result). ``k`` may also be
     ``host_keys.BlockMajorKeys``: keys read in place from the offloaded store's host copy.
     ``chunk_tile`` (chunks per program) and ``num_warps`` tune the launch, not the result."""
@@ -159,7 +159,13 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         return out
     group = h // h_kv
     parts = first_probe_count(first_probes, chunk_size) if chunk_size > 1 else 1
-    if parts == chunk_size > 1 and not in_host_blocks:  # every key probed: stream the chunks
+    few_chunks = b * nqb * n_cand < 16 * 4096  # a decode step, a short prompt
+    # Every key probed: stream the chunks where that was measured faster (H200, 1M keys): long
+    # chunks (256 keys, one decode query block: 0.50 vs 1.15 ms unrotated) and few chunks (stage
+    # 2's 8-key chunks at decode: 0.10 vs 0.12 ms a step); the 8-key chunks of a 32k prefill
+    # chunk's stage 2 took 12.2 ms streamed, 6.5 ms in 64-chunk halving programs.
+    if (parts == chunk_size > 1 and not in_host_blocks
+            and (chunk_size >= 64 or few_chunks)):
         return score_chunk_maxima(
             q_pooled, k, starts, key_hi, block_pos, key_lo=key_lo, chunk_size=chunk_size,
             rope_mode=rope_mode, inv_freq=inv_freq, rotary_dim=rotary_dim,
@@ -167,7 +173,10 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
     # Many chunks (prefill): 64 per program without rotation ran 1.8x faster than 32 (stage 0 of a
     # 32k chunk at 1M keys on an H200, scripts/stage_rope_cost.py); rotating, 32 (not measured at
     # 64, where the fp32 cos/sin tiles would double). Few (decode): 16, more programs in flight.
-    tile = chunk_tile or (16 if b * nqb * n_cand < 16 * 4096 else 32 if rope else 64)
+    tile = chunk_tile or (16 if few_chunks else 32 if rope else 64)
+    # 16-chunk programs with 2 warps: a decode stage 0 at 1M keys 0.13 instead of 0.15-0.16 ms
+    # with 4 (three runs, scripts/stage_rope_cost.py).
+    num_warps = num_warps or (2 if tile == 16 else 4)
     inv = inv_freq.float().contiguous() if rope else out
     grid = (nqb, triton.cdiv(n_cand, tile), b)
     _score_chunks_kernel[grid](

@@ -8,23 +8,26 @@ block; ``rope1`` the relative pruning RoPE (every probed key rotated in the kern
 ``first256`` scores every key (exact chunk maxima). ``move`` is the one pass that re-positions
 every key instead (``rope_delta.rotate_positions``), which ``positioned_scoring`` weighs against
 the rotations per probe. ``tile``/``warps`` entries: the unrotated prefill stage and the rotating
-decode stage at other launch shapes (chunks per program, warps per program).
+decode stage at other launch shapes (chunks per program, warps per program); ``keys``/``warps``
+entries: the exact-maxima kernel (``first256``) at other keys per step and warps.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
 import torch
 
-from ihip_compile.kernels import prune_stage, rope_delta
+from ihip_compile.kernels import chunk_maxima, prune_stage, rope_delta
 
 S_K, HEADS, KV_HEADS, HEAD_DIM, CHUNK = 1 << 20, 32, 8, 128, 256
 
 
 def time_stage(keys, inv_freq, n_blocks: int, pooled: int, rope_mode: int, first: int,
-               reps: int, **launch) -> float:
+               reps: int, maxima_keys: int | None = None, maxima_warps: int = 4,
+               **launch) -> float:
     q = torch.randn(1, HEADS, n_blocks, pooled, HEAD_DIM, device="cuda", dtype=keys.dtype)
     starts = torch.arange(256, S_K - 1024, CHUNK, device="cuda", dtype=torch.int32)
     starts = starts.expand(1, n_blocks, -1).contiguous()
@@ -33,12 +36,16 @@ def time_stage(keys, inv_freq, n_blocks: int, pooled: int, rope_mode: int, first
     kw = dict(key_lo=256, chunk_size=CHUNK, rope_mode=rope_mode, inv_freq=inv_freq,
               rotary_dim=HEAD_DIM, rope_layout=1 if rope_mode else 0, first_probes=first,
               **launch)
+    # The exact-maxima kernel is reached through score_chunks; its launch shape is set here.
+    prune_stage.score_chunk_maxima = functools.partial(
+        chunk_maxima.score_chunk_maxima, block_keys=maxima_keys, num_warps=maxima_warps)
     prune_stage.score_chunks(q, keys, starts, key_hi, block_pos, **kw)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         prune_stage.score_chunks(q, keys, starts, key_hi, block_pos, **kw)
     torch.cuda.synchronize()
+    prune_stage.score_chunk_maxima = chunk_maxima.score_chunk_maxima
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
@@ -73,6 +80,10 @@ def main() -> None:
     for tile, warps in ((16, 2), (16, 8), (32, 4)):  # now: 16 chunks, 4 warps
         ms = time_stage(keys, inv_freq, 1, 1, 1, 8, 20, chunk_tile=tile, num_warps=warps)
         result[f"decode_rope1_first8_tile{tile}_warps{warps}"] = round(ms, 3)
+    for keys_per_step, warps in ((16, 4), (64, 4), (32, 2), (32, 8), (64, 8)):  # now: 32, 4
+        ms = time_stage(keys, inv_freq, 1, 1, 1, 256, 20, maxima_keys=keys_per_step,
+                        maxima_warps=warps)
+        result[f"decode_rope1_first256_keys{keys_per_step}_warps{warps}"] = round(ms, 3)
     print(json.dumps(result))
 
 
