@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import approximate_trig, load_rows, row_rotation, turn_rows
-from ihip_compile.kernels.prune_rope import probe_delta
+from ihip_compile.kernels._primitives import approximate_trig
+from ihip_compile.kernels.probe_scores import max_over_heads, probe_delta
 
 
 @triton.jit
@@ -39,11 +39,6 @@ def _chunk_maxima_kernel(
     block_pos = tl.load(block_pos_ptr + b * n_blocks + blk)
     vlo = tl.maximum(start, key_lo)
     vhi = tl.minimum(tl.minimum(start + CHUNK, key_hi), s_k)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < head_dim
-    rows = tl.arange(0, QROWS)
-    row_ok = rows < GROUP * NPQ
-    q_row_offsets = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
     q_base = q_ptr + b * stride_q_b + blk * stride_q_blk
     k_base = k_ptr + b * stride_k_b
     best = tl.max(tl.full((BLOCK_KEYS,), float("-inf"), tl.float32), 0)
@@ -51,23 +46,12 @@ def _chunk_maxima_kernel(
         for sub in range(0, CHUNK, BLOCK_KEYS):
             keys_at = start + sub + tl.arange(0, BLOCK_KEYS)
             ok = (keys_at >= vlo) & (keys_at < vhi)
-            if ROPE_MODE != 0:
-                delta = probe_delta(keys_at, block_pos, n_chunks, window_tokens, CHUNK, ROPE_MODE)
-                partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr,
-                                                                ROTARY_DIM, LAYOUT, FAST_TRIG)
-            k_head, q_head = k_base, q_base  # advanced per head: offsets overflow int32 at 4M
-            for _ in range(H_KV):
-                keys = load_rows(k_head, keys_at, ok, stride_k_s, cols, col_ok)
-                if ROPE_MODE != 0:
-                    keys = turn_rows(keys, k_head, keys_at, ok, stride_k_s, col_ok, partner, sign,
-                                     rotated, cos, sin)
-                queries = tl.load(q_head + q_row_offsets[:, None] + cols[None, :],
-                                  mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)
-                dots = tl.where(ok[:, None] & row_ok[None, :], dots, float("-inf"))
-                best = tl.maximum(best, tl.max(tl.max(dots, 1), 0))
-                k_head += stride_k_h
-                q_head += GROUP * stride_q_h
+            delta = probe_delta(keys_at, block_pos, n_chunks, window_tokens, CHUNK, ROPE_MODE)
+            scores = max_over_heads(k_base, q_base, keys_at.to(tl.int64) * stride_k_s, ok,
+                                    stride_k_h, stride_q_h, head_dim, delta, inv_freq_ptr, H_KV,
+                                    GROUP, NPQ, QROWS, BLOCK_D, ROPE_MODE != 0, ROTARY_DIM,
+                                    LAYOUT, FAST_TRIG, DOT_PRECISION)
+            best = tl.maximum(best, tl.max(tl.where(ok, scores, float("-inf")), 0))
     tl.store(out_ptr + (b * n_blocks + blk) * n_cand + n, best)
 
 

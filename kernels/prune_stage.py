@@ -19,12 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import approximate_trig, load_rows, row_rotation, turn_rows
+from ihip_compile.kernels._primitives import approximate_trig
 from ihip_compile.kernels.chunk_maxima import score_chunk_maxima
 from ihip_compile.kernels.host_keys import BlockMajorKeys
-from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE
-from ihip_compile.kernels.prune_rope import probe_delta
-from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES, first_probe_count
+from ihip_compile.kernels.probe_scores import max_over_heads, probe_delta
+from ihip_compile.kernels.prune_stage_ref import (
+    DEFAULT_FIRST_PROBES, PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE, first_probe_count,
+)
 
 
 @triton.jit
@@ -33,39 +34,16 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
                  head_dim, KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr,
                  QROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                  ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
-                 FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK_TILE: tl.constexpr):
-    """Max over heads and pooled queries of <q, key at probe> for CHUNK_TILE probes -> [CHUNK_TILE]."""
+                 FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Max over heads and pooled queries of <q, key at probe> for a tile of probes -> [TILE]."""
     probe = tl.minimum(tl.maximum(probe, vlo), vhi - 1)
     probe = tl.minimum(tl.maximum(probe, 0), s_k - 1)
     delta = probe_delta(probe, block_pos, n_chunks, window_tokens, CHUNK, ROPE_MODE)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < head_dim
-    rows = tl.arange(0, QROWS)
-    row_ok = rows < GROUP * NPQ
-    q_row_offsets = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
     # Keys come in blocks of KB (1: a plain [S, D] row per key; the host store: BLOCK keys).
     key_offset = (probe // KB).to(tl.int64) * stride_k_blk + (probe % KB) * stride_k_s
-    if ROPE_MODE != 0:
-        # The KV heads' keys at a probe share its position: one cos/sin for all of them. Rotating
-        # the probes took ~1.4 of the ~1.5 ms of one decode query block's stage 0 at 1M keys when
-        # each head computed its own (scripts/stage_rope_cost.py).
-        partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr, ROTARY_DIM,
-                                                        LAYOUT, FAST_TRIG)
-    score = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
-    k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
-    for _ in range(H_KV):
-        keys = load_rows(k_head, key_offset, usable, 1, cols, col_ok)
-        if ROPE_MODE != 0:
-            keys = turn_rows(keys, k_head, key_offset, usable, 1, col_ok, partner, sign, rotated,
-                             cos, sin)
-        q_ptrs = q_head + q_row_offsets[:, None] + cols[None, :]
-        queries = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)  # [TILE, QROWS]
-        dots = tl.where(row_ok[None, :], dots, float("-inf"))
-        score = tl.maximum(score, tl.max(dots, 1))
-        k_head += stride_k_h
-        q_head += GROUP * stride_q_h
-    return score
+    return max_over_heads(k_ptr, q_ptr, key_offset, usable, stride_k_h, stride_q_h, head_dim,
+                          delta, inv_freq_ptr, H_KV, GROUP, NPQ, QROWS, BLOCK_D, ROPE_MODE != 0,
+                          ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
 
 
 @triton.jit
@@ -98,7 +76,7 @@ def _score_chunks_kernel(
         best = _probe_score(q_base, k_base, inv_freq_ptr, lo, usable, vlo, vhi, block_pos, s_k,
                             n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s,
                             stride_q_h, head_dim, KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
-                            ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE)
+                            ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
     else:
         PART: tl.constexpr = CHUNK // FIRST_PROBES
         pick = tl.zeros((CHUNK_TILE,), tl.int32)
@@ -109,7 +87,7 @@ def _score_chunks_kernel(
                                   usable, vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
                                   stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
                                   KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
-                                  ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE)
+                                  ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
             pick = tl.where(s_part > best, i, pick)  # strict: ties keep the first part
             best = tl.maximum(best, s_part)
         lo = lo + pick * PART
@@ -119,12 +97,12 @@ def _score_chunks_kernel(
                                   vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
                                   stride_k_blk, stride_k_s, stride_q_h, head_dim, KB, H_KV,
                                   GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM,
-                                  LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE)
+                                  LAYOUT, FAST_TRIG, DOT_PRECISION)
             s_right = _probe_score(q_base, k_base, inv_freq_ptr, lo + half + half // 2, usable,
                                    vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
                                    stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
                                    KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
-                                   ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE)
+                                   ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
             best = tl.maximum(best, tl.maximum(s_left, s_right))
             lo = tl.where(s_right > s_left, lo + half, lo)
     best = tl.where(usable, best, float("-inf"))

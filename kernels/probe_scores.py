@@ -1,0 +1,67 @@
+"""``@triton.jit`` helpers shared by the kernels that score chunks (``prune_stage``: the probe
+search; ``chunk_maxima``: every key): a probed key's pruning RoPE and its score over the heads.
+
+Spec: ``prune_stage_ref`` (``probe_key_delta`` for the rotation, ``score`` for the products).
+"""
+
+import triton
+import triton.language as tl
+
+from ihip_compile.kernels._primitives import load_rows, row_rotation, turn_rows
+from ihip_compile.kernels.prune_stage_ref import RELATIVE_QUERY_DISTANCE
+
+# jit code reads module globals only as tl.constexpr.
+_QUERY_DISTANCE = tl.constexpr(RELATIVE_QUERY_DISTANCE)
+
+
+@triton.jit
+def probe_delta(probe, block_pos, n_chunks, window_tokens, CHUNK: tl.constexpr,
+                ROPE_MODE: tl.constexpr):
+    """Rotation (in positions) of the keys at indices ``probe`` scored for a query block whose
+    last query is at ``block_pos``; ROPE_MODE 1 relative, 2 chunk-indexed, else none (zeros)."""
+    if ROPE_MODE == 1:
+        delta = block_pos - _QUERY_DISTANCE - probe
+    elif ROPE_MODE == 2:
+        query_at = tl.minimum(block_pos, n_chunks + window_tokens)
+        delta = probe // CHUNK - probe - (query_at - block_pos)
+    else:
+        delta = probe * 0
+    return delta
+
+
+@triton.jit
+def max_over_heads(k_ptr, q_ptr, key_offset, key_ok, stride_k_h, stride_q_h, head_dim, delta,
+                   inv_freq_ptr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr,
+                   QROWS: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
+                   ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Scores [N] of the keys at element offsets ``key_offset`` [N] (from ``k_ptr``, one KV head
+    ``stride_k_h`` after another): max over the KV heads, their GROUP query heads and NPQ pooled
+    queries (rows of ``q_ptr``) of <q, key turned by ``delta``> (ROPE). Keys not ``key_ok``
+    load as zeros; callers mask their scores."""
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < head_dim
+    rows = tl.arange(0, QROWS)
+    row_ok = rows < GROUP * NPQ
+    q_row_offsets = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
+    if ROPE:
+        # The KV heads' keys at a position share its rotation: one cos/sin for all of them.
+        # Rotating the probes took ~1.4 of the ~1.5 ms of one decode query block's stage 0 at 1M
+        # keys when each head computed its own (scripts/stage_rope_cost.py).
+        partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr, ROTARY_DIM,
+                                                        LAYOUT, FAST_TRIG)
+    score = tl.zeros_like(delta).to(tl.float32) + float("-inf")
+    k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
+    for _ in range(H_KV):
+        keys = load_rows(k_head, key_offset, key_ok, 1, cols, col_ok)
+        if ROPE:
+            keys = turn_rows(keys, k_head, key_offset, key_ok, 1, col_ok, partner, sign, rotated,
+                             cos, sin)
+        queries = tl.load(q_head + q_row_offsets[:, None] + cols[None, :],
+                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)  # [N, QROWS]
+        dots = tl.where(row_ok[None, :], dots, float("-inf"))
+        score = tl.maximum(score, tl.max(dots, 1))
+        k_head += stride_k_h
+        q_head += GROUP * stride_q_h
+    return score
