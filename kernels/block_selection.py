@@ -2,8 +2,9 @@
 
 Stage i splits every candidate into ``stage_chunks[i]``-token chunks, scores each chunk with one
 probe search (``prune_stage_ref`` is the spec, ``prune_stage`` the Triton kernel) and keeps the
-best ``stage_keeps[i]`` tokens' worth of chunks. Between stages (plain torch ops on the device,
-shapes fixed by the arguments, so the whole chain can be captured in a CUDA graph):
+best ``stage_keeps[i]`` tokens' worth of chunks. Between stages, on the device with shapes fixed
+by the arguments (so the whole chain can be captured in a CUDA graph), the hand-off
+(``stage_handoff_ref`` is the spec, ``stage_handoff`` one Triton launch):
     top-k of the chunk scores -> empty slots (-inf) become -1 -> sort by position (-1 last)
     -> split each kept chunk into the next stage's chunks
 The last stage keeps ``min(stage_keeps[-1], selected_tokens)`` tokens; its chunks are the
@@ -26,9 +27,7 @@ import torch
 from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES, score_chunks_ref
 from ihip_compile.kernels.positioned_scoring import positioned_scoring_inputs, probes_per_chunk
-
-_EMPTY_LAST = torch.iinfo(torch.int32).max
-
+from ihip_compile.kernels.stage_handoff_ref import stage_handoff_ref
 
 def query_blocks(q_positions: torch.Tensor, batch: int, s_q: int, block_size_q: int):
     """Query block size actually used and each block's first/last position, both [B, NQB] int32."""
@@ -66,26 +65,6 @@ def candidate_window_end(pos_max: torch.Tensor, sink_tokens: int, window_tokens:
     """Exclusive end of the selectable keys per query block: where the window begins."""
     # One add and one clamp (min > max gives max, as the two clamps in sequence would).
     return (pos_max + (1 - window_tokens)).clamp(min=sink_tokens, max=s_k).to(torch.int32)
-
-
-def keep_best_chunks(scores: torch.Tensor, starts: torch.Tensor, keep: int) -> torch.Tensor:
-    """Top-``keep`` chunks by score, sorted by position; empty or unusable slots become -1 (last)."""
-    if keep < scores.shape[-1]:
-        scores, picked = torch.topk(scores, keep, dim=-1, sorted=False)
-        starts = torch.gather(starts.expand(scores.shape[:-1] + starts.shape[-1:]), -1, picked)
-    starts = torch.where(scores == float("-inf"), _EMPTY_LAST, starts.to(torch.int32))
-    starts = torch.sort(starts, dim=-1).values
-    return torch.where(starts == _EMPTY_LAST, -1, starts)
-
-
-def split_chunks(starts: torch.Tensor, chunk: int, next_chunk: int) -> torch.Tensor:
-    """[B, NQB, N] chunk starts -> [B, NQB, N * chunk / next_chunk] starts of the sub-chunks."""
-    if chunk == next_chunk:
-        return starts
-    offsets = torch.arange(0, chunk, next_chunk, device=starts.device, dtype=torch.int32)
-    parts = starts[..., None] + offsets
-    parts = torch.where(starts[..., None] < 0, -1, parts)
-    return parts.flatten(-2)
 
 
 def _check_stages(stage_chunks, stage_keeps, selected_tokens):
@@ -153,8 +132,9 @@ def select_blocks(
         use_triton = q.is_cuda
     if use_triton:
         from ihip_compile.kernels.prune_stage import score_chunks
+        from ihip_compile.kernels.stage_handoff import stage_handoff as handoff
     else:
-        score_chunks = score_chunks_ref
+        score_chunks, handoff = score_chunks_ref, stage_handoff_ref
         if keys_in_host:  # the reference reads plain tensors only
             k = k.as_tensor()
     block_q, _, pos_max = query_blocks(q_positions.to(q.device), b, s_q, block_size_q)
@@ -167,15 +147,14 @@ def select_blocks(
         starts = torch.arange(0, s_k, first, device=k.device, dtype=torch.int32)
         starts = starts.expand(b, pos_max.shape[1], -1)
     else:
-        starts = split_chunks(candidates, stage_chunks[start_stage - 1], stage_chunks[start_stage])
+        _, starts = handoff(None, candidates, 0, stage_chunks[start_stage - 1],
+                            stage_chunks[start_stage], keep_kept=False)
     rope = dict(inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout)
     moved = {}  # keys moved to where a pruning RoPE mode scores them, shared between stages
     exact = pos_max.shape[1] <= exact_probe_blocks and not keys_in_host
     stages = []
     for i in range(start_stage, len(stage_chunks)):
         chunk = stage_chunks[i]
-        if i > start_stage:
-            starts = split_chunks(starts, stage_chunks[i - 1], chunk)
         probes = chunk if exact else first_probes
         stage_q, stage_k, stage_mode = positioned_scoring_inputs(
             q_pooled, k, pos_max, rope_mode, rope, chunk_size=chunk, window_tokens=window_tokens,
@@ -185,9 +164,10 @@ def select_blocks(
             stage_q, stage_k, starts, key_hi, pos_max, key_lo=sink_tokens, chunk_size=chunk,
             rope_mode=stage_mode, window_tokens=window_tokens, first_probes=probes, **rope,
         )
-        starts = keep_best_chunks(scores, starts, keeps[i] // chunk)
-        stages.append(starts)
-    last = stage_chunks[-1]
-    # Empty slots are -1 and -1 // last == -1 (floor division): no masking op needed.
-    blocks = (starts // last).to(torch.int32)
-    return (blocks, stages) if return_stages else blocks
+        # The last stage's chunks become block indices (start // chunk); earlier stages hand
+        # the next one the sub-chunks of what they keep.
+        last = i == len(stage_chunks) - 1
+        kept, starts = handoff(scores, starts, keeps[i] // chunk, chunk,
+                               chunk if last else stage_chunks[i + 1], block_div=chunk if last else 1)
+        stages.append(kept)
+    return (starts, stages) if return_stages else starts
