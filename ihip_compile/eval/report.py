@@ -11,8 +11,9 @@ from tabulate import tabulate
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per length: perplexities (and each mode's ratio to its own at 4k, or at the first
-    length when 4k was not run) and passkey accuracy per mode."""
+    """One row per length: perplexities (each mode's ratio to its own at 4k, or at the first
+    length when 4k was not run; and to the dense model's on the same targets given only the last
+    4k tokens, when measured) and passkey accuracy per mode."""
     modes = results["modes"]
     by_length: dict[int, dict[str, Any]] = {}
     ppl = results.get("perplexity", [])
@@ -23,6 +24,10 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         for mode in modes:
             entry[f"ppl {mode}"] = round(row[mode], 3)
             entry[f"ppl {mode} / at {reference['length']}"] = round(row[mode] / reference[mode], 3)
+        if "dense_last_4k" in row:
+            entry["ppl dense, last 4k"] = round(row["dense_last_4k"], 3)
+            for mode in modes:
+                entry[f"ppl {mode} / dense, last 4k"] = round(row[mode] / row["dense_last_4k"], 3)
     for row in results.get("passkey", []):
         entry = by_length.setdefault(row["length"], {"length": row["length"]})
         for mode in modes:

@@ -14,32 +14,43 @@ from ihip_compile.eval.paths import ModelRunner, greedy_answer, last_logits
 from ihip_compile.eval.progress import Progress
 
 PPL_TARGET_TOKENS = 1024
+# The window the model is judged against: the same target tokens with only the 4096 tokens that
+# end there, well inside any training window. Each length's window ends at another place of the
+# text (it repeats past its end), so its targets are other sentences: only this column compares
+# like with like.
+REFERENCE_WINDOW = 4096
 PASSKEY_NEW_TOKENS = 8
 
 
 def perplexity(runner: ModelRunner, tokenizer, lengths: list[int], modes: list[str],
                device: str) -> list[dict[str, Any]]:
-    """Per length: perplexity of the window's last 1024 tokens under each mode."""
+    """Per length: perplexity of the window's last 1024 tokens under each mode, and under the
+    dense model given only the window's last ``REFERENCE_WINDOW`` tokens (``dense_last_4k``)."""
     tokens = essay_tokens(tokenizer)
     rows = []
-    with Progress(len(lengths) * len(modes), "perplexity") as bar:
+    with Progress(len(lengths) * (len(modes) + 1), "perplexity") as bar:
         for length in lengths:
             if length <= PPL_TARGET_TOKENS:
                 raise ValueError(
                     f"perplexity lengths must exceed {PPL_TARGET_TOKENS}, got {length}")
             window = text_window(tokens, length).to(device)
-            targets = window[0, -PPL_TARGET_TOKENS:]
             row = {"length": length, "text_tokens": int(tokens.numel())}
             for mode in modes:
                 started = time.perf_counter()
-                # logits at positions N-1025 .. N-2 predict the last 1024 tokens
-                logits = last_logits(runner.forward(mode), window, PPL_TARGET_TOKENS + 1)[0, :-1]
-                nll = torch.nn.functional.cross_entropy(logits, targets)
-                row[mode] = math.exp(float(nll))
+                row[mode] = _last_tokens_perplexity(runner.forward(mode), window)
                 row[f"{mode}_seconds"] = round(time.perf_counter() - started, 2)
                 bar.update(f"{length} {mode} ppl={row[mode]:.2f}")
+            row["dense_last_4k"] = _last_tokens_perplexity(runner.forward("dense"),
+                                                           window[:, -REFERENCE_WINDOW:])
+            bar.update(f"{length} dense, last {REFERENCE_WINDOW} ppl={row['dense_last_4k']:.2f}")
             rows.append(row)
     return rows
+
+
+def _last_tokens_perplexity(forward, window: torch.Tensor) -> float:
+    # logits at positions N-1025 .. N-2 predict the last 1024 tokens
+    logits = last_logits(forward, window, PPL_TARGET_TOKENS + 1)[0, :-1]
+    return math.exp(float(torch.nn.functional.cross_entropy(logits, window[0, -PPL_TARGET_TOKENS:])))
 
 
 def passkey(runner: ModelRunner, tokenizer, lengths: list[int], depths: list[float],

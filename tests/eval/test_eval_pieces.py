@@ -73,14 +73,36 @@ def test_table_json_side_by_side(tmp_path):
         "model": "m", "device": "cpu", "modes": ["dense", "infinitehip"],
         "perplexity": [{"length": 2048, "dense": 20.0, "infinitehip": 20.0},
                        {"length": 4096, "dense": 10.0, "infinitehip": 10.0},
-                       {"length": 8192, "dense": 30.0, "infinitehip": 11.0}],
+                       {"length": 8192, "dense": 30.0, "infinitehip": 11.0,
+                        "dense_last_4k": 12.5}],
         "passkey": [{"length": 8192, "dense": {"correct": False}, "infinitehip": {"correct": True}},
                     {"length": 8192, "dense": {"correct": True}, "infinitehip": {"correct": True}}],
     }
     rows = {r["length"]: r for r in report.summary_rows(results)}
     assert rows[8192]["ppl infinitehip / at 4096"] == 1.1
+    assert rows[8192]["ppl infinitehip / dense, last 4k"] == 0.88  # same targets, 4k context
+    assert "ppl dense, last 4k" not in rows[4096]
     assert rows[8192]["passkey dense"] == "1/2" and rows[8192]["passkey infinitehip"] == "2/2"
     written = report.write(results, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["modes"] == results["modes"]
     assert "passkey infinitehip" in (tmp_path / "results.md").read_text()
     assert all(p.exists() for p in written)
+
+
+def test_perplexity_judges_each_length_against_the_same_targets_in_a_4k_window(monkeypatch):
+    from ihip_compile.eval import run
+
+    vocab, seen = 40, []
+
+    def forward(input_ids, logits_to_keep, **_):
+        seen.append(input_ids[0].clone())
+        return SimpleNamespace(logits=torch.zeros(1, logits_to_keep, vocab))  # uniform: ppl = vocab
+
+    runner = SimpleNamespace(forward=lambda mode: forward)
+    monkeypatch.setattr(run, "essay_tokens", lambda tokenizer: torch.arange(7000) % vocab)
+    (row,) = run.perplexity(runner, None, [10000], ["infinitehip"], "cpu")
+    assert row["infinitehip"] == pytest.approx(vocab, rel=1e-5)
+    assert row["dense_last_4k"] == pytest.approx(vocab, rel=1e-5)
+    full, reference = seen
+    assert full.numel() == 10000 and reference.numel() == run.REFERENCE_WINDOW
+    assert torch.equal(reference, full[-run.REFERENCE_WINDOW:])
