@@ -85,7 +85,9 @@ class IHipConfig:
     stages: tuple[Stage, ...] = DEFAULT_STAGES
     wide_layers: frozenset[int] = frozenset({0, 1, 2})
     # Parts of each chunk probed in a stage's first step (2: the paper's plain halving). More parts
-    # find isolated needles more often but make stage recomputation slower at decode.
+    # find isolated needles more often but make stage recomputation slower. A decode step probes
+    # at least one key in 8 of the first stage's chunks whatever this says
+    # (kernels/block_selection.DECODE_KEYS_PER_PROBE), unless its keys are in host memory.
     first_probe_parts: int = 8
     # Selections for at most this many query blocks (decode steps, short prompts) score every key
     # of each candidate chunk (exact chunk maxima) where the keys are in device memory: isolated

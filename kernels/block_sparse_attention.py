@@ -1,10 +1,12 @@
 """Triton prefill kernel of block-sparse attention (InfiniteHiP section 3, final step).
 
-Spec: ``block_sparse_attention_ref`` (same arguments). One program per (query block, query head):
-the query block's key list (sinks, selected 8-key blocks, sliding window) is walked in tiles of
-BLOCK_N slots; keys and values are gathered by index (GQA: head h reads KV head h // GROUP, K/V
-never expanded), keys optionally re-positioned by RoPE delta rotation (StreamingLLM renumbering),
-scores folded into an online softmax.
+Spec: ``block_sparse_attention_ref`` (same arguments). One program per (query block, HEADS query
+heads of one KV head): the query block's key list (sinks, selected 8-key blocks, sliding window)
+is walked in tiles of BLOCK_N slots; keys and values are gathered by index (GQA: head h reads KV
+head h // GROUP, K/V never expanded), keys optionally re-positioned by RoPE delta rotation
+(StreamingLLM renumbering), scores folded into an online softmax. The program's rows are
+(head, query) pairs: with HEADS > 1 each gathered and re-positioned key tile serves several
+heads, instead of being gathered and rotated again by each head's program.
 
 Changes vs hip-attention: one walk over a unified slot list instead of separate sink/window/sparse
 passes; the window is per query block and masked per query, so the three key sets are disjoint.
@@ -14,13 +16,22 @@ Differences vs the reference: probabilities are cast to V's dtype tile by tile (
 rescaling), the reference casts once after an exact softmax.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import approximate_trig, fold_slot_tile, load_rows
+from ihip_compile.kernels._primitives import approximate_trig, fold_slot_tile
 from ihip_compile.kernels.block_sparse_attention_ref import attention_block_plan
 from ihip_compile.kernels.block_selection import query_blocks
+
+# Query heads per program by default (at most; a power of two, reduced to divide the GQA group)
+# and the warps of such programs. H200, 32k-query chunk over 1M keys, Llama-3.1-8B heads, RoPE
+# re-positioning (scripts/sparse_attention_costs.py): 1 head 23.1 ms; 2 heads 19.1 ms (8 warps;
+# 33.5 with 4); 4 heads 16.2 ms (8 warps, 32-key tiles; 17.1 with 16-key tiles).
+SHARED_HEADS = 4
+WARPS_SHARED = 8
 
 
 @triton.jit
@@ -30,30 +41,34 @@ def _block_sparse_attention_kernel(
     s_q, s_k, block_q, n_blocks, topk, sink, window, head_dim, scale, softcap,
     stride_q_b, stride_q_h, stride_q_s, stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s, stride_o_b, stride_o_h, stride_o_s,
-    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
     ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # int64: one KV head of a 4M-key cache is 2^29 elements, head offsets overflow int32.
     blk = tl.program_id(0)
-    h, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    rows = blk * block_q + tl.arange(0, BLOCK_Q)
-    row_ok = (tl.arange(0, BLOCK_Q) < block_q) & (rows < s_q)
+    first_head, b = tl.program_id(1).to(tl.int64) * HEADS, tl.program_id(2).to(tl.int64)
+    pair = tl.arange(0, HEADS * BLOCK_Q)  # row r: head first_head + r // BLOCK_Q, query r % BLOCK_Q
+    heads = first_head + pair // BLOCK_Q
+    rows = blk * block_q + pair % BLOCK_Q
+    row_ok = (pair % BLOCK_Q < block_q) & (rows < s_q)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < head_dim
     pos = tl.load(pos_ptr + b * s_q + rows, mask=row_ok, other=-1)
-    q = load_rows(q_ptr + b * stride_q_b + h * stride_q_h, rows, row_ok, stride_q_s, cols, col_ok)
+    q_ptrs = (q_ptr + b * stride_q_b + (heads * stride_q_h + rows.to(tl.int64) * stride_q_s)[:, None]
+              + cols[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     plan = b * n_blocks + blk
     win_lo, win_len = tl.load(win_lo_ptr + plan), tl.load(win_len_ptr + plan)
     n_valid = tl.load(n_valid_ptr + plan)
-    kv = h // GROUP
+    kv = first_head // GROUP
     k_base = k_ptr + b * stride_k_b + kv * stride_k_h
     v_base = v_ptr + b * stride_v_b + kv * stride_v_h
     blocks_row = blocks_ptr + plan * topk
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
-    running_max = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((BLOCK_Q,), tl.float32)
+    acc = tl.zeros((HEADS * BLOCK_Q, BLOCK_D), tl.float32)
+    running_max = tl.full((HEADS * BLOCK_Q,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((HEADS * BLOCK_Q,), tl.float32)
     total = sink + topk * BLOCK_K + win_len
     for start in range(0, total, BLOCK_N):
         slot = start + tl.arange(0, BLOCK_N)
@@ -63,7 +78,8 @@ def _block_sparse_attention_kernel(
             col_ok, inv_freq_ptr, scale, softcap, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM, LAYOUT,
             FAST_TRIG, DOT_PRECISION)
     out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
-    o_ptrs = out_ptr + b * stride_o_b + h * stride_o_h + rows[:, None] * stride_o_s + cols[None, :]
+    o_ptrs = (out_ptr + b * stride_o_b
+              + (heads * stride_o_h + rows.to(tl.int64) * stride_o_s)[:, None] + cols[None, :])
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -71,14 +87,23 @@ def block_sparse_attention(
     q, k, v, q_positions, block_indices, *, scale: float, block_size_q: int, sink_tokens: int,
     window_tokens: int, block_size_k: int = 8, softcap: float = 0.0, remap: bool = False,
     inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0, tile_slots: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None, heads_per_program: int | None = None,
 ):
     """Triton twin of ``block_sparse_attention_ref``: q [B, H, S_Q, D], k/v [B, H_KV, S_K, D],
     q_positions [B, S_Q], block_indices [B, NQB, TOPK] int32 (NQB from ``query_blocks``).
-    ``tile_slots`` (keys per tile; default 32 re-positioning, else 64) and ``num_warps`` tune
-    the launch, not the result."""
+    ``tile_slots`` (keys per tile; default 32 re-positioning, else 64), ``num_warps`` and
+    ``heads_per_program`` (query heads of one KV head sharing each key tile; a power of two
+    dividing H / H_KV) tune the launch, not the result."""
     b, h, s_q, d = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
+    if heads_per_program is None:
+        heads_per_program = math.gcd(h // h_kv, SHARED_HEADS)
+    if num_warps is None:
+        num_warps = 4 if heads_per_program == 1 else WARPS_SHARED
+    if heads_per_program & (heads_per_program - 1) or heads_per_program < 1 \
+            or (h // h_kv) % heads_per_program:
+        raise ValueError(f"heads_per_program must be a power of two dividing the {h // h_kv} query "
+                         f"heads per KV head, got {heads_per_program}")
     pos = q_positions.expand(b, s_q).to(torch.int32).contiguous()
     block_q, pos_min, pos_max = query_blocks(pos, b, s_q, block_size_q)
     nqb, topk = block_indices.shape[1], block_indices.shape[2]
@@ -96,7 +121,7 @@ def block_sparse_attention(
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     q = q if q.stride(-1) == 1 else q.contiguous()
-    grid = (nqb, h, b)
+    grid = (nqb, h // heads_per_program, b)
     _block_sparse_attention_kernel[grid](
         q, k, v, pos, block_indices.to(torch.int32).contiguous(), win_lo.contiguous(),
         win_len.contiguous(), n_valid.contiguous(),
@@ -104,7 +129,8 @@ def block_sparse_attention(
         s_q, s_k, block_q, nqb, topk, min(sink_tokens, s_k), window_tokens, d, scale, softcap,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        GROUP=h // h_kv, BLOCK_Q=max(16, block_q), BLOCK_N=tile_slots, BLOCK_K=block_size_k,
+        GROUP=h // h_kv, HEADS=heads_per_program, BLOCK_Q=max(16, block_q), BLOCK_N=tile_slots,
+        BLOCK_K=block_size_k,
         BLOCK_D=max(16, triton.next_power_of_2(d)), SOFTCAP=softcap > 0, REMAP=rope,
         ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         FAST_TRIG=rope and approximate_trig(k),

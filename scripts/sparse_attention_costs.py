@@ -7,7 +7,8 @@ Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d 128, bf16), paper budget
 ``prefill`` is ``block_sparse_attention`` over a 32k-token chunk at the end of 1M keys (mean ms
 of 3 calls), ``decode`` is ``sparse_decode`` for the last key (replayed from a CUDA graph,
 ``bench.attention.time_graphed``). ``remap`` on or off: the StreamingLLM renumbering's rotation
-of every gathered key. ``--precise-trig`` makes the kernels rotate with the precise cos/sin even
+of every gathered key; ``heads``: query heads of one KV head per prefill program, sharing each
+gathered (and rotated) key tile. ``--precise-trig`` makes the kernels rotate with the precise cos/sin even
 for bf16 (``_primitives.approximate_trig``), to weigh the approximate ones.
 """
 
@@ -24,6 +25,9 @@ from ihip_compile.kernels import sparse_decode as decode_module
 
 S_K, CHUNK, HEADS, KV_HEADS, HEAD_DIM = 1 << 20, 32768, 32, 8, 128
 SINKS, WINDOW, TOPK, BLOCK_K, BLOCK_Q = 256, 1024, 256, 8, 64
+# (remap, keys per tile, warps, query heads per program sharing each key tile)
+PREFILL_LAUNCHES = ((True, 32, 4, 1), (True, 32, 4, 2), (True, 32, 8, 2), (True, 16, 8, 4),
+                    (True, 32, 8, 4))
 
 
 def random_blocks(n_rows: int, below: int) -> torch.Tensor:
@@ -53,12 +57,12 @@ def main() -> None:
     positions = torch.arange(S_K - CHUNK, S_K, device="cuda")[None]
     blocks = random_blocks(CHUNK // BLOCK_Q, S_K - CHUNK - WINDOW)
     result = {"precise_trig": args.precise_trig}
-    for remap, tile, warps in ((True, 64, 4), (False, 64, 4), (False, 32, 4), (True, 32, 4),
-                               (True, 32, 8), (True, 16, 4), (True, 64, 8)):
+    for remap, tile, warps, heads in PREFILL_LAUNCHES:
         run = lambda: prefill_module.block_sparse_attention(  # noqa: E731
             q, k, v, positions, blocks, block_size_q=BLOCK_Q, remap=remap, tile_slots=tile,
-            num_warps=warps, **common)
-        result[f"prefill_remap{int(remap)}_tile{tile}_warps{warps}"] = round(time_eager(run, 3), 2)
+            num_warps=warps, heads_per_program=heads, **common)
+        name = f"prefill_remap{int(remap)}_tile{tile}_warps{warps}_heads{heads}"
+        result[name] = round(time_eager(run, 3), 2)
     q1 = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     blocks1 = random_blocks(1, S_K - WINDOW)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")

@@ -56,6 +56,31 @@ def test_prefill_matches_reference_with_remap_and_softcap(layout, softcap):
     assert_matches_reference(out, block_sparse_attention_ref, q, k, v, pos, blocks, **kw)
 
 
+@pytest.mark.parametrize("heads,kv_heads,per_program", [(8, 2, 2), (8, 2, 4), (16, 2, 8)])
+@pytest.mark.parametrize("remap", [False, True])
+def test_prefill_heads_sharing_key_tiles_match_reference(heads, kv_heads, per_program, remap):
+    from ihip_compile.kernels.block_sparse_attention import block_sparse_attention
+
+    q, k, v, pos = _qkv(heads, kv_heads, 37, 203, torch.float32, heads + per_program, d=48)
+    blocks = select_blocks(q, k, pos, block_size_q=16, sink_tokens=5, window_tokens=13,
+                           use_triton=False, **SMALL)
+    kw = dict(scale=0.3, block_size_q=16, sink_tokens=5, window_tokens=13, remap=remap,
+              inv_freq=_inv_freq(48), rotary_dim=48, rope_layout=1)
+    out = block_sparse_attention(q, k, v, pos, blocks, heads_per_program=per_program, **kw)
+    assert_matches_reference(out, block_sparse_attention_ref, q, k, v, pos, blocks, **kw)
+
+
+def test_heads_per_program_must_divide_the_group():
+    from ihip_compile.kernels.block_sparse_attention import block_sparse_attention
+
+    q, k, v, pos = _qkv(6, 2, 16, 64, torch.float32, 0)
+    blocks = select_blocks(q, k, pos, block_size_q=16, sink_tokens=4, window_tokens=8,
+                           use_triton=False, **SMALL)
+    with pytest.raises(ValueError, match="power of two dividing the 3"):
+        block_sparse_attention(q, k, v, pos, blocks, scale=0.3, block_size_q=16, sink_tokens=4,
+                               window_tokens=8, heads_per_program=2)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (3, 1), (4, 1), (8, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_matches_reference(heads, kv_heads, dtype):

@@ -7,6 +7,7 @@ import torch
 
 from ihip_compile import IHipConfig
 from ihip_compile.kernels import ops  # noqa: F401  (registers torch.ops.ihip.attention)
+from ihip_compile.kernels.block_selection import select_blocks
 from ihip_compile.kernels.decode_selection_cache import SelectionStates, cached_sparse_decode
 from ihip_compile.kernels.sparse_attention import sparse_attention
 from ihip_compile.layer_policy import sparse_args_for_layer
@@ -42,8 +43,8 @@ def test_layer_policy_emits_it_for_every_layer():
 
 
 def _prefill_outputs(first_probes, seed):
-    q, k, v = _qkv(16, 192, seed)
-    pos = torch.arange(192 - 16, 192)
+    q, k, v = _qkv(32, 192, seed)  # two query blocks: not a decode-sized selection
+    pos = torch.arange(192 - 32, 192)
     got = torch.ops.ihip.attention(q, k, v, pos, None, None, layer=0, scale=0.25,
                                    first_probes=first_probes, **OP_ARGS)
     want = sparse_attention(q, k, v, pos, scale=0.25, use_triton=False,
@@ -51,12 +52,17 @@ def _prefill_outputs(first_probes, seed):
     return got, want
 
 
+# Above the decode floor (one probe per 8 keys of a 64-key chunk: 8 parts), so that the value
+# passed decides the search on every path.
+PARTS = (8, 32)
+
+
 def _seed_where_parts_matter(outputs):
-    """First seed whose results differ between 2 and 8 parts: the check below can then fail."""
+    """First seed whose results differ between the two part counts: the check can then fail."""
     for seed in range(20):
-        if not torch.equal(outputs(2, seed)[1], outputs(8, seed)[1]):
+        if not torch.equal(outputs(PARTS[0], seed)[1], outputs(PARTS[1], seed)[1]):
             return seed
-    raise AssertionError("no input tells 2 probed parts from 8: the test shape proves nothing")
+    raise AssertionError(f"no input tells {PARTS} probed parts apart: the test proves nothing")
 
 
 def _decode_outputs(first_probes, seed, layer=900):
@@ -91,6 +97,30 @@ def _offloaded_outputs(first_probes, seed):
                          ids=["prefill", "cached_decode", "offloaded_decode"])
 def test_op_passes_first_probes_to_the_selection(outputs):
     seed = _seed_where_parts_matter(outputs)
-    for parts in (2, 8):
+    for parts in PARTS:
         got, want = outputs(parts, seed)
         assert torch.equal(got, want), parts
+
+
+def _needle_found(seed: int, s_q: int) -> bool:
+    """An isolated run of 8 keys matching the last query, anywhere among noise keys: selected?"""
+    g = torch.Generator().manual_seed(seed)
+    s_k = 1024
+    q = torch.randn(1, 4, s_q, 16, generator=g, dtype=torch.float64)
+    k = 0.1 * torch.randn(1, 2, s_k, 16, generator=g, dtype=torch.float64)
+    start = int(torch.randint(64, s_k - 64, (1,), generator=g))
+    k[0, 0, start:start + 8] = 3 * q[0, 0, -1]
+    blocks = select_blocks(q, k, torch.arange(s_k - s_q, s_k), block_size_q=s_q, sink_tokens=4,
+                           window_tokens=8, selected_tokens=16, stage_chunks=[64, 8],
+                           stage_keeps=[64, 16], first_probes=2, use_triton=False)
+    return bool({start // 8, (start + 7) // 8} & set(blocks[0, -1].tolist()))
+
+
+def test_a_decode_step_probes_every_8_key_run(monkeypatch):
+    from ihip_compile.kernels import block_selection
+
+    seeds = range(12)
+    assert all(_needle_found(seed, s_q=1) for seed in seeds)
+    # Without the decode floor, 2 parts (the paper's halving) lose some of these needles.
+    monkeypatch.setattr(block_selection, "DECODE_KEYS_PER_PROBE", 1 << 30)
+    assert not all(_needle_found(seed, s_q=1) for seed in seeds)
