@@ -57,7 +57,7 @@ def _stage_handoff_kernel(
     stride_starts_q, child_step, child_div,
     N_P2: tl.constexpr, RATIO: tl.constexpr, SCORED: tl.constexpr, WRITE_KEPT: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # rows x chunks passes 2^31 for multi-million prompts
     idx = tl.arange(0, N_P2)
     in_row = idx < n
     starts_row = starts_ptr + (row // nqb) * stride_starts_b + (row % nqb) * stride_starts_q
