@@ -29,9 +29,18 @@ from ihip_compile.kernels.block_selection import query_blocks
 # Query heads per program by default (at most; a power of two, reduced to divide the GQA group)
 # and the warps of such programs. H200, 32k-query chunk over 1M keys, Llama-3.1-8B heads, RoPE
 # re-positioning (scripts/sparse_attention_costs.py): 1 head 23.1 ms; 2 heads 19.1 ms (8 warps;
-# 33.5 with 4); 4 heads 16.2 ms (8 warps, 32-key tiles; 17.1 with 16-key tiles).
+# 33.5 with 4); 4 heads 16.2 ms (8 warps, 32-key tiles; 17.1 with 16-key tiles). Fewer heads
+# where a program's rows x head dim would pass that measured launch's (4 x 64 rows x 128).
 SHARED_HEADS = 4
 WARPS_SHARED = 8
+_SHARED_ROW_ELEMENTS = SHARED_HEADS * 64 * 128
+
+
+def default_heads_per_program(group: int, block_q: int, head_dim: int) -> int:
+    """Query heads per prefill program: a power of two dividing the GQA group, within the
+    measured register budget."""
+    rows_fit = _SHARED_ROW_ELEMENTS // (max(16, block_q) * max(16, triton.next_power_of_2(head_dim)))
+    return math.gcd(group, SHARED_HEADS, max(1, rows_fit))
 
 
 @triton.jit
@@ -96,16 +105,16 @@ def block_sparse_attention(
     dividing H / H_KV) tune the launch, not the result."""
     b, h, s_q, d = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
+    pos = q_positions.expand(b, s_q).to(torch.int32).contiguous()
+    block_q, pos_min, pos_max = query_blocks(pos, b, s_q, block_size_q)
     if heads_per_program is None:
-        heads_per_program = math.gcd(h // h_kv, SHARED_HEADS)
+        heads_per_program = default_heads_per_program(h // h_kv, block_q, d)
     if num_warps is None:
         num_warps = 4 if heads_per_program == 1 else WARPS_SHARED
     if heads_per_program & (heads_per_program - 1) or heads_per_program < 1 \
             or (h // h_kv) % heads_per_program:
         raise ValueError(f"heads_per_program must be a power of two dividing the {h // h_kv} query "
                          f"heads per KV head, got {heads_per_program}")
-    pos = q_positions.expand(b, s_q).to(torch.int32).contiguous()
-    block_q, pos_min, pos_max = query_blocks(pos, b, s_q, block_size_q)
     nqb, topk = block_indices.shape[1], block_indices.shape[2]
     if block_indices.shape[0] != b or nqb != -(-s_q // block_q):
         raise ValueError(f"block_indices must be [B={b}, NQB={-(-s_q // block_q)}, TOPK], "

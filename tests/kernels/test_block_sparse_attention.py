@@ -70,6 +70,17 @@ def test_prefill_heads_sharing_key_tiles_match_reference(heads, kv_heads, per_pr
     assert_matches_reference(out, block_sparse_attention_ref, q, k, v, pos, blocks, **kw)
 
 
+def test_default_heads_per_program_divides_the_group_within_the_register_budget():
+    from ihip_compile.kernels.block_sparse_attention import default_heads_per_program
+
+    assert default_heads_per_program(4, 64, 128) == 4  # Llama-3.1-8B: the measured launch
+    assert default_heads_per_program(8, 64, 128) == 4
+    assert default_heads_per_program(3, 64, 64) == 1  # SmolLM2: 3 heads share no power of two
+    assert default_heads_per_program(6, 64, 128) == 2
+    assert default_heads_per_program(4, 64, 256) == 2  # wider heads: fewer per program
+    assert default_heads_per_program(8, 16, 64) == 4
+
+
 def test_heads_per_program_must_divide_the_group():
     from ihip_compile.kernels.block_sparse_attention import block_sparse_attention
 
