@@ -38,6 +38,7 @@ from ihip_compile.kernels.stage_handoff_ref import stage_handoff_ref
 # probe there is a read over PCIe).
 DECODE_KEYS_PER_PROBE = 8
 
+
 def query_blocks(q_positions: torch.Tensor, batch: int, s_q: int, block_size_q: int):
     """Query block size actually used and each block's first/last position, both [B, NQB] int32."""
     pos = q_positions if q_positions.dim() == 2 else q_positions.unsqueeze(0)
