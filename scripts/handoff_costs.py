@@ -1,14 +1,11 @@
-"""GPU costs of the stage hand-off kernel against its torch reference, and of the cached decode step
-by split count.
+"""GPU costs of the stage hand-off kernel against its torch reference.
 
     python scripts/handoff_costs.py [--out handoff_costs.json]
 
 Hand-off: the shapes of the paper's stages (256/32k, 32/8k, 8/2k) at 1M keys (4096 stage-0
 chunks) and 4M (16384), for one decode query block and for the 512 query blocks of a 32k prefill
 chunk; each with 4, 8 and 16 warps, the launch shape the kernel picks, and the torch ops; whether
-the outputs are equal. Decode: the split-K kernel at 1M keys, 256 selected blocks, RoPE
-re-positioning, for several split counts and the default. CUDA-graph timing as in
-``python -m ihip_compile.bench attention`` (L2 flushed between decode steps).
+the outputs are equal. CUDA-graph timing as in ``python -m ihip_compile.bench attention``.
 """
 
 import argparse
@@ -18,7 +15,6 @@ import torch
 
 from ihip_compile.bench.attention import time_graphed
 from ihip_compile.kernels import stage_handoff as handoff
-from ihip_compile.kernels.sparse_decode import sparse_decode
 from ihip_compile.kernels.stage_handoff_ref import stage_handoff_ref
 
 # (query blocks, chunks per row, chunks kept, chunk, next chunk, block divisor)
@@ -46,35 +42,16 @@ def handoff_costs(shape, reps=20):
     return row
 
 
-def decode_split_costs(reps=20):
-    s_k = 1 << 20
-    torch.manual_seed(0)
-    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, 8, s_k, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    picked = torch.randperm((s_k - 2048) // 8, device="cuda")[:256] + 32
-    blocks = torch.sort(picked).values.int().view(1, 1, 256)
-    pos = torch.full((1, 1), s_k - 1, device="cuda", dtype=torch.int32)
-    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, device="cuda").float() / 128)
-    kw = dict(scale=128 ** -0.5, sink_tokens=256, window_tokens=1024, remap=True,
-              inv_freq=inv_freq, rotary_dim=128, rope_layout=1)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    return {str(splits): time_graphed(
-        lambda s=splits: sparse_decode(q, k, v, blocks, pos, num_splits=s, **kw), reps, flush)
-        for splits in (None, 8, 16, 24, 33, 48, 64)}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="handoff_costs.json")
     args = parser.parse_args()
-    results = {"handoff": {}, "decode_splits_ms": decode_split_costs()}
+    results = {"handoff": {}}
     for shape in HANDOFF_SHAPES:
         nqb, n, keep, chunk, next_chunk, _ = shape
         name = f"nqb{nqb}_n{n}_keep{keep}_{chunk}to{next_chunk}"
         results["handoff"][name] = handoff_costs(shape)
         print(name, results["handoff"][name], flush=True)
-    print("decode by split count (None: default)", results["decode_splits_ms"])
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 

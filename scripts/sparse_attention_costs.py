@@ -8,7 +8,7 @@ Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d 128, bf16), paper budget
 of 3 calls), ``decode`` is ``sparse_decode`` for the last key (replayed from a CUDA graph,
 ``bench.attention.time_graphed``). ``remap`` on or off: the StreamingLLM renumbering's rotation
 of every gathered key; ``heads``: query heads of one KV head per prefill program, sharing each
-gathered (and rotated) key tile. ``--precise-trig`` makes the kernels rotate with the precise cos/sin even
+gathered (and rotated) key tile; ``splits``: decode split-K programs per KV head. ``--precise-trig`` makes the kernels rotate with the precise cos/sin even
 for bf16 (``_primitives.approximate_trig``), to weigh the approximate ones.
 """
 
@@ -28,6 +28,8 @@ SINKS, WINDOW, TOPK, BLOCK_K, BLOCK_Q = 256, 1024, 256, 8, 64
 # (remap, keys per tile, warps, query heads per program sharing each key tile)
 PREFILL_LAUNCHES = ((True, 32, 4, 1), (True, 32, 4, 2), (True, 32, 8, 2), (True, 16, 8, 4),
                     (True, 32, 8, 4))
+# Split-K programs of a decode step other than the default (one wave: 33 here).
+DECODE_SPLITS = (8, 16, 24, 48, 64)
 
 
 def random_blocks(n_rows: int, below: int) -> torch.Tensor:
@@ -69,6 +71,10 @@ def main() -> None:
     for remap in (True, False):
         run = lambda: decode_module.sparse_decode(q1, k, v, blocks1, remap=remap, **common)  # noqa: E731
         result[f"decode_remap{int(remap)}"] = round(time_graphed(run, 20, flush), 4)
+    for splits in DECODE_SPLITS:
+        run = lambda: decode_module.sparse_decode(  # noqa: E731
+            q1, k, v, blocks1, remap=True, num_splits=splits, **common)
+        result[f"decode_remap1_splits{splits}"] = round(time_graphed(run, 20, flush), 4)
     print(json.dumps(result))
 
 
