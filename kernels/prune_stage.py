@@ -1,9 +1,11 @@
 """Triton kernel of one pruning stage: score every candidate chunk by a halving probe search.
 
 Algorithm and shapes: ``prune_stage_ref.score_chunks_ref`` (the spec); InfiniteHiP section 3.
-One program scores CHUNK_TILE chunks of one query block: log2(CHUNK) halving steps, each probing
-the middle key of both halves for every KV head (keys gathered, never expanded for GQA; the query
-rows of a KV head are its GROUP query heads times NPQ pooled queries, one tensor-core product).
+One program scores CHUNK_TILE chunks of one query block: a first step probing the middle key of
+each of FIRST_PROBES parts, then halving steps probing the middle key of both halves, for every
+KV head (keys gathered, never expanded for GQA; the query rows of a KV head are its GROUP query
+heads times NPQ pooled queries, one tensor-core product). Programs of few chunks (decode) gather
+FIRST_GROUP parts of each chunk, and both halves, as one tile: fewer dependent loads in a row.
 
 Changes vs hip-attention: one stage kernel reused for every stage (stages are data), scores are
 the max over the heads of the sequence it is given (the op gives one KV head and its query heads
@@ -47,6 +49,32 @@ def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
 
 
 @triton.jit
+def _flat(x, TILE: tl.constexpr, WIDTH: tl.constexpr):
+    """x broadcast to [TILE, WIDTH], then flattened row by row."""
+    return tl.reshape(tl.broadcast_to(x, (TILE, WIDTH)), (TILE * WIDTH,))
+
+
+@triton.jit
+def _probe_grid(q_base, k_base, inv_freq_ptr, probe, usable, vlo, vhi, block_pos, s_k,
+                n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
+                head_dim, KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
+                NPQ: tl.constexpr, QROWS: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK_D: tl.constexpr, ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr,
+                LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                TILE: tl.constexpr, WIDTH: tl.constexpr):
+    """Scores [TILE, WIDTH] of WIDTH probes per chunk (``probe`` [TILE, WIDTH]; the chunk's
+    ``usable``, ``vlo``, ``vhi`` [TILE]), all gathered as one tile of keys per head: one
+    dependent load per head for the lot instead of one per probe."""
+    scores = _probe_score(q_base, k_base, inv_freq_ptr, _flat(probe, TILE, WIDTH),
+                          _flat(usable[:, None], TILE, WIDTH), _flat(vlo[:, None], TILE, WIDTH),
+                          _flat(vhi[:, None], TILE, WIDTH), block_pos, s_k, n_chunks,
+                          window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
+                          head_dim, KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
+                          ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
+    return tl.reshape(scores, (TILE, WIDTH))
+
+
+@triton.jit
 def _score_chunks_kernel(
     q_ptr, k_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr,
     n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim,
@@ -54,7 +82,8 @@ def _score_chunks_kernel(
     stride_c_b, stride_c_blk,
     KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
     CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, FIRST_PROBES: tl.constexpr,
-    LOG2_FIRST: tl.constexpr, CHUNK_TILE: tl.constexpr,
+    LOG2_FIRST: tl.constexpr, FIRST_GROUP: tl.constexpr, PAIR_HALVES: tl.constexpr,
+    CHUNK_TILE: tl.constexpr,
     BLOCK_D: tl.constexpr, ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr,
     LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -82,27 +111,43 @@ def _score_chunks_kernel(
         pick = tl.zeros((CHUNK_TILE,), tl.int32)
         # Runtime loops, not static_range: unrolled, the 18 probe bodies of a 256-key chunk took
         # ~80 s to compile per variant for sm_90 (vs ~10 s), and the steps are a dependent chain.
-        for i in range(FIRST_PROBES):  # first step: the middle key of each part
-            s_part = _probe_score(q_base, k_base, inv_freq_ptr, lo + (i * PART + PART // 2),
-                                  usable, vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
-                                  stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
-                                  KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
-                                  ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
-            pick = tl.where(s_part > best, i, pick)  # strict: ties keep the first part
-            best = tl.maximum(best, s_part)
+        # First step: the middle key of each part, FIRST_GROUP parts of every chunk per load.
+        for first in range(0, FIRST_PROBES, FIRST_GROUP):
+            parts = first + tl.arange(0, FIRST_GROUP)
+            s_parts = _probe_grid(q_base, k_base, inv_freq_ptr,
+                                  lo[:, None] + (parts * PART + PART // 2)[None, :], usable, vlo,
+                                  vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
+                                  stride_k_blk, stride_k_s, stride_q_h, head_dim, KB, H_KV, GROUP,
+                                  NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT,
+                                  FAST_TRIG, DOT_PRECISION, CHUNK_TILE, FIRST_GROUP)
+            s_group = tl.max(s_parts, 1)
+            # Strict, and the group's first maximum: ties keep the earliest part.
+            pick = tl.where(s_group > best, first + tl.argmax(s_parts, 1, tie_break_left=True),
+                            pick)
+            best = tl.maximum(best, s_group)
         lo = lo + pick * PART
         for step in range(LOG2_CHUNK - LOG2_FIRST):
             half = PART >> (step + 1)
-            s_left = _probe_score(q_base, k_base, inv_freq_ptr, lo + half // 2, usable, vlo,
-                                  vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
-                                  stride_k_blk, stride_k_s, stride_q_h, head_dim, KB, H_KV,
-                                  GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM,
-                                  LAYOUT, FAST_TRIG, DOT_PRECISION)
-            s_right = _probe_score(q_base, k_base, inv_freq_ptr, lo + half + half // 2, usable,
-                                   vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
-                                   stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
-                                   KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
-                                   ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
+            if PAIR_HALVES:  # both halves' middle keys in one load: [CHUNK_TILE, 2]
+                s_sides = _probe_grid(q_base, k_base, inv_freq_ptr,
+                                      lo[:, None] + (tl.arange(0, 2) * half + half // 2)[None, :],
+                                      usable,
+                                      vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
+                                      stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
+                                      KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
+                                      ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE, 2)
+                s_left, s_right = tl.split(s_sides)
+            else:
+                s_left = _probe_score(q_base, k_base, inv_freq_ptr, lo + half // 2, usable, vlo,
+                                      vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
+                                      stride_k_blk, stride_k_s, stride_q_h, head_dim, KB, H_KV,
+                                      GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM,
+                                      LAYOUT, FAST_TRIG, DOT_PRECISION)
+                s_right = _probe_score(q_base, k_base, inv_freq_ptr, lo + half + half // 2,
+                                       usable, vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
+                                       stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
+                                       KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
+                                       ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
             best = tl.maximum(best, tl.maximum(s_left, s_right))
             lo = tl.where(s_right > s_left, lo + half, lo)
     best = tl.where(usable, best, float("-inf"))
@@ -112,10 +157,12 @@ def _score_chunks_kernel(
 def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
                  rope_mode: int = 0, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
                  window_tokens: int = 0, first_probes: int = DEFAULT_FIRST_PROBES,
-                 chunk_tile: int | None = None, num_warps: int | None = None):
+                 chunk_tile: int | None = None, num_warps: int | None = None,
+                 first_group: int | None = None):
     """Triton twin of ``score_chunks_ref`` (same arguments, shapes and result). ``k`` may also be
     ``host_keys.BlockMajorKeys``: keys read in place from the offloaded store's host copy.
-    ``chunk_tile`` (chunks per program) and ``num_warps`` tune the launch, not the result."""
+    ``chunk_tile`` (chunks per program), ``num_warps`` and ``first_group`` (first-step parts of
+    each chunk gathered per load) tune the launch, not the result."""
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     if k.dim() != 4 or k.shape[0] != b or k.shape[3] != d or h % h_kv:
@@ -152,9 +199,15 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
     # 32k chunk at 1M keys on an H200, scripts/stage_rope_cost.py); rotating, 32 (not measured at
     # 64, where the fp32 cos/sin tiles would double). Few (decode): 16, more programs in flight.
     tile = chunk_tile or (16 if few_chunks else 32 if rope else 64)
-    # 16-chunk programs with 2 warps: a decode stage 0 at 1M keys 0.13 instead of 0.15-0.16 ms
-    # with 4 (three runs, scripts/stage_rope_cost.py).
-    num_warps = num_warps or (2 if tile == 16 else 4)
+    # Few chunks per program (decode): 4 first-step parts of each chunk per gathered load and
+    # both halves' probes in one, so that a program waits on fewer dependent loads (its ~300
+    # probe-and-head loads were latency-bound); 4 warps. Stage 0 at 1M keys, 32 parts of 256
+    # (the decode floor): 0.238 -> 0.156 ms; 4M 0.668 -> 0.600 (H200,
+    # reports/bench/grouped_probes/). Many chunks (prefill): one probe per load, 4 warps: paired
+    # halves on 64-chunk tiles ran out of shared memory (head dim 128), and the tile is wide.
+    few_per_program = tile <= 16
+    num_warps = num_warps or 4
+    first_group = min(parts, first_group or (4 if few_per_program else 1))
     inv = inv_freq.float().contiguous() if rope else out
     grid = (nqb, triton.cdiv(n_cand, tile), b)
     _score_chunks_kernel[grid](
@@ -167,7 +220,8 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         KB=addressing["keys_per_block"], H_KV=h_kv, GROUP=group, NPQ=npq,
         QROWS=max(16, triton.next_power_of_2(group * npq)),
         CHUNK=chunk_size, LOG2_CHUNK=chunk_size.bit_length() - 1, FIRST_PROBES=parts,
-        LOG2_FIRST=parts.bit_length() - 1, CHUNK_TILE=tile,
+        LOG2_FIRST=parts.bit_length() - 1, FIRST_GROUP=first_group,
+        PAIR_HALVES=few_per_program, CHUNK_TILE=tile,
         BLOCK_D=max(16, triton.next_power_of_2(d)), ROPE_MODE=rope_mode if rope else 0,
         ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         FAST_TRIG=rope and approximate_trig(q_pooled),

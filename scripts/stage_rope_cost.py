@@ -9,7 +9,9 @@ block; ``rope1`` the relative pruning RoPE (every probed key rotated in the kern
 every key instead (``rope_delta.rotate_positions``), which ``positioned_scoring`` weighs against
 the rotations per probe. ``tile``/``warps`` entries: the unrotated prefill stage and the rotating
 decode stage at other launch shapes (chunks per program, warps per program); ``keys``/``warps``
-entries: the exact-maxima kernel (``first256``) at other keys per step and warps.
+entries: the exact-maxima kernel (``first256``) at other keys per step and warps; ``group``/``warps``
+entries: the rotating decode stage with the decode floor's 32 first-step parts (one per 8 keys),
+gathering that many parts of each chunk per load (``first_group``) at other warps.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def main() -> None:
             ms = time_stage(keys, inv_freq, n_blocks, pooled, rope_mode, first, reps)
             result[f"{name}_rope{rope_mode}_first{first}"] = round(ms, 3)
     result["move_all_keys"] = round(time_move(keys, inv_freq, reps=10), 3)
-    for tile, warps in ((16, 4), (32, 2), (32, 8), (64, 4), (64, 8)):  # now: 32 chunks, 4 warps
+    for tile, warps in ((16, 4), (32, 2), (32, 8), (64, 4), (64, 8)):  # now: 64 chunks, 4 warps
         ms = time_stage(keys, inv_freq, 512, 16, 0, 8, 3, chunk_tile=tile, num_warps=warps)
         result[f"prefill_rope0_first8_tile{tile}_warps{warps}"] = round(ms, 3)
     for tile, warps in ((16, 2), (16, 8), (32, 4)):  # now: 16 chunks, 4 warps
@@ -84,6 +86,9 @@ def main() -> None:
         ms = time_stage(keys, inv_freq, 1, 1, 1, 256, 20, maxima_keys=keys_per_step,
                         maxima_warps=warps)
         result[f"decode_rope1_first256_keys{keys_per_step}_warps{warps}"] = round(ms, 3)
+    for group, warps in ((1, 2), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8)):  # now: 4 parts, 4 warps
+        ms = time_stage(keys, inv_freq, 1, 1, 1, 32, 20, first_group=group, num_warps=warps)
+        result[f"decode_rope1_first32_group{group}_warps{warps}"] = round(ms, 3)
     print(json.dumps(result))
 
 

@@ -8,9 +8,8 @@ from tests.helpers import assert_matches_reference
 from tests.kernels.conftest import DEVICE
 
 
-def _inputs(heads, kv_heads, blocks, pooled, keys, chunk, dtype, seed):
+def _inputs(heads, kv_heads, blocks, pooled, keys, chunk, dtype, seed, d=32):
     gen = torch.Generator().manual_seed(seed)
-    d = 32
     q = torch.randn(1, heads, blocks, pooled, d, generator=gen).to(DEVICE, dtype)
     k = torch.randn(1, kv_heads, keys, d, generator=gen).to(DEVICE, dtype)
     starts = torch.arange(0, keys, chunk, dtype=torch.int32).expand(1, blocks, -1).clone()
@@ -45,15 +44,35 @@ def test_scores_match_reference_with_pruning_rope(rope_mode, chunk, first_probes
     assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
 
 
-@pytest.mark.parametrize("chunk_tile,rope_mode", [(32, 1), (64, 0), (64, 2)])
-def test_wide_chunk_tiles_score_like_the_reference(chunk_tile, rope_mode):
-    """Prefill launches take 32 or 64 chunks per program; tests' small inputs would take 16."""
+@pytest.mark.parametrize("chunk_tile,rope_mode,chunk,d", [
+    (32, 1, 8, 32), (64, 0, 8, 32), (64, 2, 8, 32), (64, 0, 32, 128), (32, 1, 32, 128)])
+def test_wide_chunk_tiles_score_like_the_reference(chunk_tile, rope_mode, chunk, d):
+    """Prefill launches take 32 or 64 chunks per program; tests' small inputs would take 16.
+    Head dim 128 with halving steps: on a GPU, the launch shape must fit the shared memory."""
     from ihip_compile.kernels.prune_stage import score_chunks
 
-    q, k, starts, key_hi, pos, inv = _inputs(4, 2, 3, 2, 700, 8, torch.float32, chunk_tile)
-    kw = dict(key_lo=5, chunk_size=8, rope_mode=rope_mode, inv_freq=inv, rotary_dim=32,
+    q, k, starts, key_hi, pos, inv = _inputs(4, 2, 3, 2, 700, chunk, torch.float32, chunk_tile,
+                                             d)
+    kw = dict(key_lo=5, chunk_size=chunk, rope_mode=rope_mode, inv_freq=inv, rotary_dim=d,
               rope_layout=1, window_tokens=7)
     out = score_chunks(q, k, starts, key_hi, pos, chunk_tile=chunk_tile, **kw)
+    assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
+
+
+@pytest.mark.parametrize("first_group", [1, 2, 8])
+@pytest.mark.parametrize("tied", [False, True])
+def test_first_step_grouping_changes_no_score(first_group, tied):
+    """Any number of first-step parts per gathered load gives the reference's scores; with tied
+    first-step probes the earliest part is halved, as in the reference's sequential scan."""
+    from ihip_compile.kernels.prune_stage import score_chunks
+
+    q, k, starts, key_hi, pos, inv = _inputs(4, 2, 1, 1, 300, 64, torch.float32, first_group)
+    if tied:  # the middle key of every 8-key part equals part 0's: the first probes all tie
+        q, k = q.round(), k.round()  # small integers: every product sum exact, ties exact
+        middles = torch.arange(4, 300, 8, device=k.device)
+        k[:, :, middles] = k[:, :, (middles // 64 * 64 + 4).clamp(max=299)]
+    kw = dict(key_lo=5, chunk_size=64, rope_mode=0, window_tokens=7, first_probes=8)
+    out = score_chunks(q, k, starts, key_hi, pos, first_group=first_group, **kw)
     assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
 
 
