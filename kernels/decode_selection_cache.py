@@ -50,6 +50,9 @@ class SelectionStates:
     by_layer: dict[int, SelectionState] = field(default_factory=dict)
     stage_runs: dict[int, list[int]] = field(default_factory=dict)  # layer -> runs per stage
     steps: dict[int, int] = field(default_factory=dict)  # layer -> decode steps served
+    # Key count of the decode step whose sequence a fingerprint comparison has confirmed: the
+    # other layers of that step skip theirs (each comparison is a device-to-host sync).
+    confirmed_s_k: int | None = None
 
     def forget(self, layer: int | None = None) -> None:
         """Drop cached selections (of one layer, or all): the next step starts from stage 0."""
@@ -67,16 +70,11 @@ RunStages = Callable[[int, "torch.Tensor | None"], "tuple[torch.Tensor, list[tor
 
 
 def first_stage_to_run(state: SelectionState | None, s_k: int, batch: int,
-                       refresh_intervals: tuple[int, ...],
-                       fingerprint: torch.Tensor | None = None, settings: tuple = ()) -> int:
-    """Index of the first stage to recompute at this step; ``len(refresh_intervals)``: none."""
+                       refresh_intervals: tuple[int, ...], settings: tuple = ()) -> int:
+    """Index of the first stage to recompute at this step; ``len(refresh_intervals)``: none.
+    (``state`` is of this step's sequence: ``cached_selection`` checks that.)"""
     if (state is None or s_k != state.s_k + 1 or state.schedule != tuple(refresh_intervals)
             or state.blocks.shape[0] != batch or state.settings != settings):
-        return 0
-    if fingerprint is not None and not (
-        state.fingerprint is not None and state.fingerprint.shape == fingerprint.shape
-        and torch.equal(state.fingerprint, fingerprint)
-    ):
         return 0
     for i, (age, interval) in enumerate(zip(state.ages, refresh_intervals)):
         if age + 1 >= interval:
@@ -90,14 +88,20 @@ def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
     """Blocks for this decode step and the extra window tokens, recomputing only due stages.
 
     ``fingerprint`` (e.g. the first key of each row) must match the previous step's for the
-    state to be reused, telling apart sequences of one shared owner; so must ``settings``
+    state to be reused, telling apart sequences of one shared owner (compared, a device sync, by
+    the first layer of a step that continues a state; the step's other layers trust it); so
+    must ``settings``
     (hashable: whatever else shapes the selection, e.g. budgets), so that a layer served under
     other settings never reuses stages selected under the old ones. Returns
     ``(blocks [B, NQB, TOPK] int32, extra_window_tokens)``.
     """
     refresh_intervals = tuple(int(i) for i in refresh_intervals)
     state = states.by_layer.get(layer)
-    start = first_stage_to_run(state, s_k, batch, refresh_intervals, fingerprint, settings)
+    if state is None or s_k != state.s_k + 1:
+        states.confirmed_s_k = None  # not a continuation: no layer may trust an earlier check
+    elif fingerprint is not None and not _sequence_confirmed(states, state, s_k, fingerprint):
+        state = None
+    start = first_stage_to_run(state, s_k, batch, refresh_intervals, settings)
     n = len(refresh_intervals)
     runs = states.stage_runs.get(layer)
     if runs is None or len(runs) != n:  # first step, or a layer served earlier with another schedule
@@ -122,6 +126,26 @@ def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
         state.ages = [a + 1 for a in state.ages[:start]] + [0] * (n - start)
         state.blocks, state.s_k = blocks, s_k
     return blocks, s_k - state.stage0_s_k
+
+
+def _same_fingerprint(stored: torch.Tensor | None, fingerprint: torch.Tensor) -> bool:
+    return (stored is not None and stored.shape == fingerprint.shape
+            and torch.equal(stored, fingerprint))
+
+
+def _sequence_confirmed(states: SelectionStates, state: SelectionState, s_k: int,
+                        fingerprint: torch.Tensor) -> bool:
+    """Whether ``state``, which this decode step continues, is of this step's sequence. The
+    first layer of the step compares fingerprints; the layers of one forward share the sequence,
+    so the others trust its answer. A mismatch is another sequence: every layer's cached
+    selection is dropped, and each starts over from stage 0."""
+    if states.confirmed_s_k == s_k:
+        return True
+    if _same_fingerprint(state.fingerprint, fingerprint):
+        states.confirmed_s_k = s_k
+        return True
+    states.forget()
+    return False
 
 
 def reuse_ratio(states: SelectionStates) -> dict[int, list[float]]:

@@ -50,6 +50,30 @@ def test_a_new_sequence_or_a_prefill_starts_from_stage_zero():
     assert calls == [0, 0, 0, 0]
 
 
+def _step(states, s_k, first_key, run, layers=3):
+    for layer in range(layers):
+        cached_selection(states, layer, s_k, 1, (4, 2), run,
+                         fingerprint=torch.full((1, 2), float(first_key)))
+
+
+def test_another_sequence_continuing_the_length_starts_every_layer_over(monkeypatch):
+    """A sequence is told apart by its fingerprint once per step: the first layer compares
+    (a device sync on the GPU), the others trust it; a mismatch restarts every layer."""
+    from ihip_compile.kernels import decode_selection_cache as cache
+
+    compared = []
+    same = cache._same_fingerprint
+    monkeypatch.setattr(cache, "_same_fingerprint", lambda *a: compared.append(1) or same(*a))
+    states, (calls, run) = SelectionStates(), _recorder(2)
+    _step(states, 50, 1.0, run)
+    _step(states, 51, 1.0, run)  # the same sequence: nothing due in any layer
+    assert calls == [0, 0, 0] and len(compared) == 1
+    _step(states, 52, 2.0, run)  # another sequence whose length continues the first's
+    assert calls == [0, 0, 0, 0, 0, 0] and len(compared) == 2
+    _step(states, 53, 2.0, run)  # that one continues: its own selections are reused
+    assert len(calls) == 6 and len(compared) == 3
+
+
 def test_a_layer_served_again_with_another_schedule_starts_over():
     # One process may run models with different stage counts; layer indices repeat between them.
     states = SelectionStates()
