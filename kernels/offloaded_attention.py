@@ -22,6 +22,7 @@ import torch
 
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
+from ihip_compile.kernels.padding_check import hides_nothing
 from ihip_compile.kernels.resident_blocks import record
 from ihip_compile.kernels.sparse_attention import sparse_attention, sparse_kwargs
 
@@ -113,9 +114,8 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     streamed from host memory. Each gives exactly the in-memory result.
     """
     s_q, s_k = q.shape[2], k.shape[2]
-    if kv_valid is not None and bool(kv_valid.all()):
-        # generate() always passes an attention mask; all-valid means no padding. (This path
-        # syncs with the host anyway; the check costs nothing more.)
+    if kv_valid is not None and hides_nothing(kv_valid):
+        # generate() always passes an attention mask; all-valid means no padding.
         kv_valid = None
     layer = args["layer"]
     store = store_for_layer(layer, s_k)

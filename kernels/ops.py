@@ -25,6 +25,7 @@ from ihip_compile.kernels.sparse_attention import (
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import is_offload_proxy
 from ihip_compile.kernels.offloaded_attention import offloaded_attention
+from ihip_compile.kernels.padding_check import hides_nothing
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
 
 _ATTENTION_SCHEMA = (
@@ -86,7 +87,7 @@ def _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens) -> b
         return False
     # generate() always passes a padding mask; one that hides nothing is no padding. Checked only
     # at long contexts, where one device sync is small next to the attention it routes.
-    if kv_valid is not None and not bool(kv_valid.all()):
+    if kv_valid is not None and not hides_nothing(kv_valid):
         return False
     allowed = GPU_DTYPES if q.is_cuda else REFERENCE_DTYPES
     return v.shape[-1] == q.shape[-1] and q.dtype in allowed and q.device.type in ("cpu", "cuda")

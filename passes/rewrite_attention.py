@@ -5,7 +5,8 @@ Emits     ihip.attention(q, k, v, q_positions, kv_valid, inv_freq, layer=, scale
                          model_window=, rotary_dim=, rope_layout=, **sparse_args_for_layer(...))
           q_positions = key index of each query: q_indices - kv_offset from the mask, or
                         arange(S_Q) for is_causal=True (S_Q == S_K there)
-          kv_valid    = padding_2d[batch[:, None], kv_indices[None, :]]  ([B, S_K] bool) or None
+          kv_valid    = padding_2d[batch[:, None], kv_indices[None, :]]  ([B, S_K] bool) or None,
+                        one node shared by the sites of one mask (the op checks it once: a sync)
           inv_freq    = the traced frequency vector, angle(table[1]) for complex tables, or None
           K/V are the tensors before repeat_kv. The old mask and repeat_kv nodes lose their users
           here and are removed by remove_dead_code.
@@ -30,10 +31,11 @@ from ihip_compile.passes.sites import (
 
 def rewrite_attention(gm: fx.GraphModule, context: PassContext) -> PassResult:
     graph = gm.graph
+    shared_kv_valid: dict[tuple, fx.Node] = {}
     for site in context.sites:
         with graph.inserting_before(site.node):
             q_positions, positions_text = _q_positions(graph, site)
-            kv_valid, valid_text = _kv_valid(graph, site)
+            kv_valid, valid_text = _kv_valid(graph, site, shared_kv_valid)
             inv_freq = _inv_freq(graph, site)
             rope = site.rope
             window = site.mask.window if site.mask is not None else 0
@@ -81,14 +83,19 @@ def _q_positions(graph: fx.Graph, site: AttentionSite) -> tuple[fx.Node, str]:
     return node, f"{mask.q_indices.name} - {offset} (mask query indices - key offset)"
 
 
-def _kv_valid(graph: fx.Graph, site: AttentionSite) -> tuple[fx.Node | None, str]:
+def _kv_valid(graph: fx.Graph, site: AttentionSite,
+              shared: dict[tuple, fx.Node]) -> tuple[fx.Node | None, str]:
+    """The site's [B, S_K] validity, built once per mask (sites come in graph order, so the
+    first site's node precedes the others)."""
     mask = site.mask
     if mask is None or mask.padding_source is None:
         return None, "None (no padding mask)"
-    rows = graph.call_function(operator.getitem, (mask.batch_indices, (slice(None), None)))
-    cols = graph.call_function(operator.getitem, (mask.kv_indices, (None, slice(None))))
-    node = graph.call_function(operator.getitem, (mask.padding_source, (rows, cols)))
-    return node, f"{mask.padding_source.name}[batch, {mask.kv_indices.name}]"
+    key = (mask.padding_source, mask.batch_indices, mask.kv_indices)
+    if key not in shared:
+        rows = graph.call_function(operator.getitem, (mask.batch_indices, (slice(None), None)))
+        cols = graph.call_function(operator.getitem, (mask.kv_indices, (None, slice(None))))
+        shared[key] = graph.call_function(operator.getitem, (mask.padding_source, (rows, cols)))
+    return shared[key], f"{mask.padding_source.name}[batch, {mask.kv_indices.name}]"
 
 
 def _inv_freq(graph: fx.Graph, site: AttentionSite) -> fx.Node | None:

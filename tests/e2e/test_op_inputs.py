@@ -111,3 +111,11 @@ def test_complex_rope_frequencies_come_from_the_table():
         torch.testing.assert_close(call["inv_freq"], model.inv_freq())
         assert torch.equal(call["q_positions"], torch.arange(12))
         assert call["kv_valid"] is None and call["k"].shape[1] == model.args.n_kv_heads
+
+
+def test_layers_of_one_forward_share_one_padding_tensor():
+    """One ``kv_valid`` per mask, not per layer: the op asks whether it hides anything (a device
+    sync) once per forward (``kernels/padding_check.py``)."""
+    model, calls = _record_forward("llama")
+    assert len(calls) == model.config.num_hidden_layers > 1
+    assert all(call["kv_valid"] is calls[0]["kv_valid"] for call in calls)
