@@ -89,10 +89,9 @@ def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
 
     ``fingerprint`` (e.g. the first key of each row) must match the previous step's for the
     state to be reused, telling apart sequences of one shared owner (compared, a device sync, by
-    the first layer of a step that continues a state; the step's other layers trust it); so
-    must ``settings``
-    (hashable: whatever else shapes the selection, e.g. budgets), so that a layer served under
-    other settings never reuses stages selected under the old ones. Returns
+    the first layer of a step that continues a state; the step's other layers trust it); so must
+    ``settings`` (hashable: whatever else shapes the selection, e.g. budgets), so that a layer
+    served under other settings never reuses stages selected under the old ones. Returns
     ``(blocks [B, NQB, TOPK] int32, extra_window_tokens)``.
     """
     refresh_intervals = tuple(int(i) for i in refresh_intervals)

@@ -86,7 +86,7 @@ def _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens) -> b
     if k.shape[-2] < dense_below_tokens or model_window > 0:
         return False
     # generate() always passes a padding mask; one that hides nothing is no padding. Checked only
-    # at long contexts, where one device sync is small next to the attention it routes.
+    # at long contexts, once per mask tensor (a device sync; ``padding_check``).
     if kv_valid is not None and not hides_nothing(kv_valid):
         return False
     allowed = GPU_DTYPES if q.is_cuda else REFERENCE_DTYPES

@@ -129,13 +129,12 @@ def _score_chunks_kernel(
         for step in range(LOG2_CHUNK - LOG2_FIRST):
             half = PART >> (step + 1)
             if PAIR_HALVES:  # both halves' middle keys in one load: [CHUNK_TILE, 2]
-                s_sides = _probe_grid(q_base, k_base, inv_freq_ptr,
-                                      lo[:, None] + (tl.arange(0, 2) * half + half // 2)[None, :],
-                                      usable,
-                                      vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
-                                      stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
-                                      KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
-                                      ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE, 2)
+                sides = lo[:, None] + (tl.arange(0, 2) * half + half // 2)[None, :]
+                s_sides = _probe_grid(q_base, k_base, inv_freq_ptr, sides, usable, vlo, vhi,
+                                      block_pos, s_k, n_chunks, window_tokens, stride_k_h,
+                                      stride_k_blk, stride_k_s, stride_q_h, head_dim, KB, H_KV,
+                                      GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM,
+                                      LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE, 2)
                 s_left, s_right = tl.split(s_sides)
             else:
                 s_left = _probe_score(q_base, k_base, inv_freq_ptr, lo + half // 2, usable, vlo,
