@@ -2,9 +2,9 @@
 
     python scripts/stage_kernel_compile_time.py [--chunk 256] [--arch 90]
 
-GPU sessions pay Triton's compile time once per kernel variant (stage chunk size, RoPE mode,
+A fresh GPU process pays Triton's compile time once per kernel variant (stage chunk size, RoPE mode,
 pooled queries, ...); this measures one variant ahead of time (Llama-3.1-8B decode shapes, bf16)
-so that changes to the kernel's code size can be judged before a device call.
+so that changes to the kernel's code size can be judged without a GPU.
 """
 
 from __future__ import annotations
