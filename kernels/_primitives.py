@@ -157,6 +157,26 @@ def online_softmax_update(acc, running_max, running_sum, scores, v, DOT_PRECISIO
 
 
 @triton.jit
+def decode_window(p, window, sink_tokens):
+    """Window start and length of one query at key index ``p`` (``attention_block_plan`` for a
+    one-query block: pos_min == pos_max == p)."""
+    win_lo = tl.where(window > 0, tl.maximum(p + 1 - window, sink_tokens), p + 1)
+    win_len = tl.where(window > 0, tl.maximum(p - win_lo + 1, 0), 0)
+    return win_lo, win_len
+
+
+@triton.jit
+def count_valid_blocks(blocks_row_ptr, topk, BLOCK_T: tl.constexpr):
+    """Entries >= 0 of a block-index row of ``topk`` entries (-1 marks an empty one)."""
+    n_valid = tl.sum(tl.zeros((BLOCK_T,), tl.int32), 0)
+    for t in range(0, topk, BLOCK_T):
+        t_idx = t + tl.arange(0, BLOCK_T)
+        row = tl.load(blocks_row_ptr + t_idx, mask=t_idx < topk, other=-1)
+        n_valid += tl.sum((row >= 0).to(tl.int32), 0)
+    return n_valid
+
+
+@triton.jit
 def attended_slots(slot, blocks_row_ptr, topk, sink, win_lo, win_len, n_valid, s_k,
                    BLOCK_K: tl.constexpr):
     """Map slot numbers of a query block's key list (sinks, selected blocks, window) to keys.

@@ -46,7 +46,7 @@ def attention_block_plan(pos_min, pos_max, block_indices, sink_tokens: int, wind
     return win_lo.to(torch.int32), win_len.to(torch.int32), n_valid.to(torch.int32)
 
 
-def _slots(block_indices, win_lo, win_len, n_valid, sink, block_k, window_slots, s_k):
+def slot_keys(block_indices, win_lo, win_len, n_valid, sink, block_k, window_slots, s_k):
     """Key index, usable flag, kind (0 sink, 1 selected, 2 window) and RoPE delta of every slot."""
     b, nqb, topk = block_indices.shape
     dev = block_indices.device
@@ -98,7 +98,7 @@ def block_sparse_attention_ref(
     )
     sink = min(sink_tokens, s_k)
     window_slots = int(win_len.max()) if win_len.numel() else 0
-    keys, ok, kind, delta = _slots(
+    keys, ok, kind, delta = slot_keys(
         block_indices, win_lo, win_len, n_valid, sink, block_size_k, window_slots, s_k
     )
     q_blocks = q_pad.view(b, h_kv, group, nqb, block_q, d)

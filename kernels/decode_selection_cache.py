@@ -11,7 +11,13 @@ State is per layer and per sequence batch, held by an owner: the offloaded KV st
 in the op's Python side, so nothing is recompiled per step. A call continues the previous state
 only when it is the next decode step of the same sequences (S_K grew by exactly one, same batch,
 same schedule, and for keys in memory the same first key); anything else (a prefill, a new
-prompt) starts over from stage 0, so a stale selection never leaks into another sequence.
+prompt) starts over from stage 0, so a stale selection never leaks into another sequence; the op
+also drops a layer's state at every call with several queries (a prefill).
+
+With RoPE renumbering and keys in the graph, the attention of a cached step reads the blocks'
+sinks and selected keys from a copy made when they were selected, already renumbered
+(``attend_positioned``; ``positioned_kv_ref`` says why): ~9.4 MB per layer at Llama-3.1-8B's
+shape and the default budget (2304 keys, 8 KV heads, d 128, bf16, K and V).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from typing import Callable
 import torch
 
 from ihip_compile.kernels.block_selection import select_blocks
+from ihip_compile.kernels.positioned_decode_ref import positioned_decode_ref
+from ihip_compile.kernels.positioned_kv_ref import PositionedKV, position_selected_kv_ref
 from ihip_compile.kernels.selection_scope import fold_heads, fold_inputs, per_group, unfold_heads
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
 from ihip_compile.kernels.sparse_attention import (
@@ -41,6 +49,9 @@ class SelectionState:
     schedule: tuple[int, ...]
     fingerprint: torch.Tensor | None = None  # first key of each row: tells sequences apart
     settings: tuple = ()  # the selection's settings (budgets, probes...): another set starts over
+    # The blocks' sinks and selected keys gathered and renumbered for the attention
+    # (positioned_kv_ref), made at the first step that attends them; dropped with the blocks.
+    positioned: PositionedKV | None = None
 
 
 @dataclass
@@ -123,7 +134,7 @@ def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
     else:
         state.stages[start:] = new_stages
         state.ages = [a + 1 for a in state.ages[:start]] + [0] * (n - start)
-        state.blocks, state.s_k = blocks, s_k
+        state.blocks, state.s_k, state.positioned = blocks, s_k, None
     return blocks, s_k - state.stage0_s_k
 
 
@@ -227,8 +238,29 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
         k, v = fold_heads(k, groups), fold_heads(v, groups)
     common = dict(scale=scale, sink_tokens=sink_tokens, window_tokens=window,
                   block_size_k=stage_chunks[-1], softcap=softcap, remap=remap, **rope_args)
-    out = attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common)
+    if remap and kv_for_attention is None:
+        out = attend_positioned(q, k, v, pos, states.by_layer[layer], use_triton, common)
+    else:
+        out = attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common)
     return unfold_heads(out, b)
+
+
+def attend_positioned(q, k, v, pos, state: SelectionState, use_triton: bool, common: dict):
+    """Renumbered decode attention of ``state``'s blocks from their positioned keys, positioning
+    them at the first step that attends them (``positioned_kv_ref``: a cached step then reads
+    contiguous rows and rotates no key)."""
+    if use_triton:
+        from ihip_compile.kernels.positioned_decode import positioned_decode as decode
+        from ihip_compile.kernels.positioned_kv import position_selected_kv as position
+    else:
+        decode, position = positioned_decode_ref, position_selected_kv_ref
+    rope = {name: common[name] for name in ("inv_freq", "rotary_dim", "rope_layout")}
+    shared = dict(sink_tokens=common["sink_tokens"], window_tokens=common["window_tokens"], **rope)
+    if state.positioned is None or not state.positioned.matches(k.shape[2], shared["sink_tokens"]):
+        state.positioned = position(k, v, state.blocks, pos, block_size_k=common["block_size_k"],
+                                    **shared)
+    return decode(q, k, v, state.positioned, pos, scale=common["scale"],
+                  softcap=common["softcap"], **shared)
 
 
 def _folded_keys_for_stage(keys_for_stage, batch: int, groups: int):

@@ -22,7 +22,7 @@ from ihip_compile.kernels.dense_attention_ref import dense_attention
 from ihip_compile.kernels.sparse_attention import (
     GPU_DTYPES, REFERENCE_DTYPES, sparse_attention, sparse_kwargs,
 )
-from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
+from ihip_compile.kernels.decode_selection_cache import DENSE_PATH_STATES, cached_sparse_decode
 from ihip_compile.kernels.kv_store import is_offload_proxy
 from ihip_compile.kernels.offloaded_attention import offloaded_attention
 from ihip_compile.kernels.padding_check import hides_nothing
@@ -70,6 +70,10 @@ def _attention(
             sparse_path=lambda *inputs: _takes_sparse_path(*inputs, model_window,
                                                            dense_below_tokens), **scalars,
         )
+    if q.shape[-2] > 1:
+        # A prefill starts a sequence: its first decode step must not continue a selection of
+        # the previous one (whose first key, a BOS token, may well be the same).
+        DENSE_PATH_STATES.forget(layer)
     if not _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens):
         return dense_attention(
             q, k, v, q_positions, kv_valid, scale=scale, softcap=softcap, model_window=model_window

@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import approximate_trig, fold_slot_tile, load_rows
+from ihip_compile.kernels._primitives import (
+    approximate_trig, count_valid_blocks, decode_window, fold_slot_tile, load_rows,
+)
 
 
 @triton.jit
@@ -52,14 +54,8 @@ def _sparse_decode_split_kernel(
     p = tl.load(pos_ptr + b * stride_pos_b).to(tl.int32)
     pos = p + rows * 0
     blocks_row = blocks_ptr + b * topk
-    # The block plan of attention_block_plan for a one-query block (pos_min == pos_max == p).
-    win_lo = tl.where(window > 0, tl.maximum(p + 1 - window, sink_tokens), p + 1)
-    win_len = tl.where(window > 0, tl.maximum(p - win_lo + 1, 0), 0)
-    n_valid = tl.sum(tl.zeros((BLOCK_T,), tl.int32), 0)
-    for t in range(0, topk, BLOCK_T):
-        t_idx = t + tl.arange(0, BLOCK_T)
-        row = tl.load(blocks_row + t_idx, mask=t_idx < topk, other=-1)
-        n_valid += tl.sum((row >= 0).to(tl.int32), 0)
+    win_lo, win_len = decode_window(p, window, sink_tokens)
+    n_valid = count_valid_blocks(blocks_row, topk, BLOCK_T)
     k_base = k_ptr + b * stride_k_b + kv * stride_k_h
     v_base = v_ptr + b * stride_v_b + kv * stride_v_h
     acc = tl.zeros((QROWS, BLOCK_D), tl.float32)
@@ -103,6 +99,30 @@ def _merge_splits_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, head_dim, stride_o_
              mask=cols < head_dim)
 
 
+def default_split_count(max_slots: int, programs_per_split: int, block_n: int) -> int:
+    """Splits of a decode step's key list: one wave of programs. A split kernel takes ~255
+    registers per thread, so ~2 programs of 4 warps fit an SM (264 on an H200); at most 64
+    splits (the merge holds [splits, D] partials)."""
+    return max(1, min(triton.cdiv(max_slots, block_n), 264 // max(programs_per_split, 1), 64))
+
+
+def split_partials(b: int, h: int, num_splits: int, block_d: int, device):
+    """Per split and query head: the unnormalised output, the running max and the sum (fp32)."""
+    acc = torch.empty((b, h, num_splits, block_d), device=device, dtype=torch.float32)
+    maxes = torch.empty((b, h, num_splits), device=device, dtype=torch.float32)
+    return acc, maxes, torch.empty_like(maxes)
+
+
+def merge_splits(acc, maxes, sums, out):
+    """Log-sum-exp merge of ``split_partials`` into ``out`` [B, H, 1, D]; returns ``out``."""
+    b, h, num_splits, block_d = acc.shape
+    _merge_splits_kernel[(h, b)](
+        acc, maxes, sums, out, out.shape[-1], out.stride(0), out.stride(1), h,
+        NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+    )
+    return out
+
+
 def sparse_decode(
     q, k, v, block_indices, q_positions=None, *, scale: float, sink_tokens: int,
     window_tokens: int, block_size_k: int = 8, softcap: float = 0.0, remap: bool = False,
@@ -132,15 +152,10 @@ def sparse_decode(
     # 32-slot tiles: with RoPE re-positioning, 64-slot tiles made ptxas (sm_90, 4 warps, D=128)
     # spill ~3.6 KB per thread per tile; 32-slot tiles spill ~0.6 KB.
     block_n = 32
-    if num_splits is None:
-        # One wave: the kernel takes ~255 registers per thread, so ~2 programs of 4 warps per
-        # SM (264 on an H200); at most 64 splits (the merge holds [splits, D] partials).
-        num_splits = max(1, min(triton.cdiv(max_slots, block_n), 264 // max(b * h_kv, 1), 64))
+    num_splits = num_splits or default_split_count(max_slots, b * h_kv, block_n)
     slots_per_split = triton.cdiv(triton.cdiv(max_slots, num_splits), block_n) * block_n
     block_d = max(16, triton.next_power_of_2(d))
-    acc = torch.empty((b, h, num_splits, block_d), device=q.device, dtype=torch.float32)
-    maxes = torch.empty((b, h, num_splits), device=q.device, dtype=torch.float32)
-    sums = torch.empty_like(maxes)
+    acc, maxes, sums = split_partials(b, h, num_splits, block_d, q.device)
     rope = remap and rope_layout != 0
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
@@ -159,9 +174,4 @@ def sparse_decode(
         FAST_TRIG=rope and approximate_trig(k),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    out = torch.empty_like(q)
-    _merge_splits_kernel[(h, b)](
-        acc, maxes, sums, out, d, out.stride(0), out.stride(1), h, NUM_SPLITS=num_splits,
-        SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-    )
-    return out
+    return merge_splits(acc, maxes, sums, torch.empty_like(q))

@@ -9,10 +9,13 @@ paper's default selection (sinks 256, window 1024, 2048 selected keys, stages 25
 Same process, same inputs, for each context:
   decode   one query token. Steps of four kinds are timed, each captured in a CUDA graph with an
            L2 flush between steps (the flush's own time subtracted, so a layer's K/V never sits in
-           L2 from the previous step): the whole chain (stages 0-2 + attention), from stage 1,
-           from stage 2, and the all-cached step (attention only). A refresh preset r0/r1/r2
-           recomputes stage i (and all later ones) every r_i steps; its average is the mean over
-           one whole cycle. Dense: SDPA(enable_gqa=True), same graph-and-flush timing.
+           L2 from the previous step): the whole chain (stages 0-2, positioning of the selection,
+           attention), from stage 1, from stage 2, and the all-cached step (attention only). A
+           refresh preset r0/r1/r2 recomputes stage i (and all later ones) every r_i steps; its
+           average is the mean over one whole cycle. The attention is the op's (``positioned``:
+           kernels/positioned_kv_ref.py); ``gathered_*`` times the same steps with the kernel that
+           gathers and rotates the selected keys at every step (kernels/sparse_decode.py).
+           Dense: SDPA(enable_gqa=True), same graph-and-flush timing.
   prefill  a 32k-token chunk of queries at the end of the context: selection + block-sparse
            attention, vs dense SDPA over all keys without a mask (flash; the causal triangle of
            the chunk's own keys is under 3% of the work at 1M, so this is a lower bound on dense).
@@ -123,6 +126,31 @@ def _as_selected(q, k, v, pos):
     return fold_heads(q, g), fold_heads(k, g), fold_heads(v, g), fold_positions(pos, g)
 
 
+def _decode_attention(use_triton):
+    """The op's decode attention under renumbering (``positioned``: position a selection when it
+    is made, then attend it) and the kernel that gathers and rotates every step (``gathered``)."""
+    if use_triton:
+        from ihip_compile.kernels.positioned_decode import positioned_decode
+        from ihip_compile.kernels.positioned_kv import position_selected_kv
+        from ihip_compile.kernels.sparse_decode import sparse_decode
+        return position_selected_kv, positioned_decode, sparse_decode
+    from ihip_compile.kernels.positioned_decode_ref import positioned_decode_ref
+    from ihip_compile.kernels.positioned_kv_ref import position_selected_kv_ref
+    from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref
+    return position_selected_kv_ref, positioned_decode_ref, sparse_decode_ref
+
+
+def _preset_averages(dense, steps):
+    """Per refresh preset: mean step time over one cycle and the ratio to dense."""
+    kinds = ("from_stage_0", "from_stage_1", "from_stage_2", "cached")
+    out = {}
+    for name, refresh in PRESETS.items():
+        counts = cycle_counts(refresh)
+        avg = sum(c * steps[kd] for c, kd in zip(counts, kinds)) / sum(counts)
+        out[name] = {"avg_ms": avg, "speedup": dense / avg, "cycle_counts": counts}
+    return out
+
+
 def bench_decode(q, k, v, rope, graphs, flush, reps):
     s_k = k.shape[2]
     dense_inputs = (q, k, v)
@@ -131,37 +159,35 @@ def bench_decode(q, k, v, rope, graphs, flush, reps):
     use_triton = q.is_cuda
     kw = dict(**SELECTION, rope_mode=1, use_triton=use_triton, **rope)
     blocks, stages = select_blocks(q, k, pos, return_stages=True, **kw)
-    attend_kw = dict(scale=HEAD_DIM ** -0.5, sink_tokens=SELECTION["sink_tokens"],
-                     window_tokens=SELECTION["window_tokens"], remap=True, **rope)
-    if use_triton:
-        from ihip_compile.kernels.sparse_decode import sparse_decode as decode
-    else:
-        from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref as decode
+    window = dict(sink_tokens=SELECTION["sink_tokens"], window_tokens=SELECTION["window_tokens"])
+    position, attend_positioned, attend_gathered = _decode_attention(use_triton)
+    positioned = position(k, v, blocks, pos, **window, **rope)
 
-    def step(start):
+    def step(start, gathered):
         def run():
-            chosen = blocks
+            chosen, placed = blocks, positioned
             if start < 3:
                 cands = None if start == 0 else stages[start - 1]
                 chosen = select_blocks(q, k, pos, start_stage=start, candidates=cands, **kw)
-            return decode(q, k, v, chosen, pos, **attend_kw)
+                placed = None if gathered else position(k, v, chosen, pos, **window, **rope)
+            if gathered:
+                return attend_gathered(q, k, v, chosen, pos, scale=HEAD_DIM ** -0.5, remap=True,
+                                       **window, **rope)
+            return attend_positioned(q, k, v, placed, pos, scale=HEAD_DIM ** -0.5, **window,
+                                     **rope)
         return run
 
     timer = (lambda fn: time_graphed(fn, reps, flush)) if graphs else \
         (lambda fn: time_eager(fn, reps))
-    variants = {name: timer(step(i)) for i, name in
-                enumerate(("from_stage_0", "from_stage_1", "from_stage_2", "cached"))}
-    variants["eager_from_stage_0"] = time_eager(step(0), reps)
-    variants["eager_cached"] = time_eager(step(3), reps)
-    dense = timer(lambda: F.scaled_dot_product_attention(*dense_inputs, enable_gqa=True))
-    out = {"dense_ms": dense, "steps_ms": variants, "presets": {}}
     kinds = ("from_stage_0", "from_stage_1", "from_stage_2", "cached")
-    for name, refresh in PRESETS.items():
-        counts = cycle_counts(refresh)
-        avg = sum(c * variants[kd] for c, kd in zip(counts, kinds)) / sum(counts)
-        out["presets"][name] = {"avg_ms": avg, "speedup": dense / avg, "cycle_counts": counts}
-    out["cached_speedup"] = dense / variants["cached"]
-    return out
+    variants = {name: timer(step(i, False)) for i, name in enumerate(kinds)}
+    gathered = {name: timer(step(i, True)) for i, name in enumerate(kinds)}
+    variants["eager_from_stage_0"] = time_eager(step(0, False), reps)
+    variants["eager_cached"] = time_eager(step(3, False), reps)
+    dense = timer(lambda: F.scaled_dot_product_attention(*dense_inputs, enable_gqa=True))
+    return {"dense_ms": dense, "steps_ms": variants, "presets": _preset_averages(dense, variants),
+            "cached_speedup": dense / variants["cached"], "gathered_steps_ms": gathered,
+            "gathered_presets": _preset_averages(dense, gathered)}
 
 
 def bench_prefill(q_chunk, k, v, rope, reps):

@@ -7,6 +7,7 @@ from ihip_compile.kernels.decode_selection_cache import (
     SelectionStates, cached_decode_blocks, cached_selection, reuse_ratio,
 )
 from ihip_compile.kernels.selection_scope import fold_heads, fold_positions, unfold_heads
+from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_RELATIVE
 from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref
 from ihip_compile.offload import OffloadedCache
 from ihip_compile.kernels import ops  # noqa: F401
@@ -226,3 +227,59 @@ def test_stage_zero_reads_host_keys_in_place_on_cuda_and_matches_in_memory():
         want = torch.ops.ihip.attention(q, keys, values, pos, None, None, **args)
         assert torch.equal(got, want), f"step {step}"
     assert cache.hit_counts()[0]["in_place_scans"] == 3  # stage 0 at steps 0, 2, 4
+
+
+def _remap_args():
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    return inv_freq, dict(remap_beyond_tokens=0, rotary_dim=16, rope_layout=1)
+
+
+def test_renumbered_cached_steps_attend_positioned_keys_as_sparse_decode():
+    """Keys in the graph with RoPE renumbering: each selection is positioned once, at its first
+    step, and reused until a stage refresh replaces the blocks; every step equals sparse_decode
+    of the step's blocks."""
+    from ihip_compile.kernels.decode_selection_cache import DENSE_PATH_STATES
+
+    DENSE_PATH_STATES.forget()
+    inv_freq, rope = _remap_args()
+    prompt = 160
+    torch.manual_seed(4)
+    keys, values = torch.randn(1, 2, prompt, 16), torch.randn(1, 2, prompt, 16)
+    in_memory, positioned = SelectionStates(), []
+    refresh = [4, 2]
+    for step in range(8):
+        q, k_new, v_new = _decode_inputs(prompt + step, seed=step)
+        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
+        pos = torch.tensor([keys.shape[2] - 1])
+        got = torch.ops.ihip.attention(q, keys, values, pos, None, inv_freq, layer=0, scale=0.25,
+                                       refresh_intervals=refresh, **rope, **OP_ARGS)
+        positioned.append(DENSE_PATH_STATES.by_layer[0].positioned)
+        blocks, window = cached_decode_blocks(
+            q, keys, pos.view(1, 1), layer=0, refresh_intervals=refresh, window_tokens=WINDOW,
+            states=in_memory, rope_mode=PRUNE_ROPE_RELATIVE, inv_freq=inv_freq, rotary_dim=16, rope_layout=1,
+            **SELECT)
+        want = sparse_decode_ref(q, keys, values, blocks, pos.view(1, 1), scale=0.25,
+                                 sink_tokens=8, window_tokens=window, remap=True,
+                                 inv_freq=inv_freq, rotary_dim=16, rope_layout=1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    # Stage 1 reruns every 2 steps (0, 2, 4, 6): a new positioning each time, reused in between.
+    assert [positioned[i] is positioned[i + 1] for i in range(7)] == [True, False] * 3 + [True]
+
+
+def test_a_prefill_ends_the_decode_states_of_its_layer():
+    from ihip_compile.kernels.decode_selection_cache import DENSE_PATH_STATES
+
+    DENSE_PATH_STATES.forget()
+    inv_freq, rope = _remap_args()
+    torch.manual_seed(5)
+    keys, values = torch.randn(1, 2, 161, 16), torch.randn(1, 2, 161, 16)
+    q = torch.randn(1, 4, 1, 16)
+    torch.ops.ihip.attention(q, keys[:, :, :160], values[:, :, :160], torch.tensor([159]), None,
+                             inv_freq, layer=0, scale=0.25, refresh_intervals=[4, 2], **rope,
+                             **OP_ARGS)
+    assert 0 in DENSE_PATH_STATES.by_layer
+    prefill_q = torch.randn(1, 4, 3, 16)
+    torch.ops.ihip.attention(prefill_q, keys[:, :, :3], values[:, :, :3], torch.arange(3), None,
+                             inv_freq, layer=0, scale=0.25, refresh_intervals=[4, 2], **rope,
+                             **OP_ARGS)
+    assert 0 not in DENSE_PATH_STATES.by_layer
