@@ -101,12 +101,14 @@ def _positioned_split_kernel(
 def positioned_decode(
     q, k, v, positioned: PositionedKV, q_positions=None, *, scale: float, sink_tokens: int,
     window_tokens: int, softcap: float = 0.0, inv_freq, rotary_dim: int, rope_layout: int,
-    num_splits: int | None = None,
+    num_splits: int | None = None, tile_slots: int = 32,
 ):
     """Decode attention for one query token per sequence over ``positioned`` plus the window.
 
     q [B, H, 1, D]; k, v [B, H_KV, S_K, D] (the window is read from them); q_positions [B, 1] or
-    [1] key index of the query (default S_K - 1). Returns [B, H, 1, D] in q's dtype.
+    [1] key index of the query (default S_K - 1). ``num_splits`` (default: one wave of programs)
+    and ``tile_slots`` (keys per tile, a power of two >= 16) shape the launch. Returns
+    [B, H, 1, D] in q's dtype.
     """
     check_positioned_decode_inputs(q, k, positioned, sink_tokens)
     b, h, _, d = q.shape
@@ -115,7 +117,9 @@ def positioned_decode(
         q_positions = torch.full((b, 1), s_k - 1, device=q.device, dtype=torch.int32)
     pos = q_positions.reshape(-1, 1).expand(b, 1)
     n_fixed = positioned.keys.shape[1]
-    block_n = 32
+    if tile_slots < 16 or tile_slots & (tile_slots - 1):
+        raise ValueError(f"tile_slots must be a power of two >= 16, got {tile_slots}")
+    block_n = tile_slots
     max_slots = n_fixed + max(window_tokens, 0)
     num_splits = num_splits or default_split_count(max_slots, b * h_kv, block_n)
     slots_per_split = triton.cdiv(triton.cdiv(max_slots, num_splits), block_n) * block_n

@@ -60,6 +60,9 @@ def check_positioning_inputs(k, v, block_indices, q_positions) -> None:
                          f"and {tuple(v.shape)}")
     if block_indices.dim() != 3 or tuple(block_indices.shape[:2]) != (b, 1):
         raise ValueError(f"block_indices must be [B={b}, 1, TOPK], got {tuple(block_indices.shape)}")
+    if not (k.device == v.device == block_indices.device == q_positions.device):
+        raise ValueError(f"k, v, block_indices and q_positions must be on one device, got "
+                         f"{k.device}, {v.device}, {block_indices.device}, {q_positions.device}")
     if q_positions.numel() not in (1, b) or q_positions.is_floating_point():
         raise ValueError(f"q_positions must be an integer [B={b}, 1] or [1] tensor, got "
                          f"{q_positions.dtype} {tuple(q_positions.shape)}")

@@ -42,13 +42,13 @@ def _chain_ref(q, k, v, blocks, p0, p1, *, window0, window1, **kw):
     return positioned_decode_ref(q, k, v, positioned, p1, window_tokens=window1, **kw)
 
 
-def _chain(q, k, v, blocks, p0, p1, *, window0, window1, num_splits=None, **kw):
+def _chain(q, k, v, blocks, p0, p1, *, window0, window1, num_splits=None, tile_slots=32, **kw):
     from ihip_compile.kernels.positioned_decode import positioned_decode
     from ihip_compile.kernels.positioned_kv import position_selected_kv
 
     positioned = position_selected_kv(k, v, blocks, p0, window_tokens=window0, **_rope_only(kw))
     return positioned_decode(q, k, v, positioned, p1, window_tokens=window1,
-                             num_splits=num_splits, **kw)
+                             num_splits=num_splits, tile_slots=tile_slots, **kw)
 
 
 def _rope_only(kw):
@@ -86,7 +86,8 @@ def test_decode_matches_reference(heads, kv_heads, window0, window1, advance):
               softcap=3.0 if heads == 3 else 0.0)
     p0 = _positions(2, 1300)
     p1 = p0 + advance
-    out = _chain(q, k, v, blocks, p0, p1, window0=window0, window1=window1, num_splits=3, **kw)
+    out = _chain(q, k, v, blocks, p0, p1, window0=window0, window1=window1, num_splits=3,
+                 tile_slots=16 if heads == 8 else 32, **kw)
     assert_matches_reference(out, _chain_ref, q, k, v, blocks, p0, p1, window0=window0,
                              window1=window1, **kw)
 
@@ -106,7 +107,8 @@ def test_a_step_with_another_sink_layout_is_refused():
     q, k, v, blocks = _case(1, 2, 2, 400, 16, torch.float32, seed=0, topk=4)
     blocks = blocks.clamp(max=2)
     kw = dict(sink_tokens=16, inv_freq=_inv_freq(16), rotary_dim=16, rope_layout=1)
-    positioned = position_selected_kv_ref(k[:, :, :10], v[:, :, :10], blocks, torch.tensor([9]),
+    at_9 = torch.tensor([9], device=DEVICE)
+    positioned = position_selected_kv_ref(k[:, :, :10], v[:, :, :10], blocks, at_9,
                                           window_tokens=4, **kw)
     with pytest.raises(ValueError, match="sink slots"):
         positioned_decode_ref(q, k[:, :, :11], v[:, :, :11], positioned, scale=0.2,
@@ -115,7 +117,13 @@ def test_a_step_with_another_sink_layout_is_refused():
         positioned_decode_ref(q.expand(1, 2, 2, 16), k[:, :, :10], v[:, :, :10], positioned,
                               scale=0.2, window_tokens=4, **kw)
     with pytest.raises(ValueError, match="block_indices"):
-        position_selected_kv_ref(k, v, blocks.view(1, 4), torch.tensor([9]), window_tokens=4, **kw)
+        position_selected_kv_ref(k, v, blocks.view(1, 4), at_9, window_tokens=4, **kw)
+    with pytest.raises(ValueError, match="one device"):
+        position_selected_kv_ref(k, v, blocks, at_9.to("meta"), window_tokens=4, **kw)
+    from ihip_compile.kernels.positioned_decode import positioned_decode
+    with pytest.raises(ValueError, match="tile_slots"):
+        positioned_decode(q, k[:, :, :10], v[:, :, :10], positioned, scale=0.2, window_tokens=4,
+                          tile_slots=24, **kw)
 
 
 @pytest.mark.gpu
