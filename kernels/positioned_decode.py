@@ -21,7 +21,10 @@ from ihip_compile.kernels._primitives import (
 )
 from ihip_compile.kernels.positioned_decode_ref import check_positioned_decode_inputs
 from ihip_compile.kernels.positioned_kv_ref import PositionedKV
-from ihip_compile.kernels.sparse_decode import default_split_count, merge_splits, split_partials
+from ihip_compile.kernels.sparse_decode import (
+    default_split_count, empty_softmax_state, merge_splits, split_partials, split_program,
+    store_split_partial,
+)
 
 
 @triton.jit
@@ -45,29 +48,21 @@ def _positioned_split_kernel(
     BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, ROTARY_DIM: tl.constexpr,
     LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    kv, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    n_kv = tl.num_programs(1)
-    rows = tl.arange(0, QROWS)
-    row_ok = rows < GROUP
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < head_dim
-    heads = kv * GROUP + rows
+    split, kv, b, heads, row_ok, cols, col_ok = split_program(head_dim, GROUP, QROWS, BLOCK_D)
     p = tl.load(pos_ptr + b * stride_pos_b).to(tl.int32)
     win_lo, win_len = decode_window(p, window, sink_tokens)
     turn = win_lo - tl.load(win_lo_ref_ptr + b)
     q_base = q_ptr + b * stride_q_b
     q = load_rows(q_base, heads, row_ok, stride_q_h, cols, col_ok)
-    q_fixed = load_rows_moved(q_base, heads, row_ok, stride_q_h, cols, col_ok, rows * 0 - turn,
+    turns = tl.full((QROWS,), 0, tl.int32) - turn
+    q_fixed = load_rows_moved(q_base, heads, row_ok, stride_q_h, cols, col_ok, turns,
                               inv_freq_ptr, True, ROTARY_DIM, LAYOUT, FAST_TRIG)
     k_base = k_ptr + b * stride_k_b + kv * stride_k_h
     v_base = v_ptr + b * stride_v_b + kv * stride_v_h
     pk_base = pk_ptr + b * stride_p_b + kv * stride_p_h
     pv_base = pv_ptr + b * stride_p_b + kv * stride_p_h
     win_from = tl.maximum(p - window + 1, sink_tokens)
-    acc = tl.zeros((QROWS, BLOCK_D), tl.float32)
-    running_max = tl.full((QROWS,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((QROWS,), tl.float32)
+    acc, running_max, running_sum = empty_softmax_state(QROWS, BLOCK_D)
     first = split * slots_per_split
     last = tl.minimum(first + slots_per_split, n_fixed + win_len)
     for start in range(first, last, BLOCK_N):
@@ -92,10 +87,8 @@ def _positioned_split_kernel(
         scores = tl.where(vis[None, :], scores, float("-inf"))
         acc, running_max, running_sum = online_softmax_update(
             acc, running_max, running_sum, scores, values, DOT_PRECISION)
-    part = (b * n_kv * GROUP + heads) * NUM_SPLITS + split  # [B, H, NUM_SPLITS] order
-    tl.store(acc_ptr + part[:, None] * BLOCK_D + cols[None, :], acc, mask=row_ok[:, None])
-    tl.store(max_ptr + part, running_max, mask=row_ok)
-    tl.store(sum_ptr + part, running_sum, mask=row_ok)
+    store_split_partial(acc_ptr, max_ptr, sum_ptr, split, b, heads, row_ok, cols, acc,
+                        running_max, running_sum, GROUP, NUM_SPLITS, BLOCK_D)
 
 
 def positioned_decode(

@@ -30,6 +30,36 @@ from ihip_compile.kernels._primitives import (
 
 
 @triton.jit
+def split_program(head_dim, GROUP: tl.constexpr, QROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Who a split-K decode program is: its split, KV head and sequence (int64: one KV head of a
+    4M-key cache is 2^29 elements, head offsets overflow int32), its query heads (GROUP real
+    rows of QROWS) and the columns."""
+    split = tl.program_id(0)
+    kv, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    rows = tl.arange(0, QROWS)
+    cols = tl.arange(0, BLOCK_D)
+    return split, kv, b, kv * GROUP + rows, rows < GROUP, cols, cols < head_dim
+
+
+@triton.jit
+def empty_softmax_state(QROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online-softmax state before any key: output, running max and running sum (fp32)."""
+    return (tl.zeros((QROWS, BLOCK_D), tl.float32), tl.full((QROWS,), float("-inf"), tl.float32),
+            tl.zeros((QROWS,), tl.float32))
+
+
+@triton.jit
+def store_split_partial(acc_ptr, max_ptr, sum_ptr, split, b, heads, row_ok, cols, acc,
+                        running_max, running_sum, GROUP: tl.constexpr,
+                        NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's partial at its place in ``split_partials`` ([B, H, NUM_SPLITS] order)."""
+    part = (b * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+    tl.store(acc_ptr + part[:, None] * BLOCK_D + cols[None, :], acc, mask=row_ok[:, None])
+    tl.store(max_ptr + part, running_max, mask=row_ok)
+    tl.store(sum_ptr + part, running_sum, mask=row_ok)
+
+
+@triton.jit
 def _sparse_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, blocks_ptr, inv_freq_ptr, acc_ptr, max_ptr, sum_ptr,
     s_k, topk, sink, sink_tokens, window, head_dim, scale, softcap, slots_per_split,
@@ -41,26 +71,16 @@ def _sparse_decode_split_kernel(
     ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # int64: one KV head of a 4M-key cache is 2^29 elements, head offsets overflow int32.
-    split = tl.program_id(0)
-    kv, b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    n_kv = tl.num_programs(1)
-    rows = tl.arange(0, QROWS)
-    row_ok = rows < GROUP
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < head_dim
-    heads = kv * GROUP + rows
+    split, kv, b, heads, row_ok, cols, col_ok = split_program(head_dim, GROUP, QROWS, BLOCK_D)
     q = load_rows(q_ptr + b * stride_q_b, heads, row_ok, stride_q_h, cols, col_ok)
     p = tl.load(pos_ptr + b * stride_pos_b).to(tl.int32)
-    pos = p + rows * 0
+    pos = tl.full((QROWS,), 0, tl.int32) + p
     blocks_row = blocks_ptr + b * topk
     win_lo, win_len = decode_window(p, window, sink_tokens)
     n_valid = count_valid_blocks(blocks_row, topk, BLOCK_T)
     k_base = k_ptr + b * stride_k_b + kv * stride_k_h
     v_base = v_ptr + b * stride_v_b + kv * stride_v_h
-    acc = tl.zeros((QROWS, BLOCK_D), tl.float32)
-    running_max = tl.full((QROWS,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((QROWS,), tl.float32)
+    acc, running_max, running_sum = empty_softmax_state(QROWS, BLOCK_D)
     total = sink + topk * BLOCK_K + win_len
     first = split * slots_per_split
     last = tl.minimum(first + slots_per_split, total)
@@ -71,10 +91,8 @@ def _sparse_decode_split_kernel(
             window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s, stride_v_s, cols,
             col_ok, inv_freq_ptr, scale, softcap, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM, LAYOUT,
             FAST_TRIG, DOT_PRECISION)
-    part = (b * n_kv * GROUP + heads) * NUM_SPLITS + split  # [B, H, NUM_SPLITS] order
-    tl.store(acc_ptr + part[:, None] * BLOCK_D + cols[None, :], acc, mask=row_ok[:, None])
-    tl.store(max_ptr + part, running_max, mask=row_ok)
-    tl.store(sum_ptr + part, running_sum, mask=row_ok)
+    store_split_partial(acc_ptr, max_ptr, sum_ptr, split, b, heads, row_ok, cols, acc,
+                        running_max, running_sum, GROUP, NUM_SPLITS, BLOCK_D)
 
 
 @triton.jit
