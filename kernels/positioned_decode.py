@@ -28,10 +28,12 @@ from ihip_compile.kernels.sparse_decode import (
 
 
 @triton.jit
-def _slot_rows(fixed_base, cache_base, slot, key, is_fixed, is_win, stride_fixed, stride_cache,
-               cols, col_ok):
-    """Rows of a tile of slots: positioned slots from their buffer, window slots from the cache."""
-    rows = tl.where(is_fixed, slot, key).to(tl.int64)[:, None]
+def _slot_rows(fixed_base, cache_base, slot, win_key, is_fixed, is_win, stride_fixed,
+               stride_cache, cols, col_ok):
+    """Rows of a tile of slots: positioned slots from their buffer, window slots from the cache.
+    The addresses follow from the slot numbers alone (no loaded index): the loads of a tile
+    never wait for another load."""
+    rows = tl.where(is_fixed, slot, win_key).to(tl.int64)[:, None]
     ptrs = tl.where(is_fixed[:, None], fixed_base + rows * stride_fixed,
                     cache_base + rows * stride_cache) + cols[None, :]
     return tl.load(ptrs, mask=(is_fixed | is_win)[:, None] & col_ok[None, :], other=0.0)
@@ -70,12 +72,13 @@ def _positioned_split_kernel(
         in_split = slot < last
         is_fixed = in_split & (slot < n_fixed)
         is_win = in_split & (slot >= n_fixed)
-        fixed_key = tl.load(keys_ptr + b * n_fixed + slot, mask=is_fixed, other=-1)
-        key = tl.where(is_fixed, fixed_key, win_lo + slot - n_fixed)
-        values = _slot_rows(pv_base, v_base, slot, key, is_fixed, is_win, head_dim, stride_v_s,
-                            cols, col_ok)
-        keys = _slot_rows(pk_base, k_base, slot, key, is_fixed, is_win, head_dim, stride_k_s,
+        win_key = win_lo + slot - n_fixed
+        values = _slot_rows(pv_base, v_base, slot, win_key, is_fixed, is_win, head_dim,
+                            stride_v_s, cols, col_ok)
+        keys = _slot_rows(pk_base, k_base, slot, win_key, is_fixed, is_win, head_dim, stride_k_s,
                           cols, col_ok)
+        fixed_key = tl.load(keys_ptr + b * n_fixed + slot, mask=is_fixed, other=-1)
+        key = tl.where(is_fixed, fixed_key, win_key)
         scores = tl.dot(q_fixed, tl.trans(keys), input_precision=DOT_PRECISION)
         if turn != 0:  # the window keys meet the query as it is
             at_window = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION)
