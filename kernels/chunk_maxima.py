@@ -31,7 +31,7 @@ def _chunk_maxima_kernel(
     H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr,
     ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
-    FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr, UNROLL_HEADS: tl.constexpr,
+    FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     n, blk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     start = tl.load(starts_ptr + b * stride_c_b + blk * stride_c_blk + n)
@@ -50,7 +50,7 @@ def _chunk_maxima_kernel(
             scores = max_over_heads(k_base, q_base, keys_at.to(tl.int64) * stride_k_s, ok,
                                     stride_k_h, stride_q_h, head_dim, delta, inv_freq_ptr, H_KV,
                                     GROUP, NPQ, QROWS, BLOCK_D, ROPE_MODE != 0, ROTARY_DIM,
-                                    LAYOUT, FAST_TRIG, DOT_PRECISION, UNROLL_HEADS)
+                                    LAYOUT, FAST_TRIG, DOT_PRECISION)
             best = tl.maximum(best, tl.max(tl.where(ok, scores, float("-inf")), 0))
     tl.store(out_ptr + (b * n_blocks + blk) * n_cand + n, best)
 
@@ -58,12 +58,11 @@ def _chunk_maxima_kernel(
 def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
                        rope_mode: int, inv_freq, rotary_dim: int, rope_layout: int,
                        window_tokens: int, rope: bool, block_keys: int | None = None,
-                       num_warps: int = 4, unroll_heads: bool | None = None) -> torch.Tensor:
+                       num_warps: int = 4) -> torch.Tensor:
     """Exact chunk scores [B, NQB, N] (fp32). Inputs as ``prune_stage.score_chunks`` prepares
     them: q_pooled contiguous in k's dtype, k a [B, H_KV, S_K, D] tensor with unit last stride,
     starts int32 with unit last stride; ``rope`` whether the pruning RoPE applies.
-    ``block_keys`` (keys per step), ``num_warps`` and ``unroll_heads`` (every KV head's keys
-    loaded at once; default for steps of at most 32 keys) tune the launch, not the result."""
+    ``block_keys`` (keys per step) and ``num_warps`` tune the launch, not the result."""
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     n_cand = starts.shape[-1]
@@ -74,8 +73,6 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
     # 64-key steps: rotating every key of 1M for one decode query block on an H200 took 0.96 ms
     # with them, 1.27 ms with 32-key steps, 1.41 ms with 16 (scripts/stage_rope_cost.py).
     block_keys = max(16, min(block_keys or 64, chunk_size))
-    if unroll_heads is None:
-        unroll_heads = block_keys <= 32
     _chunk_maxima_kernel[(n_cand, nqb, b)](
         q_pooled, k, starts, key_hi.to(torch.int32).contiguous(),
         block_pos.to(torch.int32).contiguous(), inv_freq.float().contiguous() if rope else out,
@@ -87,6 +84,5 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
         ROPE_MODE=rope_mode if rope else 0, ROTARY_DIM=max(rotary_dim, 2),
         LAYOUT=rope_layout if rope else 1, FAST_TRIG=rope and approximate_trig(k),
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps,
-        UNROLL_HEADS=unroll_heads,
     )
     return out

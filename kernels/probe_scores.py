@@ -30,37 +30,20 @@ def probe_delta(probe, block_pos, n_chunks, window_tokens, CHUNK: tl.constexpr,
 
 
 @triton.jit
-def _head_scores(k_head, q_head, key_offset, key_ok, cols, col_ok, q_row_offsets, row_ok, partner,
-                 sign, rotated, cos, sin, ROPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """[N] max over one KV head's query rows of <q, key> (keys turned first when ROPE)."""
-    keys = load_rows(k_head, key_offset, key_ok, 1, cols, col_ok)
-    if ROPE:
-        keys = turn_rows(keys, k_head, key_offset, key_ok, 1, col_ok, partner, sign, rotated,
-                         cos, sin)
-    queries = tl.load(q_head + q_row_offsets[:, None] + cols[None, :],
-                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)  # [N, QROWS]
-    return tl.max(tl.where(row_ok[None, :], dots, float("-inf")), 1)
-
-
-@triton.jit
 def max_over_heads(k_ptr, q_ptr, key_offset, key_ok, stride_k_h, stride_q_h, head_dim, delta,
                    inv_freq_ptr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr,
                    QROWS: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
                    ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, UNROLL_HEADS: tl.constexpr = False):
+                   DOT_PRECISION: tl.constexpr):
     """Scores [N] of the keys at element offsets ``key_offset`` [N] (from ``k_ptr``, one KV head
     ``stride_k_h`` after another): max over the KV heads, their GROUP query heads and NPQ pooled
     queries (rows of ``q_ptr``) of <q, key turned by ``delta``> (ROPE). Keys not ``key_ok``
-    load as zeros; callers mask their scores. UNROLL_HEADS unrolls the loop over the KV heads,
-    so that every head's loads are in flight at once (a small tile, as a decode stage's, waits
-    on one memory latency instead of H_KV in a row); a large tile would run out of registers."""
+    load as zeros; callers mask their scores."""
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < head_dim
     rows = tl.arange(0, QROWS)
     row_ok = rows < GROUP * NPQ
     q_row_offsets = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
-    partner, sign, rotated, cos, sin = cols, cols, cols, cols, cols  # unused without ROPE
     if ROPE:
         # The KV heads' keys at a position share its rotation: one cos/sin for all of them.
         # Rotating the probes took ~1.4 of the ~1.5 ms of one decode query block's stage 0 at 1M
@@ -69,18 +52,16 @@ def max_over_heads(k_ptr, q_ptr, key_offset, key_ok, stride_k_h, stride_q_h, hea
                                                         LAYOUT, FAST_TRIG)
     score = tl.zeros_like(delta).to(tl.float32) + float("-inf")
     k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
-    if UNROLL_HEADS:
-        for _ in tl.static_range(H_KV):
-            score = tl.maximum(score, _head_scores(
-                k_head, q_head, key_offset, key_ok, cols, col_ok, q_row_offsets, row_ok, partner,
-                sign, rotated, cos, sin, ROPE, DOT_PRECISION))
-            k_head += stride_k_h
-            q_head += GROUP * stride_q_h
-    else:
-        for _ in range(H_KV):
-            score = tl.maximum(score, _head_scores(
-                k_head, q_head, key_offset, key_ok, cols, col_ok, q_row_offsets, row_ok, partner,
-                sign, rotated, cos, sin, ROPE, DOT_PRECISION))
-            k_head += stride_k_h
-            q_head += GROUP * stride_q_h
+    for _ in range(H_KV):
+        keys = load_rows(k_head, key_offset, key_ok, 1, cols, col_ok)
+        if ROPE:
+            keys = turn_rows(keys, k_head, key_offset, key_ok, 1, col_ok, partner, sign, rotated,
+                             cos, sin)
+        queries = tl.load(q_head + q_row_offsets[:, None] + cols[None, :],
+                          mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)  # [N, QROWS]
+        dots = tl.where(row_ok[None, :], dots, float("-inf"))
+        score = tl.maximum(score, tl.max(dots, 1))
+        k_head += stride_k_h
+        q_head += GROUP * stride_q_h
     return score
