@@ -9,9 +9,10 @@ measurements).
 Why a kernel of its own: the halving kernel walks its probes one dependent step at a time, a
 [CHUNK_TILE, D] gather per step and KV head; probing all 256 keys of a chunk that way took 1.15 ms
 for a decode query block at 1M keys on an H200 (scripts/stage_rope_cost.py, ``first256``), ~2 GB
-read at under half the memory's speed. Here one program streams one chunk: BLOCK_KEYS contiguous
-keys per step, their RoPE cos/sin computed once for all KV heads, one tensor-core product per head
-with the head's GROUP x NPQ query rows.
+read at under half the memory's speed. Here one program streams one chunk, ``block_keys`` contiguous
+keys per step (chunks shorter than that: several chunks per program, one step), their RoPE cos/sin
+computed once for all KV heads, one tensor-core product per head with the head's GROUP x NPQ
+query rows.
 """
 
 import torch
@@ -29,30 +30,37 @@ def _chunk_maxima_kernel(
     stride_q_b, stride_q_h, stride_q_blk, stride_k_b, stride_k_h, stride_k_s,
     stride_c_b, stride_c_blk,
     H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, CHUNKS: tl.constexpr, STEP_KEYS: tl.constexpr, BLOCK_D: tl.constexpr,
     ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
     FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    n, blk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    start = tl.load(starts_ptr + b * stride_c_b + blk * stride_c_blk + n)
+    # CHUNKS chunks per program, STEP_KEYS keys of each per step: one [CHUNKS * STEP_KEYS] tile.
+    tile, blk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    n = tile * CHUNKS + tl.arange(0, CHUNKS)
+    n_ok = n < n_cand
+    start = tl.load(starts_ptr + b * stride_c_b + blk * stride_c_blk + n, mask=n_ok, other=-1)
     key_hi = tl.load(key_hi_ptr + b * n_blocks + blk)
     block_pos = tl.load(block_pos_ptr + b * n_blocks + blk)
     vlo = tl.maximum(start, key_lo)
     vhi = tl.minimum(tl.minimum(start + CHUNK, key_hi), s_k)
+    usable = n_ok & (start >= 0) & (vlo < vhi)
     q_base = q_ptr + b * stride_q_b + blk * stride_q_blk
     k_base = k_ptr + b * stride_k_b
-    best = tl.max(tl.full((BLOCK_KEYS,), float("-inf"), tl.float32), 0)
-    if (start >= 0) & (vlo < vhi):
-        for sub in range(0, CHUNK, BLOCK_KEYS):
-            keys_at = start + sub + tl.arange(0, BLOCK_KEYS)
-            ok = (keys_at >= vlo) & (keys_at < vhi)
+    best = tl.full((CHUNKS,), float("-inf"), tl.float32)
+    if tl.max(usable.to(tl.int32), 0) != 0:
+        for sub in range(0, CHUNK, STEP_KEYS):
+            at = start[:, None] + sub + tl.arange(0, STEP_KEYS)[None, :]
+            ok = usable[:, None] & (at >= vlo[:, None]) & (at < vhi[:, None])
+            keys_at = tl.reshape(at, (CHUNKS * STEP_KEYS,))
+            ok_flat = tl.reshape(ok, (CHUNKS * STEP_KEYS,))
             delta = probe_delta(keys_at, block_pos, n_chunks, window_tokens, CHUNK, ROPE_MODE)
-            scores = max_over_heads(k_base, q_base, keys_at.to(tl.int64) * stride_k_s, ok,
+            scores = max_over_heads(k_base, q_base, keys_at.to(tl.int64) * stride_k_s, ok_flat,
                                     stride_k_h, stride_q_h, head_dim, delta, inv_freq_ptr, H_KV,
                                     GROUP, NPQ, QROWS, BLOCK_D, ROPE_MODE != 0, ROTARY_DIM,
                                     LAYOUT, FAST_TRIG, DOT_PRECISION)
-            best = tl.maximum(best, tl.max(tl.where(ok, scores, float("-inf")), 0))
-    tl.store(out_ptr + (b * n_blocks + blk) * n_cand + n, best)
+            per_chunk = tl.reshape(tl.where(ok_flat, scores, float("-inf")), (CHUNKS, STEP_KEYS))
+            best = tl.maximum(best, tl.max(per_chunk, 1))
+    tl.store(out_ptr + (b * n_blocks + blk) * n_cand + n, best, mask=n_ok)
 
 
 def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
@@ -62,7 +70,8 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
     """Exact chunk scores [B, NQB, N] (fp32). Inputs as ``prune_stage.score_chunks`` prepares
     them: q_pooled contiguous in k's dtype, k a [B, H_KV, S_K, D] tensor with unit last stride,
     starts int32 with unit last stride; ``rope`` whether the pruning RoPE applies.
-    ``block_keys`` (keys per step) and ``num_warps`` tune the launch, not the result."""
+    ``block_keys`` (keys a program scores per step: a power of two >= 16; chunks shorter than
+    that share a program) and ``num_warps`` tune the launch, not the result."""
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     n_cand = starts.shape[-1]
@@ -71,16 +80,23 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
         return out
     group = h // h_kv
     # 64-key steps: rotating every key of 1M for one decode query block on an H200 took 0.96 ms
-    # with them, 1.27 ms with 32-key steps, 1.41 ms with 16 (scripts/stage_rope_cost.py).
-    block_keys = max(16, min(block_keys or 64, chunk_size))
-    _chunk_maxima_kernel[(n_cand, nqb, b)](
+    # with them, 1.27 ms with 32-key steps, 1.41 ms with 16 (scripts/stage_rope_cost.py). Shorter
+    # chunks share a 64-key program: a decode refresh's stages 1 and 2 (1024 chunks of 32 and of
+    # 8 keys at 1M) had run one chunk per program in two waves of programs.
+    block_keys = block_keys or 64
+    if block_keys < 16 or block_keys & (block_keys - 1):
+        raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
+    step_keys = min(block_keys, triton.next_power_of_2(chunk_size))
+    chunks = block_keys // step_keys
+    _chunk_maxima_kernel[(triton.cdiv(n_cand, chunks), nqb, b)](
         q_pooled, k, starts, key_hi.to(torch.int32).contiguous(),
         block_pos.to(torch.int32).contiguous(), inv_freq.float().contiguous() if rope else out,
         out, n_cand, nqb, s_k, key_lo, -(-s_k // chunk_size), window_tokens, d,
         q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
         k.stride(0), k.stride(1), k.stride(2), starts.stride(0), starts.stride(1),
         H_KV=h_kv, GROUP=group, NPQ=npq, QROWS=max(16, triton.next_power_of_2(group * npq)),
-        CHUNK=chunk_size, BLOCK_KEYS=block_keys, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        CHUNK=chunk_size, CHUNKS=chunks, STEP_KEYS=step_keys,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
         ROPE_MODE=rope_mode if rope else 0, ROTARY_DIM=max(rotary_dim, 2),
         LAYOUT=rope_layout if rope else 1, FAST_TRIG=rope and approximate_trig(k),
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps,

@@ -65,3 +65,29 @@ def test_stages_probing_every_key_take_the_streaming_kernel(monkeypatch):
                              **kw)
     prune_stage.score_chunks(q, k, starts, key_hi, pos, first_probes=8, **kw)
     assert calls == [16]  # the search keeps the halving kernel
+
+
+@pytest.mark.parametrize("chunk,block_keys", [(8, 16), (8, 64), (1, 16), (32, 64), (16, 128)])
+def test_short_chunks_sharing_a_program_match_reference(chunk, block_keys):
+    """Several chunks per program (block_keys // chunk of them): a candidate count that is no
+    multiple of that, an empty slot, chunks cut by key_hi, GQA and RoPE."""
+    from ihip_compile.kernels.chunk_maxima import score_chunk_maxima
+
+    q, k, starts, key_hi, pos, inv = _inputs(2, 6, 2, 2, 2, 333, chunk, torch.float32, chunk)
+    starts = starts[..., :-1]  # an odd count of candidates
+    kw = dict(key_lo=5, chunk_size=chunk, rope_mode=1, inv_freq=inv, rotary_dim=32,
+              rope_layout=1, window_tokens=4)
+    out = score_chunk_maxima(q, k, starts, key_hi, pos, rope=True, block_keys=block_keys, **kw)
+    assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, first_probes=chunk,
+                             **kw)
+    assert torch.isinf(out[..., 1]).all()  # the empty slot
+
+
+def test_block_keys_must_be_a_power_of_two_of_at_least_16():
+    from ihip_compile.kernels.chunk_maxima import score_chunk_maxima
+
+    q, k, starts, key_hi, pos, _ = _inputs(1, 2, 1, 1, 1, 64, 8, torch.float32, 0)
+    with pytest.raises(ValueError, match="block_keys"):
+        score_chunk_maxima(q, k, starts, key_hi, pos, key_lo=0, chunk_size=8, rope_mode=0,
+                           inv_freq=None, rotary_dim=0, rope_layout=0, window_tokens=0,
+                           rope=False, block_keys=24)
