@@ -71,7 +71,8 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
     them: q_pooled contiguous in k's dtype, k a [B, H_KV, S_K, D] tensor with unit last stride,
     starts int32 with unit last stride; ``rope`` whether the pruning RoPE applies.
     ``block_keys`` (keys a program scores per step: a power of two >= 16; chunks shorter than
-    that share a program) and ``num_warps`` tune the launch, not the result."""
+    that share a program; default 64, or 4 chunks' worth) and ``num_warps`` tune the launch,
+    not the result."""
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     n_cand = starts.shape[-1]
@@ -81,9 +82,11 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
     group = h // h_kv
     # 64-key steps: rotating every key of 1M for one decode query block on an H200 took 0.96 ms
     # with them, 1.27 ms with 32-key steps, 1.41 ms with 16 (scripts/stage_rope_cost.py). Shorter
-    # chunks share a 64-key program: a decode refresh's stages 1 and 2 (1024 chunks of 32 and of
-    # 8 keys at 1M) had run one chunk per program in two waves of programs.
-    block_keys = block_keys or 64
+    # chunks share a program, up to 4 of them: a decode refresh's stage 1 (1024 chunks of 32 keys
+    # at 1M) 0.0376 ms with one chunk per program, 0.0353 with 2; stage 2 (1024 of 8 keys) 0.0131
+    # ms with 4, 0.0146 with 8, 0.0137 with 2 (scripts/chunk_maxima_costs.py; one chunk per
+    # program had given a refresh's stage 2 ~23 us, ~14 us since).
+    block_keys = block_keys or min(64, max(16, 4 * chunk_size))
     if block_keys < 16 or block_keys & (block_keys - 1):
         raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
     step_keys = min(block_keys, triton.next_power_of_2(chunk_size))
