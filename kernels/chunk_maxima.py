@@ -9,10 +9,10 @@ measurements).
 Why a kernel of its own: the halving kernel walks its probes one dependent step at a time, a
 [CHUNK_TILE, D] gather per step and KV head; probing all 256 keys of a chunk that way took 1.15 ms
 for a decode query block at 1M keys on an H200 (scripts/stage_rope_cost.py, ``first256``), ~2 GB
-read at under half the memory's speed. Here one program streams one chunk, ``block_keys`` contiguous
-keys per step (chunks shorter than that: several chunks per program, one step), their RoPE cos/sin
-computed once for all KV heads, one tensor-core product per head with the head's GROUP x NPQ
-query rows.
+read at under half the memory's speed. Here one program streams one chunk, ``block_keys``
+contiguous keys per step (chunks shorter than that: several chunks per program, one step), their
+RoPE cos/sin computed once for all KV heads, one tensor-core product per head with the head's
+GROUP x NPQ query rows.
 """
 
 import torch

@@ -2,8 +2,9 @@
 
 ``positioned`` (``positioned_kv_ref``) holds the sinks and the selected keys in slot order,
 rotated for a window starting at ``positioned.win_lo``; the window keys are read from ``k``/``v``
-in place (at their true positions, as renumbering leaves them). With ``turn = win_lo - positioned.win_lo``
-for this step's window start, the query meets the positioned keys turned by ``-turn``. Visibility
+in place (at their true positions, as renumbering leaves them). With this step's window start
+``win_lo`` and ``turn = win_lo - positioned.win_lo``, the query meets the positioned keys turned
+by ``-turn``. Visibility
 and the softmax are those of ``block_sparse_attention_ref`` for one query, so
 
     positioned_decode_ref(q, k, v, position_selected_kv_ref(k, v, blocks, p0, ...), p, ...)
@@ -69,7 +70,8 @@ def positioned_decode_ref(
     fixed = positioned.keys.long()  # [B, N]
     is_sink = torch.arange(fixed.shape[1], device=q.device) < positioned.sinks
     fixed_vis = (fixed >= 0) & (fixed <= p) & (is_sink | (fixed <= p - window_tokens))
-    win_vis = win_ok & (win_keys <= p) & (win_keys >= (p - window_tokens + 1).clamp(min=sink_tokens))
+    win_from = (p - window_tokens + 1).clamp(min=sink_tokens)
+    win_vis = win_ok & (win_keys <= p) & (win_keys >= win_from)
     visible = torch.cat([fixed_vis, win_vis], -1)[:, None, None]
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)  # a row with no visible key gives 0

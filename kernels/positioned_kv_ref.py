@@ -59,7 +59,8 @@ def check_positioning_inputs(k, v, block_indices, q_positions) -> None:
         raise ValueError(f"k and v must be [B, H_KV, S_K, D] of one shape, got {tuple(k.shape)} "
                          f"and {tuple(v.shape)}")
     if block_indices.dim() != 3 or tuple(block_indices.shape[:2]) != (b, 1):
-        raise ValueError(f"block_indices must be [B={b}, 1, TOPK], got {tuple(block_indices.shape)}")
+        raise ValueError(f"block_indices must be [B={b}, 1, TOPK], got "
+                         f"{tuple(block_indices.shape)}")
     if not (k.device == v.device == block_indices.device == q_positions.device):
         raise ValueError(f"k, v, block_indices and q_positions must be on one device, got "
                          f"{k.device}, {v.device}, {block_indices.device}, {q_positions.device}")

@@ -256,8 +256,8 @@ def test_renumbered_cached_steps_attend_positioned_keys_as_sparse_decode():
         positioned.append(DENSE_PATH_STATES.by_layer[0].positioned)
         blocks, window = cached_decode_blocks(
             q, keys, pos.view(1, 1), layer=0, refresh_intervals=refresh, window_tokens=WINDOW,
-            states=in_memory, rope_mode=PRUNE_ROPE_RELATIVE, inv_freq=inv_freq, rotary_dim=16, rope_layout=1,
-            **SELECT)
+            states=in_memory, rope_mode=PRUNE_ROPE_RELATIVE, inv_freq=inv_freq, rotary_dim=16,
+            rope_layout=1, **SELECT)
         want = sparse_decode_ref(q, keys, values, blocks, pos.view(1, 1), scale=0.25,
                                  sink_tokens=8, window_tokens=window, remap=True,
                                  inv_freq=inv_freq, rotary_dim=16, rope_layout=1)
