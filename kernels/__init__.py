@@ -36,7 +36,10 @@ Reusing the selection across decode steps (mask caching):
     out = sparse_decode(q, k, v, blocks, q_positions, window_tokens=W + new_keys, ...)
 Keys appended after stage 0 last ran are not candidates; widening the attention's window by
 their count keeps them attended (the sets stay disjoint: selected keys inside a query's window
-are masked). ``rope_mode`` of select_blocks is 0 true positions, 1 relative, 2 chunk-indexed:
+are masked). Under RoPE renumbering the op instead positions a selection once and attends the
+copy until its blocks change (same result):
+    placed = positioned_kv.position_selected_kv(k, v, blocks, q_positions, ...)  # at a refresh
+    out = positioned_decode.positioned_decode(q, k, v, placed, q_positions, ...)  # every step ``rope_mode`` of select_blocks is 0 true positions, 1 relative, 2 chunk-indexed:
 map the op's ``pruning_rope`` with ``sparse_attention.pruning_rope_mode(pruning_rope, remap)``.
 Where a stage probes many keys per cached key (prefill), ``positioned_scoring`` moves the keys
 to their pruning-RoPE positions once and turns the queries instead, so probes need no rotation.
