@@ -13,10 +13,10 @@ with an L2 flush between calls (``bench.attention.time_graphed``).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
+from ihip_compile.bench import print_and_save
 from ihip_compile.bench.attention import HEAD_DIM, HEADS, KV_HEADS, _rope_args, time_graphed
 from ihip_compile.kernels.chunk_maxima import score_chunk_maxima
 from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_RELATIVE
@@ -49,10 +49,7 @@ def main() -> None:
             same = torch.equal(run(), reference)
             result[f"chunk{chunk}_keys{block_keys}"] = {
                 "ms": round(time_graphed(run, 20, flush), 4), "same_scores": same}
-    print(json.dumps(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

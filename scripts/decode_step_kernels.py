@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ihip_compile.bench import print_and_save
 from ihip_compile.bench.attention import HEAD_DIM, HEADS, KV_HEADS, SELECTION, _rope_args
 from ihip_compile.kernels.block_selection import select_blocks
 from ihip_compile.kernels.positioned_decode import positioned_decode
@@ -84,10 +84,7 @@ def main() -> None:
         rows = kernel_times(fn)
         result[kind] = {"kernel_us": round(sum(r["us_per_step"] for r in rows), 2),
                         "launches": sum(r["launches"] for r in rows), "kernels": rows}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ flush between calls (``bench.attention.time_graphed``):
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
+from ihip_compile.bench import print_and_save
 from ihip_compile.bench.attention import time_graphed
 from ihip_compile.kernels.positioned_decode import positioned_decode
 from ihip_compile.kernels.positioned_kv import position_selected_kv
@@ -81,10 +81,7 @@ def main() -> None:
     for s_k in (int(c) for c in args.contexts.split(",")):
         result[str(s_k)] = costs_at(s_k, flush)
         torch.cuda.empty_cache()
-    print(json.dumps(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":
