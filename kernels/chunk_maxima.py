@@ -66,13 +66,13 @@ def _chunk_maxima_kernel(
 def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, chunk_size: int,
                        rope_mode: int, inv_freq, rotary_dim: int, rope_layout: int,
                        window_tokens: int, rope: bool, block_keys: int | None = None,
-                       num_warps: int = 4) -> torch.Tensor:
+                       num_warps: int | None = None) -> torch.Tensor:
     """Exact chunk scores [B, NQB, N] (fp32). Inputs as ``prune_stage.score_chunks`` prepares
     them: q_pooled contiguous in k's dtype, k a [B, H_KV, S_K, D] tensor with unit last stride,
     starts int32 with unit last stride; ``rope`` whether the pruning RoPE applies.
     ``block_keys`` (keys a program scores per step: a power of two >= 16; chunks shorter than
-    that share a program; default 64, or 4 chunks' worth) and ``num_warps`` tune the launch,
-    not the result."""
+    that share a program; default 64, or 2 chunks' worth below 64-key chunks) and
+    ``num_warps`` tune the launch, not the result."""
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     n_cand = starts.shape[-1]
@@ -80,13 +80,16 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
     if n_cand == 0:
         return out
     group = h // h_kv
-    # 64-key steps: rotating every key of 1M for one decode query block on an H200 took 0.96 ms
-    # with them, 1.27 ms with 32-key steps, 1.41 ms with 16 (scripts/stage_rope_cost.py). Shorter
-    # chunks share a program, up to 4 of them: a decode refresh's stage 1 (1024 chunks of 32 keys
-    # at 1M) 0.0376 ms with one chunk per program, 0.0353 with 2; stage 2 (1024 of 8 keys) 0.0131
-    # ms with 4, 0.0146 with 8, 0.0137 with 2 (scripts/chunk_maxima_costs.py; one chunk per
-    # program had given a refresh's stage 2 ~23 us, ~14 us since).
-    block_keys = block_keys or min(64, max(16, 4 * chunk_size))
+    # Long chunks, 64-key steps: rotating every key of 1M for one decode query block on an H200
+    # took 0.96 ms with them, 1.27 ms with 32-key steps, 1.41 ms with 16
+    # (scripts/stage_rope_cost.py). Short chunks: two per program, at most 32 keys, 2 warps: a
+    # decode refresh's stage 1 (1024 chunks of 32 keys at 1M) 0.0318 ms, against 0.0353 with
+    # two chunks on 4 warps and 0.1018 on 2; stage 2 (1024 of 8 keys) 0.0125 ms, against 0.0131
+    # with four chunks on 4 warps (scripts/chunk_maxima_costs.py,
+    # reports/bench/stage0_launch/chunk_maxima_costs.json).
+    short = chunk_size < 64
+    block_keys = block_keys or (min(32, max(16, 2 * chunk_size)) if short else 64)
+    num_warps = num_warps or (2 if short else 4)
     if block_keys < 16 or block_keys & (block_keys - 1):
         raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
     step_keys = min(block_keys, triton.next_power_of_2(chunk_size))

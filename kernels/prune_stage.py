@@ -17,6 +17,8 @@ Differences vs the reference: probes that tie exactly (s_right == s_left) keep t
 both; fp32 inputs use IEEE products so that ties are as rare as in the reference.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -196,17 +198,14 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
             rope_layout=rope_layout, window_tokens=window_tokens, rope=rope)
     # Many chunks (prefill): 64 per program without rotation ran 1.8x faster than 32 (stage 0 of a
     # 32k chunk at 1M keys on an H200, scripts/stage_rope_cost.py); rotating, 32 (not measured at
-    # 64, where the fp32 cos/sin tiles would double). Few (decode): 16, more programs in flight.
-    tile = chunk_tile or (16 if few_chunks else 32 if rope else 64)
-    # Few chunks per program (decode): 4 first-step parts of each chunk per gathered load and
-    # both halves' probes in one, so that a program waits on fewer dependent loads (its ~300
-    # probe-and-head loads were latency-bound); 4 warps. Stage 0 at 1M keys, 32 parts of 256
-    # (the decode floor): 0.238 -> 0.156 ms; 4M 0.668 -> 0.600 (H200,
-    # reports/bench/grouped_probes/). Many chunks (prefill): one probe per load, 4 warps: paired
-    # halves on 64-chunk tiles ran out of shared memory (head dim 128), and the tile is wide.
-    few_per_program = tile <= 16
-    num_warps = num_warps or 4
-    first_group = min(parts, first_group or (4 if few_per_program else 1))
+    # 64, where the fp32 cos/sin tiles would double); one probe per load, 4 warps: paired halves
+    # on 64-chunk tiles ran out of shared memory (head dim 128), and the tile is wide.
+    wide = (chunk_tile or 0) > 16 or not few_chunks
+    launch = (32 if rope else 64, 1, 4) if wide else few_chunk_launch(b * nqb * n_cand,
+                                                                       q_pooled.device)
+    tile = chunk_tile or launch[0]
+    num_warps = num_warps or launch[2]
+    first_group = min(parts, first_group or launch[1])
     inv = inv_freq.float().contiguous() if rope else out
     grid = (nqb, triton.cdiv(n_cand, tile), b)
     _score_chunks_kernel[grid](
@@ -220,13 +219,41 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         QROWS=max(16, triton.next_power_of_2(group * npq)),
         CHUNK=chunk_size, LOG2_CHUNK=chunk_size.bit_length() - 1, FIRST_PROBES=parts,
         LOG2_FIRST=parts.bit_length() - 1, FIRST_GROUP=first_group,
-        PAIR_HALVES=few_per_program, CHUNK_TILE=tile,
+        PAIR_HALVES=tile <= 16, CHUNK_TILE=tile,
         BLOCK_D=max(16, triton.next_power_of_2(d)), ROPE_MODE=rope_mode if rope else 0,
         ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         FAST_TRIG=rope and approximate_trig(q_pooled),
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
     return out
+
+
+def few_chunk_launch(chunks: int, device) -> tuple[int, int, int]:
+    """(chunks per program, first-step parts gathered per load, warps) for a stage of few chunks
+    (a decode step, a short prompt): both halves' probes in one load too (``PAIR_HALVES``).
+
+    Enough programs for two per multiprocessor, up to 16 chunks each. While they fit one wave,
+    a program's chain of dependent gathers sets the time: 64 probes per load, 4 warps. Past one
+    wave the gathers' throughput does: 32 probes per load, 2 warps. Stage 0 of a decode step
+    (256-key chunks, 32 parts, RoPE in the kernel) on an H200 against the earlier fixed 16
+    chunks, 4 parts, 4 warps (``reports/bench/stage0_launch/``): 128k keys 0.111 -> 0.036 ms
+    (4 chunks, 16 parts, 4 warps), 1M 0.154 -> 0.143 (8, 4, 2), 4M 0.599 -> 0.537 (16, 2, 2).
+    """
+    sms = _multiprocessors(device)
+    per_two_waves = max(1, chunks // (2 * sms))
+    tile = min(16, max(4, 1 << (per_two_waves.bit_length() - 1)))
+    if chunks <= sms * tile:
+        return tile, 64 // tile, 4
+    return tile, 32 // tile, 2
+
+
+@functools.cache
+def _multiprocessors(device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter's launch shape
+    changes no score)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _key_addressing(k) -> tuple[torch.Tensor, dict[str, int]]:

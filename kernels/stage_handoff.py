@@ -5,8 +5,8 @@ torch the hand-off is about a dozen launches (top-k, gather, two where/eq pairs,
 arange/add/where for the split); at a decode refresh each is a few microseconds of latency on a
 few hundred elements, more than the scoring kernel itself. Here it is one program per query block:
 
-    order-preserving integer keys of the scores -> the keep-th largest key by a bitwise radix
-    search (32 counting passes over the row held in registers) -> keys above it, plus ties in
+    order-preserving integer keys of the scores -> the cut by a radix search (two bits per
+    counting pass over the row held in registers) -> keys above it, plus ties in
     position order -> compaction by a prefix sum -> kept starts and their sub-chunks stored.
 
 Precondition (what every stage's output and the first stage's grid satisfy): each row's starts
@@ -34,16 +34,41 @@ def _order_keys(scores):
 
 
 @triton.jit
+def _cut_key(key, keep):
+    """A cut such that the ``keep`` best keys are those above it, plus ties at it taken in row
+    order: the keep-th largest key, or a smaller value whose bits (a prefix of the keep-th
+    largest key's) already leave exactly ``keep`` keys at or above it; 0 when fewer than
+    ``keep`` keys are real.
+
+    ``key`` int64 in [0, 2^32), -1 for padding. Two bits per pass, highest first: the three
+    counts of keys at or above each candidate digit travel in one packed row sum (16 bits each;
+    rows hold at most MAX_ROW keys), and the search stops once the keys at or above the cut
+    number exactly ``keep``. Each pass is one reduction over the row, the cost that matters:
+    16 passes at most instead of the 32 of a bit-by-bit search, ~10 for spread-out scores.
+    """
+    cut = tl.full((), 0, tl.int64)
+    at_cut = tl.sum((key >= 0).to(tl.int64), 0)  # keys at or above the cut
+    shift = tl.full((), 30, tl.int64)
+    while (shift >= 0) & (at_cut > keep):
+        step = tl.full((), 1, tl.int64) << shift
+        packed = ((key >= cut + step).to(tl.int64) + ((key >= cut + 2 * step).to(tl.int64) << 16)
+                  + ((key >= cut + 3 * step).to(tl.int64) << 32))
+        counts = tl.sum(packed, 0)
+        c1, c2, c3 = counts & 0xFFFF, (counts >> 16) & 0xFFFF, counts >> 32
+        digit = tl.where(c3 >= keep, 3, tl.where(c2 >= keep, 2, tl.where(c1 >= keep, 1, 0)))
+        at_cut = tl.where(digit == 3, c3, tl.where(digit == 2, c2,
+                                                   tl.where(digit == 1, c1, at_cut)))
+        cut += digit * step
+        shift -= 2
+    return cut
+
+
+@triton.jit
 def _keep_best(scores_ptr, row, n, keep, idx, in_row):
     """Mask of the ``keep`` best chunks of a row (earliest first among ties) that are not empty."""
     scores = tl.load(scores_ptr + row * n + idx, mask=in_row, other=float("-inf"))
     key = tl.where(in_row, _order_keys(scores), -1)  # padding ranks below every real chunk
-    cut = tl.full((), 0, tl.int64)
-    bit = tl.full((), 1 << 31, tl.int64)
-    for _ in range(32):  # the largest cut with at least `keep` keys at or above it, bit by bit
-        trial = cut | bit
-        cut = tl.where(tl.sum((key >= trial).to(tl.int32), 0) >= keep, trial, cut)
-        bit = bit >> 1
+    cut = _cut_key(key, keep)
     above = key > cut
     tie = key == cut
     room = keep - tl.sum(above.to(tl.int32), 0)

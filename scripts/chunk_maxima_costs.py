@@ -6,7 +6,8 @@ Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d 128, bf16), one decode q
 of 1M random keys, relative pruning RoPE: stage 1 scores 1024 chunks of 32 keys, stage 2 1024
 chunks of 8 (the candidates stages 0 and 1 hand on at the default budgets; random here). Each
 ``block_keys`` is the keys one program scores per step: 16 and 32 are one chunk per program (the
-previous launch), 64 and 128 put 2-16 chunks in a program. ms per call replayed from a CUDA graph
+previous launch), 64 and 128 put 2-16 chunks in a program; each with 2 and 4 warps. ms per call
+replayed from a CUDA graph
 with an L2 flush between calls (``bench.attention.time_graphed``).
 """
 
@@ -44,11 +45,12 @@ def main() -> None:
                   window_tokens=WINDOW, rope=True, **_rope_args("cuda"))
         reference = score_chunk_maxima(q, k, starts, key_hi, pos, block_keys=16, **kw)
         for block_keys in (16, 32, 64, 128):
-            run = lambda: score_chunk_maxima(q, k, starts, key_hi, pos,  # noqa: E731
-                                             block_keys=block_keys, **kw)
-            same = torch.equal(run(), reference)
-            result[f"chunk{chunk}_keys{block_keys}"] = {
-                "ms": round(time_graphed(run, 20, flush), 4), "same_scores": same}
+            for warps in (2, 4):
+                run = lambda: score_chunk_maxima(q, k, starts, key_hi, pos,  # noqa: E731
+                                                 block_keys=block_keys, num_warps=warps, **kw)
+                same = torch.equal(run(), reference)
+                result[f"chunk{chunk}_keys{block_keys}_warps{warps}"] = {
+                    "ms": round(time_graphed(run, 20, flush), 4), "same_scores": same}
     print_and_save(result, args.out)
 
 

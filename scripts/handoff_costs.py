@@ -4,8 +4,8 @@
 
 Hand-off: the shapes of the paper's stages (256/32k, 32/8k, 8/2k) at 1M keys (4096 stage-0
 chunks) and 4M (16384), for one decode query block and for the 512 query blocks of a 32k prefill
-chunk; each with 4, 8 and 16 warps, the launch shape the kernel picks, and the torch ops; whether
-the outputs are equal. CUDA-graph timing as in ``python -m ihip_compile.bench attention``.
+chunk; each with 4, 8, 16 and 32 warps, the launch shape the kernel picks, and the torch ops;
+whether the outputs are equal. CUDA-graph timing as in ``python -m ihip_compile.bench attention``.
 """
 
 import argparse
@@ -33,7 +33,7 @@ def handoff_costs(shape, reps=20):
     got, want = run(), ref()
     row = {"same": torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])}
     picked = handoff._launch_shape
-    for warps in (4, 8, 16):
+    for warps in (4, 8, 16, 32):
         handoff._launch_shape = lambda n_, w=warps: (picked(n_)[0], w)
         row[f"kernel_w{warps}_ms"] = time_graphed(run, reps, None)
     handoff._launch_shape = picked

@@ -59,11 +59,13 @@ def test_wide_chunk_tiles_score_like_the_reference(chunk_tile, rope_mode, chunk,
     assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
 
 
-@pytest.mark.parametrize("first_group", [1, 2, 8])
+@pytest.mark.parametrize("chunk_tile,first_group", [
+    (None, 1), (None, 2), (None, 8), (4, 8), (8, 8), (16, 2)])
 @pytest.mark.parametrize("tied", [False, True])
-def test_first_step_grouping_changes_no_score(first_group, tied):
-    """Any number of first-step parts per gathered load gives the reference's scores; with tied
-    first-step probes the earliest part is halved, as in the reference's sequential scan."""
+def test_first_step_grouping_changes_no_score(chunk_tile, first_group, tied):
+    """Any number of chunks per program and of first-step parts per gathered load (the decode
+    launch shapes among them) gives the reference's scores; with tied first-step probes the
+    earliest part is halved, as in the reference's sequential scan."""
     from ihip_compile.kernels.prune_stage import score_chunks
 
     q, k, starts, key_hi, pos, inv = _inputs(4, 2, 1, 1, 300, 64, torch.float32, first_group)
@@ -72,7 +74,8 @@ def test_first_step_grouping_changes_no_score(first_group, tied):
         middles = torch.arange(4, 300, 8, device=k.device)
         k[:, :, middles] = k[:, :, (middles // 64 * 64 + 4).clamp(max=299)]
     kw = dict(key_lo=5, chunk_size=64, rope_mode=0, window_tokens=7, first_probes=8)
-    out = score_chunks(q, k, starts, key_hi, pos, first_group=first_group, **kw)
+    out = score_chunks(q, k, starts, key_hi, pos, chunk_tile=chunk_tile, first_group=first_group,
+                       **kw)
     assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
 
 

@@ -70,6 +70,23 @@ def test_ties_at_the_cut_keep_the_earliest_chunks():
     assert kept.tolist() == [[[0, 8, 16, 240]]]
 
 
+@pytest.mark.parametrize("byte", [0, 1, 2, 3])
+def test_scores_that_differ_in_one_byte_only_are_ranked(byte):
+    """The cut is found one byte at a time: rows whose float bits differ in a single byte
+    (the others those of 1.0) rank by that byte alone, whichever it is."""
+    from ihip_compile.kernels.stage_handoff import stage_handoff
+
+    gen = torch.Generator().manual_seed(byte)
+    finite = [d for d in range(256) if d not in (0x7F, 0xFF)]  # top byte: no inf or NaN
+    digits = torch.tensor(finite)[torch.randperm(len(finite), generator=gen)[:200]]
+    bits = (0x3F800000 & ~(0xFF << 8 * byte)) | (digits << 8 * byte)
+    scores = bits.to(torch.int32).view(torch.float32).view(1, 1, 200).to(DEVICE)
+    starts = (torch.arange(200, dtype=torch.int32) * 32).view(1, 1, 200).to(DEVICE)
+    got = stage_handoff(scores, starts, 37, 32, 8)
+    want = stage_handoff_ref(scores, starts, 37, 32, 8)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_plain_split_keeps_every_non_empty_chunk():
     from ihip_compile.kernels.stage_handoff import stage_handoff
 
