@@ -237,7 +237,7 @@ def few_chunk_launch(chunks: int, device) -> tuple[int, int, int]:
     wave the gathers' throughput does: 32 probes per load, 2 warps. Stage 0 of a decode step
     (256-key chunks, 32 parts, RoPE in the kernel) on an H200 against the earlier fixed 16
     chunks, 4 parts, 4 warps (``reports/bench/stage0_launch/``): 128k keys 0.111 -> 0.036 ms
-    (4 chunks, 16 parts, 4 warps), 1M 0.154 -> 0.143 (8, 4, 2), 4M 0.599 -> 0.537 (16, 2, 2).
+    (4 chunks, 16 parts, 4 warps), 1M 0.155 -> 0.144 (8, 4, 2), 4M 0.602 -> 0.538 (16, 2, 2).
     """
     sms = _multiprocessors(device)
     per_two_waves = max(1, chunks // (2 * sms))

@@ -7,8 +7,7 @@ of 1M random keys, relative pruning RoPE: stage 1 scores 1024 chunks of 32 keys,
 chunks of 8 (the candidates stages 0 and 1 hand on at the default budgets; random here). Each
 ``block_keys`` is the keys one program scores per step: 16 and 32 are one chunk per program (the
 previous launch), 64 and 128 put 2-16 chunks in a program; each with 2 and 4 warps. ms per call
-replayed from a CUDA graph
-with an L2 flush between calls (``bench.attention.time_graphed``).
+replayed from a CUDA graph with an L2 flush between calls (``bench.attention.time_graphed``).
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ def test_ties_at_the_cut_keep_the_earliest_chunks():
 
 @pytest.mark.parametrize("byte", [0, 1, 2, 3])
 def test_scores_that_differ_in_one_byte_only_are_ranked(byte):
-    """The cut is found one byte at a time: rows whose float bits differ in a single byte
-    (the others those of 1.0) rank by that byte alone, whichever it is."""
+    """The cut is found a few bits at a time, highest first: rows whose float bits differ in a
+    single byte (the others those of 1.0) rank by that byte alone, whichever it is."""
     from ihip_compile.kernels.stage_handoff import stage_handoff
 
     gen = torch.Generator().manual_seed(byte)
