@@ -5,8 +5,8 @@ torch the hand-off is about a dozen launches (top-k, gather, two where/eq pairs,
 arange/add/where for the split); at a decode refresh each is a few microseconds of latency on a
 few hundred elements, more than the scoring kernel itself. Here it is one program per query block:
 
-    order-preserving integer keys of the scores -> the cut by a radix search (two bits per
-    counting pass over the row held in registers) -> keys above it, plus ties in
+    order-preserving 32-bit keys of the scores -> the cut by a radix search (one counting pass
+    per bit over the row held in registers, until the cut is found) -> keys above it, ties in
     position order -> compaction by a prefix sum -> kept starts and their sub-chunks stored.
 
 Precondition (what every stage's output and the first stage's grid satisfy): each row's starts
@@ -27,41 +27,36 @@ MAX_ROW = 32768
 
 @triton.jit
 def _order_keys(scores):
-    """fp32 -> int64 in [0, 2^32) with the same order (-inf lowest of the numbers)."""
+    """fp32 -> uint32 with the same order (-inf lowest of the numbers)."""
     bits = scores.to(tl.int32, bitcast=True)
     flipped = tl.where(bits < 0, ~bits, bits ^ -2147483648)
-    return flipped.to(tl.int64) & 0xFFFFFFFF
+    return flipped.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
-def _cut_key(key, keep):
-    """A cut such that the ``keep`` best keys are those above it, plus ties at it taken in row
-    order: the keep-th largest key, or a smaller value whose bits (a prefix of the keep-th
-    largest key's) already leave exactly ``keep`` keys at or above it; 0 when fewer than
-    ``keep`` keys are real.
+def _cut_key(key, real, keep):
+    """A cut such that the ``keep`` best of the ``real`` keys are those above it, plus ties at
+    it taken in row order: the keep-th largest key, or a smaller value whose bits (a prefix of
+    the keep-th largest key's) already leave exactly ``keep`` keys at or above it; 0 when
+    ``keep`` or fewer keys are real.
 
-    ``key`` int64 in [0, 2^32), -1 for padding. Two bits per pass, highest first: the three
-    counts of keys at or above each candidate digit travel in one packed row sum (16 bits each;
-    rows hold at most MAX_ROW keys), and the search stops once the keys at or above the cut
-    number exactly ``keep``. Each pass is one reduction over the row: 16 passes at most instead
-    of the 32 of a bit-by-bit search. Rows of up to 4096 chunks got faster (H200, 1024: 8.1 ->
-    5.9 us, 4096: 15.6 -> 12.6 us); 16384 slower (68 -> 76 us: the work per key, three
-    comparisons and a 64-bit sum, outweighs the reductions saved; reports/bench/stage0_launch/).
+    A radix search, one bit per pass from the highest, each pass one reduction over the row; it
+    stops once the keys at or above the cut number exactly ``keep``, where spread-out scores
+    stop well before the 32nd bit. 32-bit keys halve the work per key of 64-bit ones. H200, in
+    one process (reports/bench/stage0_launch/handoff_variants_ab.json): 4096-chunk rows 16.4 ->
+    11.3 us against 32 passes over 64-bit keys, 16384: 66.9 -> 63.0, 1024: 8.2 -> 5.4; faster
+    than two bits per pass (three comparisons and a packed sum per key) on 4096 and 16384.
     """
-    cut = tl.full((), 0, tl.int64)
-    at_cut = tl.sum((key >= 0).to(tl.int64), 0)  # keys at or above the cut
-    shift = tl.full((), 30, tl.int64)
-    while (shift >= 0) & (at_cut > keep):
-        step = tl.full((), 1, tl.int64) << shift
-        packed = ((key >= cut + step).to(tl.int64) + ((key >= cut + 2 * step).to(tl.int64) << 16)
-                  + ((key >= cut + 3 * step).to(tl.int64) << 32))
-        counts = tl.sum(packed, 0)
-        c1, c2, c3 = counts & 0xFFFF, (counts >> 16) & 0xFFFF, counts >> 32
-        digit = tl.where(c3 >= keep, 3, tl.where(c2 >= keep, 2, tl.where(c1 >= keep, 1, 0)))
-        at_cut = tl.where(digit == 3, c3, tl.where(digit == 2, c2,
-                                                   tl.where(digit == 1, c1, at_cut)))
-        cut += digit * step
-        shift -= 2
+    cut = tl.full((), 0, tl.uint32)
+    at_cut = tl.sum(real.to(tl.int32), 0)  # keys at or above the cut
+    bit = tl.full((), 2147483648, tl.uint32)
+    while (bit > 0) & (at_cut > keep):
+        trial = cut | bit
+        count = tl.sum((real & (key >= trial)).to(tl.int32), 0)
+        take = count >= keep
+        cut = tl.where(take, trial, cut)
+        at_cut = tl.where(take, count, at_cut)
+        bit = bit >> 1
     return cut
 
 
@@ -69,10 +64,10 @@ def _cut_key(key, keep):
 def _keep_best(scores_ptr, row, n, keep, idx, in_row):
     """Mask of the ``keep`` best chunks of a row (earliest first among ties) that are not empty."""
     scores = tl.load(scores_ptr + row * n + idx, mask=in_row, other=float("-inf"))
-    key = tl.where(in_row, _order_keys(scores), -1)  # padding ranks below every real chunk
-    cut = _cut_key(key, keep)
-    above = key > cut
-    tie = key == cut
+    key = _order_keys(scores)
+    cut = _cut_key(key, in_row, keep)
+    above = in_row & (key > cut)
+    tie = in_row & (key == cut)
     room = keep - tl.sum(above.to(tl.int32), 0)
     chosen = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))
     return chosen & (scores != float("-inf"))
