@@ -79,6 +79,23 @@ def test_first_step_grouping_changes_no_score(chunk_tile, first_group, tied):
     assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
 
 
+@pytest.mark.parametrize("sms", [1, 16, 132, 1000])
+def test_decode_launch_shapes_stay_within_what_the_kernel_takes(sms, monkeypatch):
+    """For any GPU size and chunk count the picked launch is one the kernel compiles: a
+    power-of-two tile of 4-16 chunks, at most 64 probe rows per gathered load (more ran out
+    of shared memory at head dim 128), 2 or 4 warps; and more programs never come with more
+    probes per load."""
+    from ihip_compile.kernels import prune_stage
+
+    monkeypatch.setattr(prune_stage, "_multiprocessors", lambda device: sms)
+    last_rows = 64
+    for chunks in [1, 7, 64, 512, 4096, 16384, 1 << 20]:
+        tile, group, warps = prune_stage.few_chunk_launch(chunks, torch.device("cuda"))
+        assert tile in (4, 8, 16) and group >= 1 and tile * group <= 64 and warps in (2, 4)
+        assert tile * group <= last_rows
+        last_rows = tile * group
+
+
 def test_chunks_outside_candidate_range_score_minus_inf():
     q, k, starts, key_hi, pos, _ = _inputs(2, 1, 1, 1, 96, 16, torch.float32, 1)
     key_hi.fill_(40)
