@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from ihip_compile.bench import print_and_save
+from ihip_compile.bench import print_and_save, start_gpu_script
 from ihip_compile.bench.attention import HEAD_DIM, HEADS, KV_HEADS, _rope_args, time_graphed
 from ihip_compile.kernels.chunk_maxima import score_chunk_maxima
 from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_RELATIVE
@@ -25,17 +25,11 @@ S_K, SINKS, WINDOW, N_CHUNKS = 1 << 20, 256, 1024, 1024
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("chunk_maxima_costs.py times a Triton kernel: it needs a CUDA GPU")
-    torch.manual_seed(0)
+    args, flush = start_gpu_script(argparse.ArgumentParser())
     k = torch.randn(1, KV_HEADS, S_K, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(1, HEADS, 1, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     pos = torch.full((1, 1), S_K - 1, device="cuda", dtype=torch.int32)
     key_hi = pos + 1 - WINDOW
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     result = {"device": torch.cuda.get_device_name()}
     for chunk in (32, 8):
         picks = torch.randperm((S_K - WINDOW) // chunk - SINKS // chunk, device="cuda")[:N_CHUNKS]

@@ -19,7 +19,7 @@ import argparse
 
 import torch
 
-from ihip_compile.bench import print_and_save
+from ihip_compile.bench import print_and_save, start_gpu_script
 from ihip_compile.bench.attention import time_graphed
 from ihip_compile.kernels.positioned_decode import positioned_decode
 from ihip_compile.kernels.positioned_kv import position_selected_kv
@@ -71,12 +71,7 @@ def costs_at(s_k: int, flush) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--contexts", default="1048576,4194304")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("positioned_decode_costs.py times Triton kernels: it needs a CUDA GPU")
-    torch.manual_seed(0)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    args, flush = start_gpu_script(parser)
     result = {"device": torch.cuda.get_device_name()}
     for s_k in (int(c) for c in args.contexts.split(",")):
         result[str(s_k)] = costs_at(s_k, flush)

@@ -1,6 +1,6 @@
 """Where the sparse attention kernels' time goes at 1M keys: RoPE renumbering, tile shape, warps.
 
-    python scripts/sparse_attention_costs.py [--precise-trig]  (a CUDA GPU; prints one JSON line)
+    python scripts/sparse_attention_costs.py [--precise-trig] [--out FILE]  (a CUDA GPU; one JSON line)
 
 Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d 128, bf16), paper budgets (256 sinks,
 2048 selected tokens in 8-key blocks, 1024-token window), random K/V and random sorted blocks:
@@ -15,10 +15,10 @@ for bf16 (``_primitives.approximate_trig``), to weigh the approximate ones.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
+from ihip_compile.bench import print_and_save, start_gpu_script
 from ihip_compile.bench.attention import time_eager, time_graphed
 from ihip_compile.kernels import block_sparse_attention as prefill_module
 from ihip_compile.kernels import sparse_decode as decode_module
@@ -42,14 +42,10 @@ def random_blocks(n_rows: int, below: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--precise-trig", action="store_true")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("sparse_attention_costs.py times Triton kernels: it needs a CUDA GPU")
+    args, flush = start_gpu_script(parser)
     if args.precise_trig:
         for module in (prefill_module, decode_module):
             module.approximate_trig = lambda x: False
-
-    torch.manual_seed(0)
     k = torch.randn(1, KV_HEADS, S_K, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM)
@@ -67,7 +63,6 @@ def main() -> None:
         result[name] = round(time_eager(run, 3), 2)
     q1 = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     blocks1 = random_blocks(1, S_K - WINDOW)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for remap in (True, False):
         run = lambda: decode_module.sparse_decode(q1, k, v, blocks1, remap=remap, **common)  # noqa: E731
         result[f"decode_remap{int(remap)}"] = round(time_graphed(run, 20, flush), 4)
@@ -75,7 +70,7 @@ def main() -> None:
         run = lambda: decode_module.sparse_decode(  # noqa: E731
             q1, k, v, blocks1, remap=True, num_splits=splits, **common)
         result[f"decode_remap1_splits{splits}"] = round(time_graphed(run, 20, flush), 4)
-    print(json.dumps(result))
+    print_and_save(result, args.out)
 
 
 if __name__ == "__main__":

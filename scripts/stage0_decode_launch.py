@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from ihip_compile.bench import print_and_save
+from ihip_compile.bench import print_and_save, start_gpu_script
 from ihip_compile.bench.attention import HEAD_DIM, HEADS, KV_HEADS, _rope_args, time_graphed
 from ihip_compile.kernels.prune_stage import few_chunk_launch, score_chunks
 from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_RELATIVE
@@ -78,13 +78,7 @@ def later_handoffs(flush) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("stage0_decode_launch.py times Triton kernels: it needs a CUDA GPU")
-    torch.manual_seed(0)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    args, flush = start_gpu_script(argparse.ArgumentParser())
     result = {"device": torch.cuda.get_device_name(), "handoff_later": later_handoffs(flush)}
     for s_k in CONTEXTS:
         result[f"stage0_{s_k}"] = stage0_row(s_k, flush)

@@ -39,6 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ihip_compile.bench import l2_flush_buffer
 from ihip_compile.kernels.block_selection import select_blocks
 from ihip_compile.kernels.selection_scope import fold_heads, fold_positions, selection_groups
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
@@ -349,7 +350,7 @@ def main(argv: list[str]) -> int:
     q = torch.randn(1, HEADS, 1, HEAD_DIM, device=device, dtype=dtype)
     rope = _rope_args(device)
     graphs = device == "cuda"
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if graphs else None
+    flush = l2_flush_buffer(device) if graphs else None
     results = {"device": torch.cuda.get_device_name() if graphs else "cpu",
                "torch": torch.__version__, "shape": [HEADS, KV_HEADS, HEAD_DIM, str(dtype)],
                "selection": {k: list(v) if isinstance(v, tuple) else v
