@@ -17,7 +17,7 @@ import collections
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ihip_compile.bench import print_and_save
+from ihip_compile.bench import print_and_save, start_gpu_script
 from ihip_compile.bench.attention import HEAD_DIM, HEADS, KV_HEADS, SELECTION, _rope_args
 from ihip_compile.kernels.block_selection import select_blocks
 from ihip_compile.kernels.positioned_decode import positioned_decode
@@ -75,10 +75,7 @@ def kernel_times(fn) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=1 << 20)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("decode_step_kernels.py profiles GPU kernels: it needs a CUDA GPU")
+    args, _ = start_gpu_script(parser)
     result = {"device": torch.cuda.get_device_name(), "context": args.context}
     for kind, fn in step_functions(args.context).items():
         rows = kernel_times(fn)

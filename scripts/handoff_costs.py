@@ -1,6 +1,6 @@
 """GPU costs of the stage hand-off kernel against its torch reference.
 
-    python scripts/handoff_costs.py [--out handoff_costs.json]
+    python scripts/handoff_costs.py [--out FILE]  (a CUDA GPU; prints one JSON line)
 
 Hand-off: the shapes of the paper's stages (256/32k, 32/8k, 8/2k) at 1M keys (4096 stage-0
 chunks) and 4M (16384), for one decode query block and for the 512 query blocks of a 32k prefill
@@ -9,10 +9,10 @@ whether the outputs are equal. CUDA-graph timing as in ``python -m ihip_compile.
 """
 
 import argparse
-import json
 
 import torch
 
+from ihip_compile.bench import print_and_save, start_gpu_script
 from ihip_compile.bench.attention import time_graphed
 from ihip_compile.kernels import stage_handoff as handoff
 from ihip_compile.kernels.stage_handoff_ref import stage_handoff_ref
@@ -44,16 +44,14 @@ def handoff_costs(shape, reps=20):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="handoff_costs.json")
-    args = parser.parse_args()
+    args, _ = start_gpu_script(parser)  # timed without an L2 flush, as its reports were
     results = {"handoff": {}}
     for shape in HANDOFF_SHAPES:
         nqb, n, keep, chunk, next_chunk, _ = shape
         name = f"nqb{nqb}_n{n}_keep{keep}_{chunk}to{next_chunk}"
         results["handoff"][name] = handoff_costs(shape)
         print(name, results["handoff"][name], flush=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    print_and_save(results, args.out)
 
 
 if __name__ == "__main__":
