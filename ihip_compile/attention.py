@@ -101,6 +101,7 @@ def select_blocks(
         inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout,
         start_stage=start_stage, first_probes=args["first_probes"],
         exact_probe_blocks=args["exact_probe_blocks"],
+        first_stage_blocks=args["first_stage_blocks"],
         candidates=None if candidates is None else per_sequence(candidates),
         return_stages=return_stages,
     )

@@ -93,6 +93,10 @@ class IHipConfig:
     # of each candidate chunk (exact chunk maxima) where the keys are in device memory: isolated
     # needles are found far more often, for a dearer decode refresh. 0: never.
     exact_probe_query_blocks: int = 0
+    # Neighbouring query blocks of a prefill that share the first pruning stage (one probe search
+    # of the whole cache for all of them, their queries pooled as many times more); each block
+    # runs the later stages on its own. 1: every block runs every stage.
+    first_stage_query_blocks: int = 1
     # One block selection per layer (all heads' scores) or per KV head (its query heads' scores;
     # invariant under tensor-parallel head sharding, more selection work at prefill).
     selection_scope: str = "layer"
@@ -120,6 +124,11 @@ class IHipConfig:
         _check_int(self, "selected_tokens", minimum=0)
         _check_int(self, "gpu_cache_tokens", minimum=1)
         _check_int(self, "exact_probe_query_blocks", minimum=0)
+        shared = self.first_stage_query_blocks
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 1 or \
+                shared & (shared - 1):
+            raise ValueError(f"first_stage_query_blocks must be a power of two >= 1, got "
+                             f"{shared!r}")
         parts = self.first_probe_parts
         if (isinstance(parts, bool) or not isinstance(parts, int) or parts < 2
                 or parts & (parts - 1)):

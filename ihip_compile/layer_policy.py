@@ -99,5 +99,6 @@ def sparse_args_for_layer(config: IHipConfig, layer: int) -> dict[str, Any]:
         "refresh_intervals": list(config.refresh_intervals),
         "first_probes": config.first_probe_parts,
         "exact_probe_blocks": config.exact_probe_query_blocks,
+        "first_stage_blocks": config.first_stage_query_blocks,
         "per_kv_head": config.selection_scope == "kv_head",
     }

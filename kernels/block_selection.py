@@ -71,10 +71,32 @@ def pool_queries(q: torch.Tensor, block_q: int, pool: int) -> torch.Tensor:
     return pooled.to(q.dtype)
 
 
+def query_view(q, positions, block_size_q: int, pool: int, *, sink_tokens: int,
+               window_tokens: int, s_k: int):
+    """(block_q, pooled queries, last position and candidate end per block) for one block size."""
+    b, _, s_q, _ = q.shape
+    block_q, _, pos_max = query_blocks(positions, b, s_q, block_size_q)
+    q_pooled = pool_queries(q, block_q, min(pool, block_q))
+    return block_q, q_pooled, pos_max, candidate_window_end(pos_max, sink_tokens, window_tokens,
+                                                            s_k)
+
+
 def candidate_window_end(pos_max: torch.Tensor, sink_tokens: int, window_tokens: int, s_k: int):
     """Exclusive end of the selectable keys per query block: where the window begins."""
     # One add and one clamp (min > max gives max, as the two clamps in sequence would).
     return (pos_max + (1 - window_tokens)).clamp(min=sink_tokens, max=s_k).to(torch.int32)
+
+
+def blocks_sharing_first_stage(first_stage_blocks: int, n_blocks: int, n_stages: int,
+                               start_stage: int) -> int:
+    """Query blocks per first-stage selection: ``first_stage_blocks`` (at most the blocks there
+    are, rounded up to a power of two), or 1 when the first stage is not run or is the last."""
+    if first_stage_blocks < 1 or first_stage_blocks & (first_stage_blocks - 1):
+        raise ValueError(f"first_stage_blocks must be a power of two >= 1, got "
+                         f"{first_stage_blocks}")
+    if start_stage > 0 or n_stages == 1 or n_blocks == 1:
+        return 1
+    return min(first_stage_blocks, 1 << (n_blocks - 1).bit_length())
 
 
 def _check_stages(stage_chunks, stage_keeps, selected_tokens):
@@ -114,6 +136,7 @@ def select_blocks(
     rotary_dim: int = 0,
     rope_layout: int = 0,
     query_pool: int = 4,
+    first_stage_blocks: int = 1,
     first_probes: int = DEFAULT_FIRST_PROBES,
     exact_probe_blocks: int = 0,
     start_stage: int = 0,
@@ -131,14 +154,18 @@ def select_blocks(
     unless the keys lie in host memory (``BlockMajorKeys``: it would read them all over PCIe).
     A single query block probes at least one key in ``DECODE_KEYS_PER_PROBE`` of the first
     stage's chunks (same exception).
+    ``first_stage_blocks`` neighbouring query blocks (a power of two) share the first of several
+    stages: scored as one block of their queries, pooled ``first_stage_blocks`` times more (as
+    many pooled queries as one block has), then every block runs the later stages on its own
+    copy of the kept chunks. A prefill's first stage, which probes the whole cache for each
+    query block, costs that many times less.
     """
     _check_stages(stage_chunks, stage_keeps, selected_tokens)
     if not 0 <= start_stage < len(stage_chunks):
         raise ValueError(f"start_stage must be in [0, {len(stage_chunks)}), got {start_stage}")
     if (start_stage > 0) != (candidates is not None):
         raise ValueError("candidates (stage start_stage - 1's output) is needed iff start_stage > 0")
-    b, h, s_q, _ = q.shape
-    s_k = k.shape[2]
+    b, s_k = q.shape[0], k.shape[2]
     keys_in_host = isinstance(k, BlockMajorKeys)
     if use_triton is None:
         use_triton = q.is_cuda
@@ -149,33 +176,41 @@ def select_blocks(
         score_chunks, handoff = score_chunks_ref, stage_handoff_ref
         if keys_in_host:  # the reference reads plain tensors only
             k = k.as_tensor()
-    block_q, _, pos_max = query_blocks(q_positions.to(q.device), b, s_q, block_size_q)
-    q_pooled = pool_queries(q, block_q, min(query_pool, block_q))
-    key_hi = candidate_window_end(pos_max, sink_tokens, window_tokens, s_k)
+    positions = q_positions.to(q.device)
+    window = dict(sink_tokens=sink_tokens, window_tokens=window_tokens, s_k=s_k)
+    block_q, q_pooled, pos_max, key_hi = query_view(q, positions, block_size_q, query_pool,
+                                                    **window)
+    n_blocks = pos_max.shape[1]
+    share = blocks_sharing_first_stage(first_stage_blocks, n_blocks, len(stage_chunks),
+                                       start_stage)
+    # The first stage's view of the queries: ``share`` neighbouring blocks as one.
+    first_view = (q_pooled, pos_max, key_hi) if share == 1 else query_view(
+        q, positions, block_q * share, min(query_pool, block_q) * share, **window)[1:]
     keeps = list(stage_keeps)
     keeps[-1] = min(keeps[-1], selected_tokens)
     if start_stage == 0:
         first = stage_chunks[0]
         starts = torch.arange(0, s_k, first, device=k.device, dtype=torch.int32)
-        starts = starts.expand(b, pos_max.shape[1], -1)
+        starts = starts.expand(b, first_view[1].shape[1], -1)
     else:
         _, starts = handoff(None, candidates, 0, stage_chunks[start_stage - 1],
                             stage_chunks[start_stage], keep_kept=False)
     rope = dict(inv_freq=inv_freq, rotary_dim=rotary_dim, rope_layout=rope_layout)
     moved = {}  # keys moved to where a pruning RoPE mode scores them, shared between stages
-    exact = pos_max.shape[1] <= exact_probe_blocks and not keys_in_host
-    decode = pos_max.shape[1] == 1 and not keys_in_host
+    exact = n_blocks <= exact_probe_blocks and not keys_in_host
+    decode = n_blocks == 1 and not keys_in_host
     probe_floor = stage_chunks[0] // DECODE_KEYS_PER_PROBE if decode else 0
     stages = []
     for i in range(start_stage, len(stage_chunks)):
         chunk = stage_chunks[i]
         probes = chunk if exact else max(first_probes, min(chunk, probe_floor))
+        view_q, view_pos, view_hi = first_view if i == 0 else (q_pooled, pos_max, key_hi)
         stage_q, stage_k, stage_mode = positioned_scoring_inputs(
-            q_pooled, k, pos_max, rope_mode, rope, chunk_size=chunk, window_tokens=window_tokens,
+            view_q, k, view_pos, rope_mode, rope, chunk_size=chunk, window_tokens=window_tokens,
             n_probed=starts.numel() * probes_per_chunk(chunk, probes),
             use_triton=use_triton, memo=moved)
         scores = score_chunks(
-            stage_q, stage_k, starts, key_hi, pos_max, key_lo=sink_tokens, chunk_size=chunk,
+            stage_q, stage_k, starts, view_hi, view_pos, key_lo=sink_tokens, chunk_size=chunk,
             rope_mode=stage_mode, window_tokens=window_tokens, first_probes=probes, **rope,
         )
         # The last stage's chunks become block indices (start // chunk); earlier stages hand
@@ -183,5 +218,8 @@ def select_blocks(
         last = i == len(stage_chunks) - 1
         kept, starts = handoff(scores, starts, keeps[i] // chunk, chunk,
                                chunk if last else stage_chunks[i + 1], block_div=chunk if last else 1)
+        if i == 0 and share > 1:  # each block of a shared first stage gets its own copy
+            kept, starts = (t.repeat_interleave(share, dim=1)[:, :n_blocks]
+                            for t in (kept, starts))
         stages.append(kept)
     return (starts, stages) if return_stages else starts

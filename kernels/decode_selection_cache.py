@@ -208,7 +208,8 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
                          rotary_dim: int = 0, rope_layout: int = 0, use_triton: bool = False,
                          states: SelectionStates = DENSE_PATH_STATES, keys_for_stage=None,
                          kv_for_attention=None, first_probes: int = DEFAULT_FIRST_PROBES,
-                         exact_probe_blocks: int = 0, per_kv_head: bool = False):
+                         exact_probe_blocks: int = 0, first_stage_blocks: int = 1,
+                         per_kv_head: bool = False):
     """Sparse decode (S_Q == 1) with the selection cached across steps: the decode branch of
     ``sparse_attention`` with ``select_blocks`` replaced by ``cached_decode_blocks``.
 
@@ -231,7 +232,8 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
         sink_tokens=sink_tokens, selected_tokens=selected_tokens, stage_chunks=stage_chunks,
         stage_keeps=stage_keeps, rope_mode=pruning_rope_mode(pruning_rope, remap),
         use_triton=use_triton, first_probes=first_probes,
-        exact_probe_blocks=exact_probe_blocks, **rope_args,
+        exact_probe_blocks=exact_probe_blocks, first_stage_blocks=first_stage_blocks,
+        **rope_args,
     )
     if kv_for_attention is not None:
         k, v = kv_for_attention(per_group(blocks, b), window)

@@ -36,7 +36,8 @@ _ATTENTION_SCHEMA = (
     "int window_tokens=1024, int selected_tokens=2048, "
     "int[] stage_chunks=[256, 32, 8], int[] stage_keeps=[32768, 8192, 2048], "
     "int pruning_rope=0, int remap_beyond_tokens=-1, int[] refresh_intervals=[], "
-    "int first_probes=8, int exact_probe_blocks=0, bool per_kv_head=False) -> Tensor"
+    "int first_probes=8, int exact_probe_blocks=0, int first_stage_blocks=1, "
+    "bool per_kv_head=False) -> Tensor"
 )
 
 # rope_layout values: how the model rotated q and k before attention (0: no RoPE found).
@@ -48,6 +49,7 @@ ROPE_NONE, ROPE_ROTATE_HALF, ROPE_INTERLEAVED = 0, 1, 2
 # first_probes: parts of each chunk probed in a pruning stage's first step (a power of two >= 2;
 # 2 is plain halving; kernels/prune_stage_ref.py). exact_probe_blocks: selections for at most
 # this many query blocks probe every key of a chunk instead (block_selection.select_blocks).
+# first_stage_blocks: neighbouring query blocks of a prefill that share the first pruning stage.
 # per_kv_head: one block selection per KV head instead of one per layer (selection_scope.py).
 
 _lib = torch.library.Library("ihip", "DEF")
@@ -60,7 +62,7 @@ def _attention(
     window_tokens=1024, selected_tokens=2048, stage_chunks=(256, 32, 8),
     stage_keeps=(32768, 8192, 2048), pruning_rope=0, remap_beyond_tokens=-1,
     refresh_intervals=(), first_probes=DEFAULT_FIRST_PROBES, exact_probe_blocks=0,
-    per_kv_head=False,
+    first_stage_blocks=1, per_kv_head=False,
 ):
     scalars = {name: value for name, value in locals().items()
                if name not in ("q", "k", "v", "q_positions", "kv_valid", "inv_freq")}

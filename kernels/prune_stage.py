@@ -203,6 +203,8 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
     wide = (chunk_tile or 0) > 16 or not few_chunks
     launch = (32 if rope else 64, 1, 4) if wide else few_chunk_launch(b * nqb * n_cand,
                                                                        q_pooled.device)
+    query_rows = max(16, triton.next_power_of_2(group * npq))
+    launch = fit_query_rows(launch, query_rows, rope)
     tile = chunk_tile or launch[0]
     num_warps = num_warps or launch[2]
     first_group = min(parts, first_group or launch[1])
@@ -216,7 +218,7 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         addressing["stride_b"], addressing["stride_h"], addressing["stride_blk"],
         addressing["stride_s"], starts.stride(0), starts.stride(1),
         KB=addressing["keys_per_block"], H_KV=h_kv, GROUP=group, NPQ=npq,
-        QROWS=max(16, triton.next_power_of_2(group * npq)),
+        QROWS=query_rows,
         CHUNK=chunk_size, LOG2_CHUNK=chunk_size.bit_length() - 1, FIRST_PROBES=parts,
         LOG2_FIRST=parts.bit_length() - 1, FIRST_GROUP=first_group,
         PAIR_HALVES=tile <= 16, CHUNK_TILE=tile,
@@ -245,6 +247,28 @@ def few_chunk_launch(chunks: int, device) -> tuple[int, int, int]:
     if chunks <= sms * tile:
         return tile, 64 // tile, 4
     return tile, 32 // tile, 2
+
+
+# Query rows x probes of one gathered load that a program's shared memory holds at head dim 128
+# (H200): 64 x 64 (prefill: 64 pooled-query rows, 64 chunks per program). Rotating in the kernel,
+# half: its fp32 cos/sin tiles. 128 rows x 64 probes asked for 246 KB of the 227 KB there are.
+_ROW_PROBES = 64 * 64
+
+
+def fit_query_rows(launch: tuple[int, int, int], query_rows: int,
+                   rotating: bool) -> tuple[int, int, int]:
+    """A launch (chunks per program, first-step parts per load, warps) shrunk until a load's
+    probes times ``query_rows`` (the query heads of a KV head times the pooled queries) fits
+    ``_ROW_PROBES``: more query heads per KV head (GQA 7-8 and up), or pooled queries, than the
+    launch was tuned for. Fewer parts per load first, then fewer chunks per program; a program
+    of at most 16 chunks also loads both halves of each at once (``PAIR_HALVES``)."""
+    tile, group, warps = launch
+    budget = _ROW_PROBES // (2 if rotating else 1)
+    while group > 1 and tile * group * query_rows > budget:
+        group //= 2
+    while tile > 1 and tile * max(group, 2 if tile <= 16 else 1) * query_rows > budget:
+        tile //= 2
+    return tile, group, warps
 
 
 @functools.cache

@@ -70,7 +70,8 @@ def sparse_attention(
     stage_chunks=(256, 32, 8), stage_keeps=(32768, 8192, 2048), pruning_rope: int = 0,
     remap: bool = False, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
     use_triton: bool | None = None, first_probes: int = DEFAULT_FIRST_PROBES,
-    exact_probe_blocks: int = 0, per_kv_head: bool = False, kv_for_attention=None,
+    exact_probe_blocks: int = 0, first_stage_blocks: int = 1, per_kv_head: bool = False,
+    kv_for_attention=None,
 ):
     """q [B, H, S_Q, D], k/v [B, H_KV, S_K, D], q_positions [S_Q] or [B, S_Q] -> [B, H, S_Q, D].
 
@@ -92,7 +93,8 @@ def sparse_attention(
         q, k, pos, block_size_q=block_size_q, sink_tokens=sink_tokens,
         window_tokens=window_tokens, selected_tokens=selected_tokens, stage_chunks=stage_chunks,
         stage_keeps=stage_keeps, rope_mode=prune_mode, use_triton=use_triton,
-        first_probes=first_probes, exact_probe_blocks=exact_probe_blocks, **rope_args,
+        first_probes=first_probes, exact_probe_blocks=exact_probe_blocks,
+        first_stage_blocks=first_stage_blocks, **rope_args,
     )
     if kv_for_attention is not None:
         k, v = kv_for_attention(per_group(blocks, b), window_tokens)
@@ -116,6 +118,7 @@ def sparse_kwargs(op_args: dict, s_k: int, use_triton: bool) -> dict:
         rotary_dim=op_args.get("rotary_dim", 0), rope_layout=op_args.get("rope_layout", 0),
         first_probes=op_args.get("first_probes", DEFAULT_FIRST_PROBES),
         exact_probe_blocks=op_args.get("exact_probe_blocks", 0),
+        first_stage_blocks=op_args.get("first_stage_blocks", 1),
         per_kv_head=op_args.get("per_kv_head", False), use_triton=use_triton,
     )
 

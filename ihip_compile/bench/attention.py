@@ -19,6 +19,9 @@ Same process, same inputs, for each context:
   prefill  a 32k-token chunk of queries at the end of the context: selection + block-sparse
            attention, vs dense SDPA over all keys without a mask (flash; the causal triangle of
            the chunk's own keys is under 3% of the work at 1M, so this is a lower bound on dense).
+           ``--first-stage-blocks`` neighbouring query blocks share the first pruning stage.
+           At a quality context, also needles sought by one query block of the chunk (by all its
+           queries, or by 4 of them) and how often that block's list finds them.
   quality  for the decode query: share of the exact attention mass (per head, mean) that the
            attended keys (sinks + selected + window) capture, on random data and with planted
            needles (a bump a few dozen keys wide, and an isolated 8-key run, in every KV head),
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ihip_compile.bench import l2_flush_buffer
+from ihip_compile.config import IHipConfig
 from ihip_compile.kernels.block_selection import select_blocks
 from ihip_compile.kernels.selection_scope import fold_heads, fold_positions, selection_groups
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
@@ -280,6 +284,44 @@ def bench_quality(q, k, rope, trials, seed):
     return out
 
 
+def bench_prefill_quality(q_chunk, k, trials, seed):
+    """Needles sought by one query block of a prefill chunk: that block's queries (all 64, or
+    only 4 consecutive ones) lean towards a direction of their own per KV head, and a bump of
+    keys a few dozen wide towards it sits at a random place before the chunk's window. Found:
+    the block's list holds the bump's peak (counted per block list and trial)."""
+    s_k, chunk = k.shape[2], q_chunk.shape[2]
+    pos = torch.arange(s_k - chunk, s_k, device=k.device)[None]
+    kw = dict(**SELECTION, rope_mode=0, use_triton=k.is_cuda)  # random data carries no RoPE
+    block_q, group = SELECTION["block_size_q"], HEADS // KV_HEADS
+    gen = torch.Generator().manual_seed(seed)
+    lo = SELECTION["sink_tokens"] + 64
+    hi = s_k - chunk - SELECTION["window_tokens"] - 64
+    out = {}
+    for kind, rows in (("block_needle", block_q), ("four_query_needle", 4)):
+        found = 0
+        for _ in range(trials):
+            block = int(torch.randint(0, -(-chunk // block_q), (1,), generator=gen))
+            first = min(block * block_q + int(torch.randint(0, block_q - rows + 1, (1,),
+                                                            generator=gen)), chunk - rows)
+            center = int(torch.randint(lo, hi, (1,), generator=gen))
+            toward = torch.randn(KV_HEADS, HEAD_DIM, generator=gen)
+            toward = (toward / toward.norm(dim=-1, keepdim=True)).to(k.device)
+            span, rows_span = slice(center - 64, center + 64), slice(first, first + rows)
+            saved_k, saved_q = k[:, :, span].clone(), q_chunk[:, :, rows_span].clone()
+            j = torch.arange(span.start, span.stop, device=k.device, dtype=torch.float32)
+            bump = torch.exp(-(((j - center) / 24.0) ** 2))
+            lean = 4.0 * toward.repeat_interleave(group, 0)[:, None, :]
+            q_chunk[0, :, rows_span] += lean.to(q_chunk.dtype)
+            k[0, :, span] += (20.0 * bump[None, :, None] * toward[:, None, :]).to(k.dtype)
+            g = _groups()
+            blocks = select_blocks(fold_heads(q_chunk, g), fold_heads(k, g),
+                                   fold_positions(pos, g), **kw)
+            found += int((blocks[:, block] == center // 8).any(-1).sum())
+            k[:, :, span], q_chunk[:, :, rows_span] = saved_k, saved_q
+        out[kind] = {"found": found, "trials": trials * _groups()}
+    return out
+
+
 def _markdown(results) -> str:
     lines = ["| context | dense decode ms | cached step ms | 32/16/8 avg ms (x) | 96/24/8 avg ms "
              "(x) | dense prefill 32k ms | ours prefill ms (x) |", "|---" * 7 + "|"]
@@ -299,6 +341,9 @@ def _markdown(results) -> str:
             parts = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in r["prefill"]["parts_ms"].items())
             lines.append(f"\nPrefill parts at {r['context']} (ms): {parts}")
+            if "needles" in r["prefill"]:
+                lines.append(f"\nPrefill needles at {r['context']}: "
+                             f"{json.dumps(r['prefill']['needles'])}")
         if "quality" in r:
             lines.append(f"\nQuality at {r['context']}: {json.dumps(r['quality'])}")
     return "\n".join(lines) + "\n"
@@ -334,6 +379,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--exact-probe-blocks", type=int, default=0,
                         help="selections of at most this many query blocks score every key of "
                              "a chunk (exact chunk maxima; 1: every decode step)")
+    parser.add_argument("--first-stage-blocks", type=int,
+                        default=IHipConfig().first_stage_query_blocks,
+                        help="neighbouring query blocks of a prefill chunk that share the first "
+                             "pruning stage")
     parser.add_argument("--selection-scope", choices=["layer", "kv_head"], default="layer")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default="reports/bench")
@@ -341,6 +390,7 @@ def main(argv: list[str]) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     SELECTION["first_probes"] = args.first_probes
     SELECTION["exact_probe_blocks"] = args.exact_probe_blocks
+    SELECTION["first_stage_blocks"] = args.first_stage_blocks
     SELECTION_SCOPE["scope"] = args.selection_scope
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -363,6 +413,8 @@ def main(argv: list[str]) -> int:
             chunk = torch.randn(1, HEADS, min(args.prefill_chunk, s_k), HEAD_DIM, device=device,
                                 dtype=dtype)
             row["prefill"] = bench_prefill(chunk, k, v, rope, reps=2)
+            if str(s_k) in args.quality_contexts.split(","):
+                row["prefill"]["needles"] = bench_prefill_quality(chunk, k, args.trials, s_k)
             del chunk
         if str(s_k) in args.quality_contexts.split(","):
             row["quality"] = bench_quality(q, k, rope, args.trials, seed=s_k)

@@ -25,3 +25,19 @@ def test_decode_section_reports_both_paths_over_whole_cycles(tmp_path):
             assert preset["avg_ms"] == pytest.approx(mean)
             assert preset["speedup"] == pytest.approx(decode["dense_ms"] / mean)
     assert "| 4096 |" in (tmp_path / "attention.md").read_text()
+
+
+def test_prefill_section_times_the_parts_and_counts_needles(tmp_path):
+    argv = ["--contexts", "4096", "--prefill-contexts", "4096", "--quality-contexts", "4096",
+            "--prefill-chunk", "256", "--first-stage-blocks", "2", "--trials", "2", "--reps", "1",
+            "--out", str(tmp_path)]
+    assert attention.main(argv) == 0
+    (row,) = json.loads((tmp_path / "attention.json").read_text())["contexts"]
+    prefill = row["prefill"]
+    assert prefill["ours_ms"] > 0 and prefill["speedup"] == pytest.approx(
+        prefill["dense_ms"] / prefill["ours_ms"])
+    assert set(prefill["parts_ms"]) == {"stage_0_to_2", "stage_1_to_2", "stage_2", "attention"}
+    for kind in ("block_needle", "four_query_needle"):
+        assert prefill["needles"][kind]["trials"] == 2
+        assert 0 <= prefill["needles"][kind]["found"] <= 2
+    assert "Prefill needles at 4096" in (tmp_path / "attention.md").read_text()

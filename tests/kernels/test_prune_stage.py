@@ -96,6 +96,41 @@ def test_decode_launch_shapes_stay_within_what_the_kernel_takes(sms, monkeypatch
         last_rows = tile * group
 
 
+@pytest.mark.parametrize("rows", [16, 64, 112, 128, 256, 512])
+@pytest.mark.parametrize("rotating", [False, True])
+def test_launches_shrink_to_fit_more_query_rows(rows, rotating):
+    """Every launch the stage may take, fitted to a program's query rows, loads at most the
+    row-probes that fit shared memory (both halves counted where a program loads them at once)
+    and keeps the launch as tuned while it fits."""
+    from ihip_compile.kernels import prune_stage
+
+    budget = prune_stage._ROW_PROBES // (2 if rotating else 1)
+    for launch in [(64, 1, 4), (32, 1, 4), (16, 4, 4), (8, 4, 2), (4, 16, 4), (16, 2, 2)]:
+        tile, group, warps = prune_stage.fit_query_rows(launch, rows, rotating)
+        paired = 2 if tile <= 16 else 1
+        assert warps == launch[2] and tile * max(group, paired) * rows <= budget
+        if launch[0] * max(launch[1], 2 if launch[0] <= 16 else 1) * rows <= budget:
+            assert (tile, group) == launch[:2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads", [(28, 4), (16, 2), (32, 2)])
+@pytest.mark.parametrize("blocks,rope_mode", [(32, 0), (32, 1), (2, 1)])
+def test_many_query_heads_per_kv_head_compile_at_head_dim_128(heads, kv_heads, blocks,
+                                                              rope_mode):
+    """GQA 7, 8 and 16 with a prefill block's 16 pooled queries: 128 and 256 query rows per
+    program, more than the launches were tuned for; on a GPU they must still fit and score as
+    the reference does (many chunks per query block, and few)."""
+    from ihip_compile.kernels.prune_stage import score_chunks
+
+    q, k, starts, key_hi, pos, inv = _inputs(heads, kv_heads, blocks, 16, 65536, 32,
+                                             torch.bfloat16, heads, d=128)
+    kw = dict(key_lo=5, chunk_size=32, rope_mode=rope_mode, inv_freq=inv, rotary_dim=128,
+              rope_layout=1, window_tokens=7)
+    out = score_chunks(q, k, starts, key_hi, pos, **kw)
+    assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
+
+
 def test_chunks_outside_candidate_range_score_minus_inf():
     q, k, starts, key_hi, pos, _ = _inputs(2, 1, 1, 1, 96, 16, torch.float32, 1)
     key_hi.fill_(40)
