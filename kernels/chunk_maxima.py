@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ihip_compile.kernels._primitives import approximate_trig
-from ihip_compile.kernels.probe_scores import max_over_heads, probe_delta
+from ihip_compile.kernels.probe_scores import max_over_heads, probe_delta, probes_per_load
 
 
 @triton.jit
@@ -88,7 +88,10 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
     # with four chunks on 4 warps (scripts/chunk_maxima_costs.py,
     # reports/bench/stage0_launch/chunk_maxima_costs.json).
     short = chunk_size < 64
-    block_keys = block_keys or (min(32, max(16, 2 * chunk_size)) if short else 64)
+    query_rows = max(16, triton.next_power_of_2(group * npq))
+    # Many query rows (GQA 8 and up at prefill) take fewer keys a step: what a program holds.
+    fitting = max(16, 1 << (probes_per_load(query_rows, rope).bit_length() - 1))
+    block_keys = block_keys or min(fitting, min(32, max(16, 2 * chunk_size)) if short else 64)
     num_warps = num_warps or (2 if short else 4)
     if block_keys < 16 or block_keys & (block_keys - 1):
         raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
@@ -100,7 +103,7 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
         out, n_cand, nqb, s_k, key_lo, -(-s_k // chunk_size), window_tokens, d,
         q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
         k.stride(0), k.stride(1), k.stride(2), starts.stride(0), starts.stride(1),
-        H_KV=h_kv, GROUP=group, NPQ=npq, QROWS=max(16, triton.next_power_of_2(group * npq)),
+        H_KV=h_kv, GROUP=group, NPQ=npq, QROWS=query_rows,
         CHUNK=chunk_size, CHUNKS=chunks, STEP_KEYS=step_keys,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         ROPE_MODE=rope_mode if rope else 0, ROTARY_DIM=max(rotary_dim, 2),

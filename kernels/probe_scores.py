@@ -13,6 +13,17 @@ from ihip_compile.kernels.prune_stage_ref import RELATIVE_QUERY_DISTANCE
 # jit code reads module globals only as tl.constexpr.
 _QUERY_DISTANCE = tl.constexpr(RELATIVE_QUERY_DISTANCE)
 
+# Query rows x probed keys of one ``max_over_heads`` load that a program's shared memory holds at
+# head dim 128 on an H200: 64 x 64 (a prefill block's 4 heads x 16 pooled queries, 64 chunks per
+# program); half that while rotating (the fp32 cos/sin tiles). 128 rows x 64 probes asked for
+# 246 KB of the 227 KB there are.
+_ROW_PROBES = 64 * 64
+
+
+def probes_per_load(query_rows: int, rotating: bool) -> int:
+    """Most probed keys one load of ``query_rows`` query rows may gather."""
+    return max(1, _ROW_PROBES // (2 if rotating else 1) // query_rows)
+
 
 @triton.jit
 def probe_delta(probe, block_pos, n_chunks, window_tokens, CHUNK: tl.constexpr,

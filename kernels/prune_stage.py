@@ -26,7 +26,7 @@ import triton.language as tl
 from ihip_compile.kernels._primitives import approximate_trig
 from ihip_compile.kernels.chunk_maxima import score_chunk_maxima
 from ihip_compile.kernels.host_keys import BlockMajorKeys
-from ihip_compile.kernels.probe_scores import max_over_heads, probe_delta
+from ihip_compile.kernels.probe_scores import max_over_heads, probe_delta, probes_per_load
 from ihip_compile.kernels.prune_stage_ref import (
     DEFAULT_FIRST_PROBES, PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE, first_probe_count,
 )
@@ -249,24 +249,19 @@ def few_chunk_launch(chunks: int, device) -> tuple[int, int, int]:
     return tile, 32 // tile, 2
 
 
-# Query rows x probes of one gathered load that a program's shared memory holds at head dim 128
-# (H200): 64 x 64 (prefill: 64 pooled-query rows, 64 chunks per program). Rotating in the kernel,
-# half: its fp32 cos/sin tiles. 128 rows x 64 probes asked for 246 KB of the 227 KB there are.
-_ROW_PROBES = 64 * 64
-
-
 def fit_query_rows(launch: tuple[int, int, int], query_rows: int,
                    rotating: bool) -> tuple[int, int, int]:
     """A launch (chunks per program, first-step parts per load, warps) shrunk until a load's
-    probes times ``query_rows`` (the query heads of a KV head times the pooled queries) fits
-    ``_ROW_PROBES``: more query heads per KV head (GQA 7-8 and up), or pooled queries, than the
-    launch was tuned for. Fewer parts per load first, then fewer chunks per program; a program
-    of at most 16 chunks also loads both halves of each at once (``PAIR_HALVES``)."""
+    probes fit what a program holds for ``query_rows`` query rows (the query heads of a KV head
+    times the pooled queries; ``probe_scores.probes_per_load``): more query heads per KV head
+    (GQA 7-8 and up), or pooled queries, than the launch was tuned for. Fewer parts per load
+    first, then fewer chunks per program; a program of at most 16 chunks also loads both halves
+    of each at once (``PAIR_HALVES``)."""
     tile, group, warps = launch
-    budget = _ROW_PROBES // (2 if rotating else 1)
-    while group > 1 and tile * group * query_rows > budget:
+    most = probes_per_load(query_rows, rotating)
+    while group > 1 and tile * group > most:
         group //= 2
-    while tile > 1 and tile * max(group, 2 if tile <= 16 else 1) * query_rows > budget:
+    while tile > 1 and tile * max(group, 2 if tile <= 16 else 1) > most:
         tile //= 2
     return tile, group, warps
 

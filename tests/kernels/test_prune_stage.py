@@ -103,8 +103,9 @@ def test_launches_shrink_to_fit_more_query_rows(rows, rotating):
     row-probes that fit shared memory (both halves counted where a program loads them at once)
     and keeps the launch as tuned while it fits."""
     from ihip_compile.kernels import prune_stage
+    from ihip_compile.kernels.probe_scores import probes_per_load
 
-    budget = prune_stage._ROW_PROBES // (2 if rotating else 1)
+    budget = probes_per_load(rows, rotating) * rows
     for launch in [(64, 1, 4), (32, 1, 4), (16, 4, 4), (8, 4, 2), (4, 16, 4), (16, 2, 2)]:
         tile, group, warps = prune_stage.fit_query_rows(launch, rows, rotating)
         paired = 2 if tile <= 16 else 1
@@ -115,18 +116,20 @@ def test_launches_shrink_to_fit_more_query_rows(rows, rotating):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads,kv_heads", [(28, 4), (16, 2), (32, 2)])
-@pytest.mark.parametrize("blocks,rope_mode", [(32, 0), (32, 1), (2, 1)])
+@pytest.mark.parametrize("blocks,rope_mode,chunk,first_probes", [
+    (32, 0, 32, 8), (32, 1, 32, 8), (2, 1, 32, 8), (2, 0, 64, 64), (2, 1, 64, 64), (2, 1, 8, 8)])
 def test_many_query_heads_per_kv_head_compile_at_head_dim_128(heads, kv_heads, blocks,
-                                                              rope_mode):
+                                                              rope_mode, chunk, first_probes):
     """GQA 7, 8 and 16 with a prefill block's 16 pooled queries: 128 and 256 query rows per
     program, more than the launches were tuned for; on a GPU they must still fit and score as
-    the reference does (many chunks per query block, and few)."""
+    the reference does: the probe search over many chunks per query block and over few, and
+    exact chunk maxima (every key probed)."""
     from ihip_compile.kernels.prune_stage import score_chunks
 
-    q, k, starts, key_hi, pos, inv = _inputs(heads, kv_heads, blocks, 16, 65536, 32,
+    q, k, starts, key_hi, pos, inv = _inputs(heads, kv_heads, blocks, 16, 65536, chunk,
                                              torch.bfloat16, heads, d=128)
-    kw = dict(key_lo=5, chunk_size=32, rope_mode=rope_mode, inv_freq=inv, rotary_dim=128,
-              rope_layout=1, window_tokens=7)
+    kw = dict(key_lo=5, chunk_size=chunk, rope_mode=rope_mode, inv_freq=inv, rotary_dim=128,
+              rope_layout=1, window_tokens=7, first_probes=first_probes)
     out = score_chunks(q, k, starts, key_hi, pos, **kw)
     assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
 
