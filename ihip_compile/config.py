@@ -117,6 +117,10 @@ class IHipConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        # Plain values (a list of pairs for stages, a preset name...) as from_options takes them.
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
         _check_int(self, "dense_below_tokens", minimum=0)
         _check_int(self, "block_size_q", minimum=1)
         _check_int(self, "sink_tokens", minimum=0)
@@ -204,7 +208,7 @@ class IHipConfig:
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise ValueError(f"unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-        return cls(**{k: _coerce(k, v) for k, v in options.items()})
+        return cls(**options)
 
     @classmethod
     def from_json(cls, path: str) -> IHipConfig:

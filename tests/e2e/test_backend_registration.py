@@ -88,3 +88,16 @@ def test_bad_options_raise_value_error_naming_the_key(options, named):
     while error is not None and not isinstance(error, ValueError):
         error = error.__cause__ or error.__context__
     assert isinstance(error, ValueError) and named in str(error)
+
+
+def test_config_built_directly_takes_the_plain_values_options_take():
+    """``IHipConfig(...)`` accepts what ``options=`` accepts (pairs for stages, preset names,
+    lists of layers) and names the field when a value has the wrong form."""
+    direct = IHipConfig(stages=[(32, 128), (16, 64), (8, 32)], selected_tokens=32,
+                        refresh_intervals="fast", wide_layers=[1])
+    assert direct == IHipConfig.from_options({"stages": [[32, 128], [16, 64], [8, 32]],
+                                              "selected_tokens": 32, "refresh_intervals": "fast",
+                                              "wide_layers": [1]})
+    assert direct.stages[0].chunk_size == 32 and hash(direct)
+    with pytest.raises(ValueError, match="stages must be a list of"):
+        IHipConfig(stages=[(32,)])
