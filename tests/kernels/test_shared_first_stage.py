@@ -9,15 +9,7 @@ from ihip_compile import IHipConfig, select_blocks as public_select_blocks
 from ihip_compile.kernels.block_selection import select_blocks
 from ihip_compile.layer_policy import sparse_args_for_layer
 from tests.kernels.conftest import DEVICE
-
-STAGES = dict(stage_chunks=(32, 16, 8), stage_keeps=(128, 64, 32), selected_tokens=32)
-
-
-def _qk(heads, kv_heads, s_q, s_k, seed, d=32):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, heads, s_q, d, generator=gen).to(DEVICE)
-    k = torch.randn(1, kv_heads, s_k, d, generator=gen).to(DEVICE)
-    return q, k, torch.arange(s_k - s_q, s_k, device=DEVICE)
+from tests.kernels.test_block_selection import STAGES, _qk
 
 
 @pytest.mark.parametrize("use_triton", [False, True])
