@@ -150,6 +150,7 @@ def _measure_one(layer, q, k, scale, config, rope, probe_blocks) -> LayerMeasure
                 stage_keeps=[s.keep_tokens * factor for s in config.stages],
                 rope_mode=mode, inv_freq=inv_freq.to(q.device), rotary_dim=rotary_dim,
                 rope_layout=layout, use_triton=False, first_probes=config.first_probe_parts,
+                first_stage_blocks=config.first_stage_query_blocks,
             )  # [G, NQB, TOPK]
             kept = _blocks_to_key_mask(blocks, config.block_size_k, seq)
             recall[(style, factor)] = float(
