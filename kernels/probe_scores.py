@@ -13,10 +13,10 @@ from ihip_compile.kernels.prune_stage_ref import RELATIVE_QUERY_DISTANCE
 # jit code reads module globals only as tl.constexpr.
 _QUERY_DISTANCE = tl.constexpr(RELATIVE_QUERY_DISTANCE)
 
-# Query rows x probed keys of one ``max_over_heads`` load that a program's shared memory holds at
-# head dim 128 on an H200: 64 x 64 (a prefill block's 4 heads x 16 pooled queries, 64 chunks per
-# program); half that while rotating (the fp32 cos/sin tiles). 128 rows x 64 probes asked for
-# 246 KB of the 227 KB there are.
+# Query rows x probed keys of one ``max_over_heads`` load that a program holds past 64 query rows
+# at head dim 128 on an H200: 128 rows x 64 probes asked for 246 KB of shared memory, of the
+# 227 KB there are; 128 x 32 and 256 x 16 fit. Half that while rotating (the fp32 cos/sin tiles).
+# (64 rows take 128 probes: the rows cost more than the probes.)
 _ROW_PROBES = 64 * 64
 
 

@@ -196,13 +196,9 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
             q_pooled, k, starts, key_hi, block_pos, key_lo=key_lo, chunk_size=chunk_size,
             rope_mode=rope_mode, inv_freq=inv_freq, rotary_dim=rotary_dim,
             rope_layout=rope_layout, window_tokens=window_tokens, rope=rope)
-    # Many chunks (prefill): 64 per program without rotation ran 1.8x faster than 32 (stage 0 of a
-    # 32k chunk at 1M keys on an H200, scripts/stage_rope_cost.py); rotating, 32 (not measured at
-    # 64, where the fp32 cos/sin tiles would double); one probe per load, 4 warps: paired halves
-    # on 64-chunk tiles ran out of shared memory (head dim 128), and the tile is wide.
     wide = (chunk_tile or 0) > 16 or not few_chunks
-    launch = (32 if rope else 64, 1, 4) if wide else few_chunk_launch(b * nqb * n_cand,
-                                                                       q_pooled.device)
+    launch = wide_launch(rope, k.element_size()) if wide else few_chunk_launch(
+        b * nqb * n_cand, q_pooled.device)
     query_rows = max(16, triton.next_power_of_2(group * npq))
     launch = fit_query_rows(launch, query_rows, rope)
     tile = chunk_tile or launch[0]
@@ -228,6 +224,19 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
     return out
+
+
+def wide_launch(rotating: bool, key_bytes: int) -> tuple[int, int, int]:
+    """(chunks per program, first-step parts per load, warps) for a stage of many chunks (a
+    prefill): one probe per load (paired halves on 64-chunk tiles ran out of shared memory at
+    head dim 128). 16-bit keys, unrotated: 128 chunks on 8 warps; a 32k chunk at 1M keys on an
+    H200 (scripts/prefill_stage_launch.py): stage 0 15.9 ms against 19.1 with 64 chunks on 4
+    warps (itself 1.8x faster than 32), stage 2 2.23 against 3.36; 32-key chunks (stage 1) were
+    not measured. Wider keys (fp32), 64 on 4 warps, as before. Rotating in the kernel, 32 (not
+    measured at 64, where the fp32 cos/sin tiles would double)."""
+    if rotating:
+        return 32, 1, 4
+    return (128, 1, 8) if key_bytes <= 2 else (64, 1, 4)
 
 
 def few_chunk_launch(chunks: int, device) -> tuple[int, int, int]:
@@ -256,8 +265,10 @@ def fit_query_rows(launch: tuple[int, int, int], query_rows: int,
     times the pooled queries; ``probe_scores.probes_per_load``): more query heads per KV head
     (GQA 7-8 and up), or pooled queries, than the launch was tuned for. Fewer parts per load
     first, then fewer chunks per program; a program of at most 16 chunks also loads both halves
-    of each at once (``PAIR_HALVES``)."""
+    of each at once (``PAIR_HALVES``). Up to 64 rows, the launches stay as measured."""
     tile, group, warps = launch
+    if query_rows <= 64:
+        return launch
     most = probes_per_load(query_rows, rotating)
     while group > 1 and tile * group > most:
         group //= 2

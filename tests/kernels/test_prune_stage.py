@@ -45,14 +45,16 @@ def test_scores_match_reference_with_pruning_rope(rope_mode, chunk, first_probes
 
 
 @pytest.mark.parametrize("chunk_tile,rope_mode,chunk,d", [
-    (32, 1, 8, 32), (64, 0, 8, 32), (64, 2, 8, 32), (64, 0, 32, 128), (32, 1, 32, 128)])
+    (32, 1, 8, 32), (64, 0, 8, 32), (64, 2, 8, 32), (64, 0, 32, 128), (32, 1, 32, 128),
+    (128, 0, 32, 128)])
 def test_wide_chunk_tiles_score_like_the_reference(chunk_tile, rope_mode, chunk, d):
-    """Prefill launches take 32 or 64 chunks per program; tests' small inputs would take 16.
-    Head dim 128 with halving steps: on a GPU, the launch shape must fit the shared memory."""
+    """Prefill launches take 32, 64 or 128 chunks per program; tests' small inputs would take
+    16. Head dim 128 with halving steps: on a GPU, the launch shape must fit the shared memory
+    (128 chunks in 16-bit inputs only, as the op launches them)."""
     from ihip_compile.kernels.prune_stage import score_chunks
 
-    q, k, starts, key_hi, pos, inv = _inputs(4, 2, 3, 2, 700, chunk, torch.float32, chunk_tile,
-                                             d)
+    dtype = torch.bfloat16 if chunk_tile == 128 and DEVICE == "cuda" else torch.float32
+    q, k, starts, key_hi, pos, inv = _inputs(4, 2, 3, 2, 700, chunk, dtype, chunk_tile, d)
     kw = dict(key_lo=5, chunk_size=chunk, rope_mode=rope_mode, inv_freq=inv, rotary_dim=d,
               rope_layout=1, window_tokens=7)
     out = score_chunks(q, k, starts, key_hi, pos, chunk_tile=chunk_tile, **kw)
@@ -106,12 +108,27 @@ def test_launches_shrink_to_fit_more_query_rows(rows, rotating):
     from ihip_compile.kernels.probe_scores import probes_per_load
 
     budget = probes_per_load(rows, rotating) * rows
-    for launch in [(64, 1, 4), (32, 1, 4), (16, 4, 4), (8, 4, 2), (4, 16, 4), (16, 2, 2)]:
+    for launch in [(128, 1, 8), (64, 1, 4), (32, 1, 4), (16, 4, 4), (8, 4, 2), (4, 16, 4),
+                   (16, 2, 2)]:
         tile, group, warps = prune_stage.fit_query_rows(launch, rows, rotating)
         paired = 2 if tile <= 16 else 1
-        assert warps == launch[2] and tile * max(group, paired) * rows <= budget
+        assert warps == launch[2]
+        if rows <= 64:  # the rows the launches were measured with
+            assert (tile, group) == launch[:2]
+            continue
+        assert tile * max(group, paired) * rows <= budget
         if launch[0] * max(launch[1], 2 if launch[0] <= 16 else 1) * rows <= budget:
             assert (tile, group) == launch[:2]
+
+
+def test_prefill_launch_by_key_width_and_rotation():
+    """Unrotated 16-bit keys take 128 chunks a program on 8 warps (measured fastest); fp32 keys
+    keep 64 on 4 (twice the bytes a tile); rotating in the kernel, 32."""
+    from ihip_compile.kernels.prune_stage import wide_launch
+
+    assert wide_launch(False, 2) == (128, 1, 8)
+    assert wide_launch(False, 4) == (64, 1, 4)
+    assert wide_launch(True, 2) == wide_launch(True, 4) == (32, 1, 4)
 
 
 @pytest.mark.gpu
