@@ -16,12 +16,17 @@ _QUERY_DISTANCE = tl.constexpr(RELATIVE_QUERY_DISTANCE)
 # Query rows x probed keys of one ``max_over_heads`` load that a program holds past 64 query rows
 # at head dim 128 on an H200: 128 rows x 64 probes asked for 246 KB of shared memory, of the
 # 227 KB there are; 128 x 32 and 256 x 16 fit. Half that while rotating (the fp32 cos/sin tiles).
-# (64 rows take 128 probes: the rows cost more than the probes.)
+# Up to 64 rows every launch was measured as it is (64 rows take 128 probes: the rows cost more
+# than the probes), so no limit applies there.
+_MEASURED_QUERY_ROWS = 64
 _ROW_PROBES = 64 * 64
+_NO_LIMIT = 1 << 30
 
 
 def probes_per_load(query_rows: int, rotating: bool) -> int:
     """Most probed keys one load of ``query_rows`` query rows may gather."""
+    if query_rows <= _MEASURED_QUERY_ROWS:
+        return _NO_LIMIT
     return max(1, _ROW_PROBES // (2 if rotating else 1) // query_rows)
 
 

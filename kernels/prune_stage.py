@@ -265,10 +265,8 @@ def fit_query_rows(launch: tuple[int, int, int], query_rows: int,
     times the pooled queries; ``probe_scores.probes_per_load``): more query heads per KV head
     (GQA 7-8 and up), or pooled queries, than the launch was tuned for. Fewer parts per load
     first, then fewer chunks per program; a program of at most 16 chunks also loads both halves
-    of each at once (``PAIR_HALVES``). Up to 64 rows, the launches stay as measured."""
+    of each at once (``PAIR_HALVES``)."""
     tile, group, warps = launch
-    if query_rows <= 64:
-        return launch
     most = probes_per_load(query_rows, rotating)
     while group > 1 and tile * group > most:
         group //= 2
