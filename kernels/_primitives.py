@@ -136,6 +136,23 @@ def load_rows_moved(base_ptr, rows, row_ok, stride_row, cols, col_ok, delta, inv
 
 
 @triton.jit
+def load_halves_moved(base_ptr, rows, row_ok, stride_row, half_cols, half_ok, half, delta,
+                      inv_freq_ptr, FAST_TRIG: tl.constexpr):
+    """Rows [N] of a rotate_half layout whose every column rotates (rotary dim = head dim) as
+    their two halves, columns c and c + ``half`` ([N, len(half_cols)] each), turned by ``delta``
+    positions: each half is the other's partner, so no second gather (``turn_rows`` needs one).
+    All-zero deltas: the halves as loaded (``load_rows_moved``)."""
+    lo = load_rows(base_ptr, rows, row_ok, stride_row, half_cols, half_ok)
+    hi = load_rows(base_ptr, rows, row_ok, stride_row, half_cols + half, half_ok)
+    if tl.max(tl.abs(delta), 0) != 0:
+        freq = tl.load(inv_freq_ptr + half_cols, mask=half_ok, other=0.0).to(tl.float32)
+        cos, sin = rotation_cos_sin(delta, freq, FAST_TRIG)
+        lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
+        lo, hi = (lo32 * cos - hi32 * sin).to(lo.dtype), (hi32 * cos + lo32 * sin).to(hi.dtype)
+    return lo, hi
+
+
+@triton.jit
 def soft_cap(scores, SOFTCAP: tl.constexpr, softcap):
     """Gemma 2's ``c * tanh(s / c)`` when SOFTCAP, else the scores unchanged (fp32)."""
     if SOFTCAP:
@@ -228,8 +245,39 @@ def fold_slot_tile(q, acc, running_max, running_sum, slot, slot_ok, pos, blocks_
     values = load_rows(v_base, key, ok, stride_v_s, cols, col_ok)
     keys = load_rows_moved(k_base, key, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
                            REMAP, ROTARY_DIM, LAYOUT, FAST_TRIG)
-    scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
-    scores = soft_cap(scores, SOFTCAP, softcap)
+    scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION)
+    return fold_scores(scores, values, acc, running_max, running_sum, key, ok, is_sel, is_win,
+                       pos, sink, window, scale, softcap, SOFTCAP, DOT_PRECISION)
+
+
+@triton.jit
+def fold_slot_tile_halves(q_lo, q_hi, acc, running_max, running_sum, slot, slot_ok, pos,
+                          blocks_row, topk, sink, window, win_lo, win_len, n_valid, s_k, k_base,
+                          v_base, stride_k_s, stride_v_s, cols, col_ok, half_cols, half_ok, half,
+                          inv_freq_ptr, scale, softcap, BLOCK_K: tl.constexpr,
+                          SOFTCAP: tl.constexpr, FAST_TRIG: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """``fold_slot_tile`` with renumbering for a rotate_half layout rotating every column: the
+    queries come as their halves (``load_halves_moved``), the scores are the sum of the halves'
+    products."""
+    key, ok, is_sel, is_win, delta = attended_slots(
+        slot, blocks_row, topk, sink, win_lo, win_len, n_valid, s_k, BLOCK_K)
+    ok = ok & slot_ok
+    values = load_rows(v_base, key, ok, stride_v_s, cols, col_ok)
+    k_lo, k_hi = load_halves_moved(k_base, key, ok, stride_k_s, half_cols, half_ok, half, delta,
+                                   inv_freq_ptr, FAST_TRIG)
+    scores = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PRECISION)
+    scores = tl.dot(q_hi, tl.trans(k_hi), scores, input_precision=DOT_PRECISION)
+    return fold_scores(scores, values, acc, running_max, running_sum, key, ok, is_sel, is_win,
+                       pos, sink, window, scale, softcap, SOFTCAP, DOT_PRECISION)
+
+
+@triton.jit
+def fold_scores(scores, values, acc, running_max, running_sum, key, ok, is_sel, is_win, pos,
+                sink, window, scale, softcap, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A tile's raw products [M, N]: scaled, soft-capped, masked to what each query sees, and
+    folded with its values into the online-softmax state."""
+    scores = soft_cap(scores * scale, SOFTCAP, softcap)
     vis = visible_slots(key, ok, is_sel, is_win, pos, sink, window)
     scores = tl.where(vis, scores, float("-inf"))
     return online_softmax_update(acc, running_max, running_sum, scores, values, DOT_PRECISION)

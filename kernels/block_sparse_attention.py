@@ -22,7 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import approximate_trig, fold_slot_tile
+from ihip_compile.kernels._primitives import (
+    approximate_trig, fold_slot_tile, fold_slot_tile_halves,
+)
+from ihip_compile.kernels.rope_delta_ref import ROPE_ROTATE_HALF
 from ihip_compile.kernels.block_sparse_attention_ref import attention_block_plan
 from ihip_compile.kernels.block_selection import query_blocks
 
@@ -53,7 +56,7 @@ def _block_sparse_attention_kernel(
     GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
     ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HALVES: tl.constexpr,
 ):
     # int64: one KV head of a 4M-key cache is 2^29 elements, head offsets overflow int32.
     blk = tl.program_id(0)
@@ -65,9 +68,7 @@ def _block_sparse_attention_kernel(
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < head_dim
     pos = tl.load(pos_ptr + b * s_q + rows, mask=row_ok, other=-1)
-    q_ptrs = (q_ptr + b * stride_q_b + (heads * stride_q_h + rows.to(tl.int64) * stride_q_s)[:, None]
-              + cols[None, :])
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    q_rows = q_ptr + b * stride_q_b + (heads * stride_q_h + rows.to(tl.int64) * stride_q_s)
     plan = b * n_blocks + blk
     win_lo, win_len = tl.load(win_lo_ptr + plan), tl.load(win_len_ptr + plan)
     n_valid = tl.load(n_valid_ptr + plan)
@@ -79,13 +80,31 @@ def _block_sparse_attention_kernel(
     running_max = tl.full((HEADS * BLOCK_Q,), float("-inf"), tl.float32)
     running_sum = tl.zeros((HEADS * BLOCK_Q,), tl.float32)
     total = sink + topk * BLOCK_K + win_len
-    for start in range(0, total, BLOCK_N):
-        slot = start + tl.arange(0, BLOCK_N)
-        acc, running_max, running_sum = fold_slot_tile(
-            q, acc, running_max, running_sum, slot, slot >= 0, pos, blocks_row, topk, sink,
-            window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s, stride_v_s, cols,
-            col_ok, inv_freq_ptr, scale, softcap, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM, LAYOUT,
-            FAST_TRIG, DOT_PRECISION)
+    if HALVES:  # renumbering a rotate_half layout that rotates every column
+        half = head_dim // 2
+        half_cols = tl.arange(0, BLOCK_D // 2)
+        half_ok = half_cols < half
+        q_lo = tl.load(q_rows[:, None] + half_cols[None, :],
+                       mask=row_ok[:, None] & half_ok[None, :], other=0.0)
+        q_hi = tl.load(q_rows[:, None] + half + half_cols[None, :],
+                       mask=row_ok[:, None] & half_ok[None, :], other=0.0)
+        for start in range(0, total, BLOCK_N):
+            slot = start + tl.arange(0, BLOCK_N)
+            acc, running_max, running_sum = fold_slot_tile_halves(
+                q_lo, q_hi, acc, running_max, running_sum, slot, slot >= 0, pos, blocks_row,
+                topk, sink, window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s,
+                stride_v_s, cols, col_ok, half_cols, half_ok, half, inv_freq_ptr, scale,
+                softcap, BLOCK_K, SOFTCAP, FAST_TRIG, DOT_PRECISION)
+    else:
+        q = tl.load(q_rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        for start in range(0, total, BLOCK_N):
+            slot = start + tl.arange(0, BLOCK_N)
+            acc, running_max, running_sum = fold_slot_tile(
+                q, acc, running_max, running_sum, slot, slot >= 0, pos, blocks_row, topk, sink,
+                window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s, stride_v_s,
+                cols, col_ok, inv_freq_ptr, scale, softcap, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM,
+                LAYOUT, FAST_TRIG, DOT_PRECISION)
     out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
     o_ptrs = (out_ptr + b * stride_o_b
               + (heads * stride_o_h + rows.to(tl.int64) * stride_o_s)[:, None] + cols[None, :])
@@ -97,12 +116,14 @@ def block_sparse_attention(
     window_tokens: int, block_size_k: int = 8, softcap: float = 0.0, remap: bool = False,
     inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0, tile_slots: int | None = None,
     num_warps: int | None = None, heads_per_program: int | None = None,
+    split_halves: bool = True,
 ):
     """Triton twin of ``block_sparse_attention_ref``: q [B, H, S_Q, D], k/v [B, H_KV, S_K, D],
     q_positions [B, S_Q], block_indices [B, NQB, TOPK] int32 (NQB from ``query_blocks``).
     ``tile_slots`` (keys per tile; default 32 re-positioning, else 64), ``num_warps`` and
     ``heads_per_program`` (query heads of one KV head sharing each key tile; a power of two
-    dividing H / H_KV) tune the launch, not the result."""
+    dividing H / H_KV) tune the launch, not the result; so does ``split_halves`` (renumbering
+    a rotate_half layout that rotates every column by halves, ``rotates_by_halves``)."""
     b, h, s_q, d = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     pos = q_positions.expand(b, s_q).to(torch.int32).contiguous()
@@ -144,5 +165,14 @@ def block_sparse_attention(
         ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         FAST_TRIG=rope and approximate_trig(k),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        HALVES=split_halves and rope and rotates_by_halves(rope_layout, rotary_dim, d),
     )
     return out
+
+
+def rotates_by_halves(rope_layout: int, rotary_dim: int, head_dim: int) -> bool:
+    """Whether renumbered keys can be turned as two halves that are each other's partners:
+    rotate_half (Llama, Qwen, Mistral, Gemma) over the whole head (no partial rotary), with
+    halves wide enough for a tensor-core product (16 columns)."""
+    return (rope_layout == ROPE_ROTATE_HALF and rotary_dim == head_dim and head_dim % 2 == 0
+            and triton.next_power_of_2(head_dim) >= 32)

@@ -96,7 +96,8 @@ def positioned_scoring_inputs(q_pooled, keys, block_pos, rope_mode: int, rope: d
                               use_triton: bool, memo: dict):
     """``(q_pooled, keys, rope_mode)`` for one stage's kernel: moved keys, turned queries and no
     rotation while probing where that is cheaper (``worth_positioning``), else the inputs as
-    given. ``memo`` (one dict per selection) keeps moved keys that later stages can share."""
+    given. ``memo`` (one dict per selection) keeps moved keys and turned queries that later
+    stages can share."""
     s_k = keys.shape[2]
     shared = rope_mode == PRUNE_ROPE_RELATIVE  # the same targets at every stage
     memo_key = (rope_mode, None if shared else chunk_size)
@@ -106,7 +107,24 @@ def positioned_scoring_inputs(q_pooled, keys, block_pos, rope_mode: int, rope: d
         memo.clear()  # one moved copy at a time
         memo[memo_key] = moved_keys(
             keys, key_targets(rope_mode, s_k, chunk_size, q_pooled.device), rope, use_triton)
-    turns = query_turns(rope_mode, block_pos, s_k, chunk_size, window_tokens)
-    turned = rotate_by_delta(q_pooled, turns[:, None, :, None], rope["inv_freq"],
-                             rope["rotary_dim"], rope["rope_layout"])
-    return turned, memo[memo_key], PRUNE_ROPE_TRUE
+    # Relative mode turns a block's queries by the same amount at every stage: turned once.
+    query_key = ("queries", *memo_key)
+    if memo.get(query_key, (None,))[0] is not q_pooled:
+        turns = query_turns(rope_mode, block_pos, s_k, chunk_size, window_tokens)
+        memo[query_key] = (q_pooled, turned_queries(q_pooled, turns, rope, use_triton))
+    return memo[query_key][1], memo[memo_key], PRUNE_ROPE_TRUE
+
+
+def turned_queries(q_pooled, turns, rope: dict, use_triton: bool) -> torch.Tensor:
+    """Pooled queries [B, H, NQB, NPQ, D], each block's rotated by its turn [B, NQB] positions.
+    On the GPU one Triton pass (``rope_delta.rotate_by_delta``): in torch the rotation of a 32k
+    chunk's pooled queries took about 1 ms per stage (H200, 1M keys:
+    ``reports/bench/prefill_profile/``)."""
+    args = (rope["inv_freq"], rope["rotary_dim"], rope["rope_layout"])
+    if not use_triton:
+        return rotate_by_delta(q_pooled, turns[:, None, :, None], *args)
+    from ihip_compile.kernels.rope_delta import rotate_by_delta as rotate_rows
+
+    b, h, nqb, npq, d = q_pooled.shape
+    per_row = turns.to(torch.int32)[:, None, :, None].expand(b, h, nqb, npq).reshape(-1)
+    return rotate_rows(q_pooled.reshape(-1, d), per_row, *args).view(b, h, nqb, npq, d)

@@ -159,11 +159,13 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
                  rope_mode: int = 0, inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0,
                  window_tokens: int = 0, first_probes: int = DEFAULT_FIRST_PROBES,
                  chunk_tile: int | None = None, num_warps: int | None = None,
-                 first_group: int | None = None):
+                 first_group: int | None = None, num_stages: int | None = None,
+                 max_registers: int | None = None):
     """Triton twin of ``score_chunks_ref`` (same arguments, shapes and result). ``k`` may also be
     ``host_keys.BlockMajorKeys``: keys read in place from the offloaded store's host copy.
-    ``chunk_tile`` (chunks per program), ``num_warps`` and ``first_group`` (first-step parts of
-    each chunk gathered per load) tune the launch, not the result."""
+    ``chunk_tile`` (chunks per program), ``num_warps``, ``first_group`` (first-step parts of
+    each chunk gathered per load), ``num_stages`` (Triton's software pipelining of the loads)
+    and ``max_registers`` (per thread) tune the launch, not the result."""
     b, h, nqb, npq, d = q_pooled.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     if k.dim() != 4 or k.shape[0] != b or k.shape[3] != d or h % h_kv:
@@ -222,8 +224,15 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         FAST_TRIG=rope and approximate_trig(q_pooled),
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        **_pipelining(num_stages, max_registers),
     )
     return out
+
+
+def _pipelining(num_stages: int | None, max_registers: int | None) -> dict:
+    """Launch options given only where set, so that Triton's defaults stay its own."""
+    options = {"num_stages": num_stages, "maxnreg": max_registers}
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def wide_launch(rotating: bool, key_bytes: int) -> tuple[int, int, int]:

@@ -5,7 +5,8 @@
 One layer of Llama-3.1-8B's shape (32 query heads, 8 KV heads, d 128, bf16), a 32k-token chunk's
 512 query blocks of 16 pooled queries at the end of S_K random keys, no rotation in the kernel
 (as the op runs a prefill: keys re-positioned once per stage). Stage 0 scores every 256-key
-chunk; stage 2 the 8-key chunks of 256 kept 32-key chunks (drawn at random, sorted, per block).
+chunk; stage 1 the 32-key chunks of 128 kept 256-key chunks, stage 2 the 8-key chunks of 256
+kept 32-key chunks (kept chunks drawn at random, sorted, per block).
 Each launch's scores must equal the default launch's; ms per call from a CUDA graph with an L2
 flush between calls. A launch past the shared memory is recorded with its error.
 """
@@ -21,8 +22,10 @@ from ihip_compile.bench.attention import HEAD_DIM, HEADS, KV_HEADS, PREFILL_CHUN
 from ihip_compile.kernels.prune_stage import score_chunks
 
 BLOCK_Q, POOLED, SINKS, WINDOW = 64, 16, 256, 1024
-STAGES = {"stage_0": (256, None), "stage_2": (8, (32, 256))}  # chunk, (parent size, kept)
-LAUNCHES = ((64, 4), (64, 8), (32, 4), (32, 8), (128, 4), (128, 8))
+STAGES = {"stage_0": (256, None), "stage_1": (32, (256, 128)),  # chunk, (parent size, kept)
+          "stage_2": (8, (32, 256))}
+# (chunks per program, warps, pipeline stages or 0 for Triton's default, register cap or 0)
+LAUNCHES = "64:4:0:0,64:8:0:0,32:4:0:0,32:8:0:0,128:4:0:0,128:8:0:0"
 
 
 def stage_starts(s_k: int, n_blocks: int, chunk: int, parent) -> torch.Tensor:
@@ -41,7 +44,11 @@ def stage_starts(s_k: int, n_blocks: int, chunk: int, parent) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/prefill_stage_launch.py")
     parser.add_argument("--context", type=int, default=1 << 20)
+    parser.add_argument("--launches", default=LAUNCHES,
+                        help="comma-separated tile:warps:stages:registers (0: the default)")
+    parser.add_argument("--stages", default=",".join(STAGES))
     args, flush = start_gpu_script(parser)
+    launches = [tuple(int(x) for x in launch.split(":")) for launch in args.launches.split(",")]
     s_k, n_blocks = args.context, PREFILL_CHUNK // BLOCK_Q
     k = torch.randn(1, KV_HEADS, s_k, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(1, HEADS, n_blocks, POOLED, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -50,22 +57,24 @@ def main() -> None:
     key_hi = (pos + 1 - WINDOW).clamp(min=SINKS)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "context": s_k, "stages": {}}
-    for name, (chunk, parent) in STAGES.items():
+    for name in args.stages.split(","):
+        chunk, parent = STAGES[name]
         starts = stage_starts(s_k, n_blocks, chunk, parent)
         kw = dict(key_lo=SINKS, chunk_size=chunk, window_tokens=WINDOW, first_probes=8)
         reference = score_chunks(q, k, starts, key_hi, pos, **kw)
         row = {"default_ms": round(time_graphed(
             lambda: score_chunks(q, k, starts, key_hi, pos, **kw), 5, flush), 3)}
-        for tile, warps in LAUNCHES:
-            def run(tile=tile, warps=warps):
+        for tile, warps, stages, registers in launches:
+            def run(tile=tile, warps=warps, stages=stages, registers=registers):
                 return score_chunks(q, k, starts, key_hi, pos, chunk_tile=tile, num_warps=warps,
+                                    num_stages=stages or None, max_registers=registers or None,
                                     **kw)
+            label = f"tile{tile}_warps{warps}_stages{stages}_registers{registers}"
             try:
-                row[f"tile{tile}_warps{warps}"] = {
-                    "same_scores": torch.equal(run(), reference),
-                    "ms": round(time_graphed(run, 5, flush), 3)}
+                row[label] = {"same_scores": torch.equal(run(), reference),
+                              "ms": round(time_graphed(run, 5, flush), 3)}
             except Exception as error:  # past the shared memory: record why, go on
-                row[f"tile{tile}_warps{warps}"] = {"error": repr(error)[:160]}
+                row[label] = {"error": repr(error)[:160]}
             print({name: row}, flush=True)
         result["stages"][name] = row
     print_and_save(result, args.out)

@@ -1,6 +1,7 @@
 """Where the sparse attention kernels' time goes at 1M keys: RoPE renumbering, tile shape, warps.
 
-    python scripts/sparse_attention_costs.py [--precise-trig] [--out FILE]  (a CUDA GPU; one JSON line)
+    python scripts/sparse_attention_costs.py [--precise-trig] [--prefill-launches L]
+        [--skip-decode] [--out FILE]  (a CUDA GPU; one JSON line)
 
 Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d 128, bf16), paper budgets (256 sinks,
 2048 selected tokens in 8-key blocks, 1024-token window), random K/V and random sorted blocks:
@@ -25,9 +26,10 @@ from ihip_compile.kernels import sparse_decode as decode_module
 
 S_K, CHUNK, HEADS, KV_HEADS, HEAD_DIM = 1 << 20, 32768, 32, 8, 128
 SINKS, WINDOW, TOPK, BLOCK_K, BLOCK_Q = 256, 1024, 256, 8, 64
-# (remap, keys per tile, warps, query heads per program sharing each key tile)
-PREFILL_LAUNCHES = ((True, 32, 4, 1), (True, 32, 4, 2), (True, 32, 8, 2), (True, 16, 8, 4),
-                    (True, 32, 8, 4))
+# remap:keys per tile:warps:query heads per program sharing each key tile[:halves], the last
+# (rotate_half keys turned as two halves, ``block_sparse_attention.rotates_by_halves``) 1 by
+# default
+PREFILL_LAUNCHES = "1:32:4:1,1:32:4:2,1:32:8:2,1:16:8:4,1:32:8:4"
 # Split-K programs of a decode step other than the default (one wave: 33 here).
 DECODE_SPLITS = (8, 16, 24, 48, 64)
 
@@ -42,6 +44,8 @@ def random_blocks(n_rows: int, below: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--precise-trig", action="store_true")
+    parser.add_argument("--prefill-launches", default=PREFILL_LAUNCHES)
+    parser.add_argument("--skip-decode", action="store_true")
     args, flush = start_gpu_script(parser)
     if args.precise_trig:
         for module in (prefill_module, decode_module):
@@ -55,12 +59,16 @@ def main() -> None:
     positions = torch.arange(S_K - CHUNK, S_K, device="cuda")[None]
     blocks = random_blocks(CHUNK // BLOCK_Q, S_K - CHUNK - WINDOW)
     result = {"precise_trig": args.precise_trig}
-    for remap, tile, warps, heads in PREFILL_LAUNCHES:
+    for launch in args.prefill_launches.split(","):
+        remap, tile, warps, heads, halves = ([int(x) for x in launch.split(":")] + [1])[:5]
         run = lambda: prefill_module.block_sparse_attention(  # noqa: E731
-            q, k, v, positions, blocks, block_size_q=BLOCK_Q, remap=remap, tile_slots=tile,
-            num_warps=warps, heads_per_program=heads, **common)
-        name = f"prefill_remap{int(remap)}_tile{tile}_warps{warps}_heads{heads}"
+            q, k, v, positions, blocks, block_size_q=BLOCK_Q, remap=bool(remap), tile_slots=tile,
+            num_warps=warps, heads_per_program=heads, split_halves=bool(halves), **common)
+        name = f"prefill_remap{remap}_tile{tile}_warps{warps}_heads{heads}_halves{halves}"
         result[name] = round(time_eager(run, 3), 2)
+    if args.skip_decode:
+        print_and_save(result, args.out)
+        return
     q1 = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     blocks1 = random_blocks(1, S_K - WINDOW)
     for remap in (True, False):

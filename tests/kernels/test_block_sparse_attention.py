@@ -56,6 +56,30 @@ def test_prefill_matches_reference_with_remap_and_softcap(layout, softcap):
     assert_matches_reference(out, block_sparse_attention_ref, q, k, v, pos, blocks, **kw)
 
 
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float32), (96, torch.float16),
+                                             (32, torch.float32)])
+def test_prefill_renumbering_by_halves_matches_reference(head_dim, dtype):
+    """rotate_half over the whole head: keys turned as two halves, each the other's partner
+    (no partner gather); the same as the per-column rotation and as the reference."""
+    from ihip_compile.kernels.block_sparse_attention import (
+        block_sparse_attention, rotates_by_halves,
+    )
+
+    assert rotates_by_halves(1, head_dim, head_dim)
+    assert not rotates_by_halves(2, head_dim, head_dim)  # interleaved pairs
+    assert not rotates_by_halves(1, head_dim // 2, head_dim)  # partial rotary
+    q, k, v, pos = _qkv(8, 2, 45, 301, dtype, head_dim, d=head_dim)
+    blocks = select_blocks(q, k, pos, block_size_q=16, sink_tokens=6, window_tokens=11,
+                           use_triton=False, **SMALL)
+    blocks[0, 1, -1] = -1  # an empty slot
+    kw = dict(scale=0.2, block_size_q=16, sink_tokens=6, window_tokens=11, remap=True,
+              inv_freq=_inv_freq(head_dim), rotary_dim=head_dim, rope_layout=1)
+    out = block_sparse_attention(q, k, v, pos, blocks, **kw)
+    per_column = block_sparse_attention(q, k, v, pos, blocks, split_halves=False, **kw)
+    assert_matches_reference(out, block_sparse_attention_ref, q, k, v, pos, blocks, **kw)
+    assert_matches_reference(per_column, block_sparse_attention_ref, q, k, v, pos, blocks, **kw)
+
+
 @pytest.mark.parametrize("heads,kv_heads,per_program", [(8, 2, 2), (8, 2, 4), (16, 2, 8)])
 @pytest.mark.parametrize("remap", [False, True])
 def test_prefill_heads_sharing_key_tiles_match_reference(heads, kv_heads, per_program, remap):

@@ -113,6 +113,29 @@ def test_relative_mode_moves_the_keys_once_for_all_stages():
     later = positioned_scoring.positioned_scoring_inputs(
         q, k, pos, 1, rope, chunk_size=8, window_tokens=4, n_probed=1, use_triton=False, memo=memo)
     assert later[1] is first[1] and later[2] == 0
+    assert later[0] is first[0], "the same queries are turned once for every stage"
+    other_view = q.clone()  # a shared first stage scores another view of the queries
+    again = positioned_scoring.positioned_scoring_inputs(
+        other_view, k, pos, 1, rope, chunk_size=8, window_tokens=4, n_probed=1,
+        use_triton=False, memo=memo)
+    assert again[0] is not first[0] and torch.equal(again[0], first[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [1, 2])
+def test_turned_queries_kernel_matches_reference(dtype, layout):
+    gen = torch.Generator().manual_seed(layout)
+    q = torch.randn(2, 3, 5, 4, D, generator=gen).to(DEVICE, dtype)
+    turns = torch.randint(-3_000_000, 100, (2, 5), generator=gen).to(DEVICE)
+    rope = dict(inv_freq=_inv_freq().float().to(DEVICE), rotary_dim=D, rope_layout=layout)
+
+    def reference(queries, inv_freq):
+        return positioned_scoring.turned_queries(queries, turns, dict(rope, inv_freq=inv_freq),
+                                                 use_triton=False)
+
+    out = positioned_scoring.turned_queries(q, turns, rope, use_triton=True)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_matches_reference(out, reference, q, rope["inv_freq"])
 
 
 def test_probe_count_per_chunk():
