@@ -240,9 +240,10 @@ def wide_launch(rotating: bool, key_bytes: int) -> tuple[int, int, int]:
     prefill): one probe per load (paired halves on 64-chunk tiles ran out of shared memory at
     head dim 128). 16-bit keys, unrotated: 128 chunks on 8 warps; a 32k chunk at 1M keys on an
     H200 (scripts/prefill_stage_launch.py): stage 0 15.9 ms against 19.1 with 64 chunks on 4
-    warps (itself 1.8x faster than 32), stage 2 2.23 against 3.36; 32-key chunks (stage 1) were
-    not measured. Wider keys (fp32), 64 on 4 warps, as before. Rotating in the kernel, 32 (not
-    measured at 64, where the fp32 cos/sin tiles would double)."""
+    warps (itself 1.8x faster than 32), stage 1 2.96 against 4.81, stage 2 2.23 against 3.36;
+    no other warps, chunks, pipeline depth or register cap tried was faster
+    (reports/bench/prefill_profile/). Wider keys (fp32), 64 on 4 warps, as before. Rotating in
+    the kernel, 32 (not measured at 64, where the fp32 cos/sin tiles would double)."""
     if rotating:
         return 32, 1, 4
     return (128, 1, 8) if key_bytes <= 2 else (64, 1, 4)
