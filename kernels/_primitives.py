@@ -147,9 +147,16 @@ def load_halves_moved(base_ptr, rows, row_ok, stride_row, half_cols, half_ok, ha
     if tl.max(tl.abs(delta), 0) != 0:
         freq = tl.load(inv_freq_ptr + half_cols, mask=half_ok, other=0.0).to(tl.float32)
         cos, sin = rotation_cos_sin(delta, freq, FAST_TRIG)
-        lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
-        lo, hi = (lo32 * cos - hi32 * sin).to(lo.dtype), (hi32 * cos + lo32 * sin).to(hi.dtype)
+        lo, hi = turn_halves(lo, hi, cos, sin)
     return lo, hi
+
+
+@triton.jit
+def turn_halves(lo, hi, cos, sin):
+    """The two halves [N, D / 2] of rotate_half rows (columns c and c + D / 2, each the other's
+    partner) turned by ``rotation_cos_sin`` of the first half's frequencies; keeps their dtype."""
+    lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
+    return (lo32 * cos - hi32 * sin).to(lo.dtype), (hi32 * cos + lo32 * sin).to(hi.dtype)
 
 
 @triton.jit

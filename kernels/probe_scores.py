@@ -7,7 +7,9 @@ Spec: ``prune_stage_ref`` (``probe_key_delta`` for the rotation, ``score`` for t
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import load_rows, row_rotation, turn_rows
+from ihip_compile.kernels._primitives import (
+    load_rows, rotation_cos_sin, row_rotation, turn_halves, turn_rows,
+)
 from ihip_compile.kernels.prune_stage_ref import RELATIVE_QUERY_DISTANCE
 
 # jit code reads module globals only as tl.constexpr.
@@ -54,7 +56,12 @@ def max_over_heads(k_ptr, q_ptr, key_offset, key_ok, stride_k_h, stride_q_h, hea
     """Scores [N] of the keys at element offsets ``key_offset`` [N] (from ``k_ptr``, one KV head
     ``stride_k_h`` after another): max over the KV heads, their GROUP query heads and NPQ pooled
     queries (rows of ``q_ptr``) of <q, key turned by ``delta``> (ROPE). Keys not ``key_ok``
-    load as zeros; callers mask their scores."""
+    load as zeros; callers mask their scores. A rotate_half layout rotating a whole head of a
+    power-of-two size is turned by halves (``_max_over_heads_by_halves``)."""
+    if ROPE and LAYOUT == 1 and ROTARY_DIM == BLOCK_D:
+        return _max_over_heads_by_halves(k_ptr, q_ptr, key_offset, key_ok, stride_k_h,
+                                         stride_q_h, head_dim, delta, inv_freq_ptr, H_KV, GROUP,
+                                         NPQ, QROWS, BLOCK_D, FAST_TRIG, DOT_PRECISION)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < head_dim
     rows = tl.arange(0, QROWS)
@@ -76,6 +83,42 @@ def max_over_heads(k_ptr, q_ptr, key_offset, key_ok, stride_k_h, stride_q_h, hea
         queries = tl.load(q_head + q_row_offsets[:, None] + cols[None, :],
                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         dots = tl.dot(keys, tl.trans(queries), input_precision=DOT_PRECISION)  # [N, QROWS]
+        dots = tl.where(row_ok[None, :], dots, float("-inf"))
+        score = tl.maximum(score, tl.max(dots, 1))
+        k_head += stride_k_h
+        q_head += GROUP * stride_q_h
+    return score
+
+
+@triton.jit
+def _max_over_heads_by_halves(k_ptr, q_ptr, key_offset, key_ok, stride_k_h, stride_q_h,
+                              head_dim, delta, inv_freq_ptr, H_KV: tl.constexpr,
+                              GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
+                              BLOCK_D: tl.constexpr, FAST_TRIG: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr):
+    """``max_over_heads`` with the rotation of a rotate_half layout over the whole head: each
+    key is gathered as its two halves, which are each other's partners (``turn_halves``), and
+    scored as the sum of the halves' products; one cos/sin [N, D / 2] for all KV heads."""
+    HALF: tl.constexpr = BLOCK_D // 2
+    half_cols = tl.arange(0, HALF)
+    rows = tl.arange(0, QROWS)
+    row_ok = rows < GROUP * NPQ
+    q_rows = (rows // NPQ) * stride_q_h + (rows % NPQ) * head_dim
+    cos, sin = rotation_cos_sin(delta, tl.load(inv_freq_ptr + half_cols).to(tl.float32),
+                                FAST_TRIG)
+    score = tl.zeros_like(delta).to(tl.float32) + float("-inf")
+    k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
+    all_cols = half_cols < HALF
+    for _ in range(H_KV):
+        lo, hi = turn_halves(load_rows(k_head, key_offset, key_ok, 1, half_cols, all_cols),
+                             load_rows(k_head, key_offset, key_ok, 1, half_cols + HALF, all_cols),
+                             cos, sin)
+        q_lo = tl.load(q_head + q_rows[:, None] + half_cols[None, :], mask=row_ok[:, None],
+                       other=0.0)
+        q_hi = tl.load(q_head + q_rows[:, None] + HALF + half_cols[None, :],
+                       mask=row_ok[:, None], other=0.0)
+        dots = tl.dot(lo, tl.trans(q_lo), input_precision=DOT_PRECISION)  # [N, QROWS]
+        dots = tl.dot(hi, tl.trans(q_hi), dots, input_precision=DOT_PRECISION)
         dots = tl.where(row_ok[None, :], dots, float("-inf"))
         score = tl.maximum(score, tl.max(dots, 1))
         k_head += stride_k_h

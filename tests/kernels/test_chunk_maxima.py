@@ -8,16 +8,16 @@ from tests.helpers import assert_matches_reference
 from tests.kernels.conftest import DEVICE
 
 
-def _inputs(batch, heads, kv_heads, blocks, pooled, keys, chunk, dtype, seed):
+def _inputs(batch, heads, kv_heads, blocks, pooled, keys, chunk, dtype, seed, d=48, rotary=32):
+    """d 48 by default: not a power of two, padded columns."""
     gen = torch.Generator().manual_seed(seed)
-    d = 48  # not a power of two: padded columns
     q = torch.randn(batch, heads, blocks, pooled, d, generator=gen).to(DEVICE, dtype)
     k = torch.randn(batch, kv_heads, keys, d, generator=gen).to(DEVICE, dtype)
     first = torch.randint(0, chunk, (1,), generator=gen).item()  # starts off the chunk grid
     starts = torch.arange(first, keys, chunk, dtype=torch.int32).expand(batch, blocks, -1).clone()
     starts[..., 1] = -1  # an empty slot
     key_hi = torch.randint(keys // 2, keys + 1, (batch, blocks), generator=gen, dtype=torch.int32)
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary)
     return (q, k, starts.to(DEVICE), key_hi.to(DEVICE), (key_hi + 5).to(DEVICE),
             inv_freq.to(DEVICE))
 
@@ -47,6 +47,20 @@ def test_half_precision_and_interleaved_rope(layout):
               rope_layout=layout, window_tokens=0)
     out = score_chunk_maxima(q, k, starts, key_hi, pos, rope=True, **kw)
     assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, first_probes=64,
+                             **kw)
+
+
+@pytest.mark.parametrize("d,dtype", [(64, torch.float32), (128, torch.float16)])
+def test_rotation_of_whole_heads_by_halves(d, dtype):
+    """rotate_half over a whole power-of-two head: the kernel turns keys as two halves, each the
+    other's partner (``probe_scores._max_over_heads_by_halves``)."""
+    from ihip_compile.kernels.chunk_maxima import score_chunk_maxima
+
+    q, k, starts, key_hi, pos, inv = _inputs(1, 4, 2, 2, 2, 300, 32, dtype, d, d=d, rotary=d)
+    kw = dict(key_lo=3, chunk_size=32, rope_mode=1, inv_freq=inv, rotary_dim=d, rope_layout=1,
+              window_tokens=5)
+    out = score_chunk_maxima(q, k, starts, key_hi, pos, rope=True, **kw)
+    assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, first_probes=32,
                              **kw)
 
 
