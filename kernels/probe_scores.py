@@ -108,7 +108,7 @@ def _max_over_heads_by_halves(k_ptr, q_ptr, key_offset, key_ok, stride_k_h, stri
                                 FAST_TRIG)
     score = tl.zeros_like(delta).to(tl.float32) + float("-inf")
     k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
-    all_cols = half_cols < HALF
+    all_cols = half_cols < HALF  # every column is real here (head dim = BLOCK_D)
     for _ in range(H_KV):
         lo, hi = turn_halves(load_rows(k_head, key_offset, key_ok, 1, half_cols, all_cols),
                              load_rows(k_head, key_offset, key_ok, 1, half_cols + HALF, all_cols),
