@@ -57,8 +57,9 @@ def max_over_heads(k_ptr, q_ptr, key_offset, key_ok, stride_k_h, stride_q_h, hea
     ``stride_k_h`` after another): max over the KV heads, their GROUP query heads and NPQ pooled
     queries (rows of ``q_ptr``) of <q, key turned by ``delta``> (ROPE). Keys not ``key_ok``
     load as zeros; callers mask their scores. A rotate_half layout rotating a whole head of a
-    power-of-two size is turned by halves (``_max_over_heads_by_halves``)."""
-    if ROPE and LAYOUT == 1 and ROTARY_DIM == BLOCK_D:
+    power-of-two size of at least 32 (halves wide enough for a tensor-core product) is turned by
+    halves (``_max_over_heads_by_halves``)."""
+    if ROPE and LAYOUT == 1 and ROTARY_DIM == BLOCK_D and BLOCK_D >= 32:
         return _max_over_heads_by_halves(k_ptr, q_ptr, key_offset, key_ok, stride_k_h,
                                          stride_q_h, head_dim, delta, inv_freq_ptr, H_KV, GROUP,
                                          NPQ, QROWS, BLOCK_D, FAST_TRIG, DOT_PRECISION)

@@ -34,11 +34,12 @@ def test_scores_match_reference_gqa(heads, kv_heads, dtype):
 
 @pytest.mark.parametrize("rope_mode", [1, 2])
 @pytest.mark.parametrize("chunk,first_probes", [(1, 8), (8, 8), (32, 2), (32, 8)])
-def test_scores_match_reference_with_pruning_rope(rope_mode, chunk, first_probes):
+@pytest.mark.parametrize("d", [16, 32])  # 16: halves too narrow for a tensor-core product
+def test_scores_match_reference_with_pruning_rope(rope_mode, chunk, first_probes, d):
     from ihip_compile.kernels.prune_stage import score_chunks
 
-    q, k, starts, key_hi, pos, inv = _inputs(4, 2, 1, 1, 131, chunk, torch.float32, chunk)
-    kw = dict(key_lo=5, chunk_size=chunk, rope_mode=rope_mode, inv_freq=inv, rotary_dim=32,
+    q, k, starts, key_hi, pos, inv = _inputs(4, 2, 1, 1, 131, chunk, torch.float32, chunk, d)
+    kw = dict(key_lo=5, chunk_size=chunk, rope_mode=rope_mode, inv_freq=inv, rotary_dim=d,
               rope_layout=1, window_tokens=7, first_probes=first_probes)
     out = score_chunks(q, k, starts, key_hi, pos, **kw)
     assert_matches_reference(out, score_chunks_ref, q, k, starts, key_hi, pos, **kw)
