@@ -30,6 +30,7 @@ def rewrite(gm, config: IHipConfig) -> PipelineResult:
         from ihip_compile.offload_graph import offload_cache_concats
 
         offload_cache_concats(result.gm, config)
+    result.cuda_graphs = _segment_decode_step(result.gm, config)
     compiled_graphs.append(result)
     if config.report_dir is not None:
         from ihip_compile.report import write_report
@@ -38,9 +39,22 @@ def rewrite(gm, config: IHipConfig) -> PipelineResult:
     return result
 
 
+def _segment_decode_step(gm, config: IHipConfig) -> str:
+    """Fold a CUDA decode graph's static stretches into CUDA-graph segments; says what it did."""
+    if not config.decode_cuda_graphs:
+        return "off (decode_cuda_graphs=False)"
+    from ihip_compile.cuda_graph_segment import segment_for_cuda_graphs
+
+    return segment_for_cuda_graphs(gm)
+
+
 def infinitehip(gm, example_inputs: list, options: Mapping[str, Any] | IHipConfig | None = None):
     config = IHipConfig.from_options(options)
     result = rewrite(gm, config)
+    if result.cuda_graphs.startswith("on"):
+        # A decode step is launch-bound: replayed segments remove the launches that Inductor's
+        # fusion would only reduce, and its GPU time is the weights' reads either way.
+        return result.gm.forward
     return capture.compile_with_inductor(result.gm, example_inputs)
 
 

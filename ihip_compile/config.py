@@ -102,6 +102,9 @@ class IHipConfig:
     selection_scope: str = "layer"
     # --- decode -------------------------------------------------------------------------------
     refresh_intervals: tuple[int, ...] = REFRESH_PRESETS["default"]
+    # Replay a CUDA decode step's static work (the model's own layers between attention calls)
+    # as CUDA graphs: a decode step is launch-bound (ihip_compile/cuda_graph_segment.py).
+    decode_cuda_graphs: bool = True
     # --- RoPE beyond the training window -------------------------------------------------------
     rope_remap: str = "auto"
     trained_context_tokens: int | None = None
@@ -128,6 +131,9 @@ class IHipConfig:
         _check_int(self, "selected_tokens", minimum=0)
         _check_int(self, "gpu_cache_tokens", minimum=1)
         _check_int(self, "exact_probe_query_blocks", minimum=0)
+        if not isinstance(self.decode_cuda_graphs, bool):
+            raise ValueError(f"decode_cuda_graphs must be true or false, got "
+                             f"{self.decode_cuda_graphs!r}")
         shared = self.first_stage_query_blocks
         if isinstance(shared, bool) or not isinstance(shared, int) or shared < 1 or \
                 shared & (shared - 1):

@@ -50,6 +50,8 @@ class PipelineResult:
     graph_after: str
     ops_before: Counter
     ops_after: Counter
+    # How a decode step's static work runs: CUDA-graph segments, or why not (the backend sets it)
+    cuda_graphs: str = "not considered"
 
 
 def op_name(node: fx.Node) -> str:

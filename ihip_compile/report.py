@@ -48,6 +48,7 @@ def report_data(result: PipelineResult, name: str) -> dict[str, Any]:
         "skips": [dataclasses.asdict(s) for s in result.context.skips],
         "passes": [dataclasses.asdict(r) for r in result.records],
         "removed_nodes": result.context.removed_nodes,
+        "cuda_graphs": result.cuda_graphs,
         "op_counts": {op: [result.ops_before[op], result.ops_after[op]] for op in ops},
         "config": config,
         "diff": diff,
@@ -84,6 +85,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                ["op", "before", "after"]),
         "",
         f"Removed as dead code: {len(data['removed_nodes'])} nodes.",
+        "",
+        f"Decode CUDA graphs: {data['cuda_graphs']}.",
         "",
         "## Configuration",
         "",
@@ -126,4 +129,5 @@ def summary_line(result: PipelineResult) -> str:
     layers = sorted(r.layer for r in c.rewrites)
     text = f"{len(c.rewrites)} attention sites rewritten (layers {layers}), {len(c.skips)} dense"
     reasons = sorted({s.reason for s in c.skips})
-    return text + (": " + "; ".join(reasons) if reasons else "")
+    text += ": " + "; ".join(reasons) if reasons else ""
+    return f"{text}; decode CUDA graphs: {result.cuda_graphs}"

@@ -22,7 +22,7 @@ from ihip_compile.passes.sites import PassContext
 def remove_dead_code(gm: fx.GraphModule, context: PassContext) -> PassResult:
     removed = []
     for node in reversed(list(gm.graph.nodes)):
-        if node.users or not _is_removable(node):
+        if node.users or not is_removable(node):
             continue
         removed.append(node.name)
         gm.graph.erase_node(node)
@@ -41,7 +41,7 @@ _INPLACE_OPERATORS = frozenset({
 })
 
 
-def _is_removable(node: fx.Node) -> bool:
+def is_removable(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method"):
         return False
     if getattr(node.target, "__module__", None) in ("_operator", "operator"):

@@ -1,0 +1,141 @@
+"""Run one static segment of a decode graph as a CUDA graph (``passes/segment_decode_graph``).
+
+Call 1 runs the segment eagerly and notes where its inputs live. Call 2 captures it: inputs that
+keep their memory from call to call (parameters, buffers, the outputs of other segments) are read
+in place; the others are copied at each call into buffers the graph owns. Later calls copy those
+inputs and replay. An input read in place that has moved since the capture is staged from then on
+(one more capture); a capture that fails leaves the segment eager, with a warning that says why.
+
+A replay writes the segment's outputs into the same tensors every time: each is bumped in
+version (caches keyed on a tensor's version see new contents), and the segmenting pass hands the
+graph's caller clones, never these tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ihip_compile.passes.segment_decode_graph import decode_graph_problem, segment_decode_graph
+
+log = logging.getLogger(__name__)
+
+
+def segment_for_cuda_graphs(gm: fx.GraphModule) -> str:
+    """Segment ``gm`` in place when it is a CUDA decode graph; returns what was done, starting
+    with "on" when segments were made, or why not."""
+    problem = decode_graph_problem(gm, "cuda")
+    if problem is not None:
+        return f"not used: {problem}"
+    capturer, in_place = CudaGraphCapture(), set()
+    plan = segment_decode_graph(gm, "cuda", lambda m: GraphedSegment(m, capturer, in_place))
+    if not plan.segments:
+        return f"not used: no static stretch ({plan.summary()})"
+    return f"on: {plan.summary()}"
+
+
+class CudaGraphCapture:
+    """Capture and replay through ``torch.cuda.CUDAGraph``, all segments of one compiled graph
+    sharing a memory pool (they replay in the order they were captured, on one stream)."""
+
+    def __init__(self):
+        self.pool = None
+
+    def capture(self, run: Callable[[], tuple]) -> tuple[Callable[[], None], tuple]:
+        """Warm ``run`` up on a side stream, capture it; returns ``(replay, outputs)``."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()  # first use on this stream: lazy library state is set up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = run()
+        return graph.replay, outputs
+
+
+class GraphedSegment(torch.nn.Module):
+    """One segment: eager on its first call, then a captured graph (see the module docstring).
+
+    ``capturer`` captures (``CudaGraphCapture``; tests pass a stand-in), ``in_place`` is shared by
+    the segments of one graph: the addresses of their outputs, which later segments read in place.
+    """
+
+    def __init__(self, segment: torch.nn.Module, capturer: CudaGraphCapture,
+                 in_place: set[int]):
+        super().__init__()
+        self.segment = segment
+        self.capturer = capturer
+        self.in_place = in_place
+        self.calls = 0
+        self.first_addresses: list[int | None] = []
+        self.staged: set[int] = set()  # argument indices copied into graph-owned buffers
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.addresses: dict[int, int] = {}  # argument index -> address the graph reads
+        self.constants: dict[int, object] = {}  # non-tensor arguments the capture saw
+        self.replay: Callable[[], None] | None = None
+        self.outputs: tuple = ()
+        self.failure: str | None = None
+        self.captures = 0
+
+    def forward(self, *args):
+        self.calls += 1
+        if self.failure is not None:
+            return self.segment(*args)
+        if self.replay is None:
+            if self.calls == 1:
+                self.first_addresses = [_address(a) for a in args]
+                return self.segment(*args)
+            return self._capture(args)
+        moved = [i for i, a in self.addresses.items() if _address(args[i]) != a]
+        if moved or any(args[i] != c for i, c in self.constants.items()):
+            self.staged.update(moved)
+            return self._capture(args)
+        for i, buffer in self.buffers.items():
+            buffer.copy_(args[i])
+        self.replay()
+        for t in self.outputs:
+            torch.autograd.graph.increment_version(t)
+        return self.outputs
+
+    def _capture(self, args) -> tuple:
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and not self._read_in_place(i, a):
+                self.staged.add(i)
+        self.buffers = {i: args[i].clone() for i in sorted(self.staged)}
+        inputs = [self.buffers.get(i, a) for i, a in enumerate(args)]
+        self.addresses = {i: _address(a) for i, a in enumerate(args)
+                          if isinstance(a, torch.Tensor) and i not in self.staged}
+        self.constants = {i: a for i, a in enumerate(args) if not isinstance(a, torch.Tensor)}
+        try:
+            replay, outputs = self.capturer.capture(lambda: tuple(self.segment(*inputs)))
+        except Exception as error:  # the segment keeps working, eagerly; never silently
+            self.failure = f"{type(error).__name__}: {error}"
+            self.replay, self.buffers, self.addresses = None, {}, {}
+            log.warning("infinitehip: a decode segment stays eager, its capture failed: %s",
+                        self.failure)
+            return self.segment(*args)
+        self.replay, self.outputs = replay, outputs
+        self.captures += 1
+        self.in_place.update(_address(t) for t in outputs)
+        replay()  # the capture only recorded the work: run it for this call
+        return outputs
+
+    def _read_in_place(self, index: int, arg: torch.Tensor) -> bool:
+        if index in self.staged:
+            return False
+        if isinstance(arg, torch.nn.Parameter) or _address(arg) in self.in_place:
+            return True
+        first = self.first_addresses[index] if index < len(self.first_addresses) else None
+        return first == _address(arg)
+
+
+def _address(value) -> int | None:
+    if not isinstance(value, torch.Tensor):
+        return None
+    return value.data_ptr()

@@ -1,0 +1,66 @@
+"""Decode steps with CUDA-graph segments on a GPU: the same tokens as without them."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from ihip_compile import backend as ihip_backend
+from ihip_compile.offload import OffloadedCache
+from tests.models import tiny_hf
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+OPTIONS = {"dense_below_tokens": 32, "sink_tokens": 8, "sliding_window_tokens": 16,
+           "selected_tokens": 16, "stages": [[16, 64], [8, 32]], "refresh_intervals": [4, 2]}
+
+
+def _model():
+    return tiny_hf.build("llama").cuda()
+
+
+def _cache(kind, model, tokens):
+    if kind == "offloaded":
+        return OffloadedCache(model.config, max_cache_tokens=tokens, gpu_cache_tokens=32)
+    return DynamicCache(config=model.config)
+
+
+def _generate(model, graphs: bool, kind: str, new=20):
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend=ihip_backend.backend(
+        {**OPTIONS, "decode_cuda_graphs": graphs}))
+    try:
+        ids = torch.randint(3, tiny_hf.VOCAB, (1, 48), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(5))
+        out = model.generate(ids, past_key_values=_cache(kind, model, 48 + new + 1),
+                             max_new_tokens=new, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    finally:
+        del model.forward
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("kind", ["offloaded", "dynamic"])
+def test_generate_with_decode_graphs_matches_without(kind):
+    model = _model()
+    tokens, logits = _generate(model, False, kind)
+    ihip_backend.compiled_graphs.clear()
+    got_tokens, got_logits = _generate(model, True, kind)
+    assert torch.equal(got_tokens, tokens)
+    torch.testing.assert_close(got_logits, logits, rtol=1e-4, atol=1e-4)
+    states = [g.cuda_graphs for g in ihip_backend.compiled_graphs]
+    assert any(s.startswith("on:") for s in states), states
+
+
+def test_decode_graphs_replay_between_calls():
+    model = _model()
+    compiled = torch.compile(model, backend=ihip_backend.backend(OPTIONS))
+    cache = OffloadedCache(model.config, max_cache_tokens=64, gpu_cache_tokens=32)
+    ids = torch.randint(3, tiny_hf.VOCAB, (1, 40), device="cuda")
+    with torch.no_grad():
+        token = compiled(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(8):
+            token = compiled(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    decode = [g for g in ihip_backend.compiled_graphs if g.cuda_graphs.startswith("on:")][-1]
+    segments = [m for name, m in decode.gm.named_children() if name.startswith("cuda_graph_")]
+    assert segments and all(s.failure is None for s in segments)
+    assert all(s.captures >= 1 and s.calls >= 5 for s in segments)

@@ -1,0 +1,182 @@
+"""Decode graphs folded into CUDA-graph segments: same tokens, nothing per-step inside a segment.
+
+On the CPU the segments are made for device "cpu" and "captured" by ``RerunCapture``, which
+replays by running the segment again on the inputs it was captured with and writing into the
+outputs it returned, as a CUDA graph does; the real capture is tested on a GPU in
+tests/e2e/test_decode_cuda_graphs.py.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from ihip_compile import backend as ihip_backend
+from ihip_compile.config import IHipConfig
+from ihip_compile.cuda_graph_segment import GraphedSegment
+from ihip_compile.offload import OffloadedCache
+from ihip_compile.passes.segment_decode_graph import (
+    SEGMENT_PREFIX, decode_graph_problem, eager_reason, segment_decode_graph,
+)
+from tests.models import tiny_hf
+
+OPTIONS = {"dense_below_tokens": 32, "sink_tokens": 8, "sliding_window_tokens": 16,
+           "selected_tokens": 16, "stages": [[16, 64], [8, 32]], "refresh_intervals": [4, 2]}
+
+
+class RerunCapture:
+    """Stand-in for ``CudaGraphCapture`` on the CPU (see the module docstring)."""
+
+    def __init__(self):
+        self.captures = 0
+
+    def capture(self, run):
+        self.captures += 1
+        outputs = run()
+
+        def replay():
+            for out, new in zip(outputs, run()):
+                out.copy_(new)
+
+        return replay, outputs
+
+
+def _segmenting_backend(capture, plans):
+    config = IHipConfig.from_options(OPTIONS)
+
+    def compile_graph(gm, example_inputs):
+        gm = ihip_backend.rewrite(gm, config).gm
+        if decode_graph_problem(gm, "cpu") is None:
+            in_place = set()
+            plans.append(segment_decode_graph(
+                gm, "cpu", lambda m: GraphedSegment(m, capture, in_place)))
+        return gm.forward
+
+    return compile_graph
+
+
+def _decode(model, compiled, steps=14, prompt=40):
+    ids = torch.randint(3, tiny_hf.VOCAB, (1, prompt), generator=torch.Generator().manual_seed(3))
+    cache = OffloadedCache(model.config, max_cache_tokens=prompt + steps + 1, gpu_cache_tokens=32)
+    logits = []
+    with torch.no_grad():
+        out = compiled(input_ids=ids, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = compiled(input_ids=token, past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            token = out.logits[:, -1:].argmax(-1)
+    return torch.cat(logits, dim=1)
+
+
+def test_segmented_decode_gives_the_same_logits_and_replays():
+    model = tiny_hf.build("llama")
+    want = _decode(model, torch.compile(model, backend=ihip_backend.backend(OPTIONS, eager=True)))
+    torch._dynamo.reset()
+    capture, plans = RerunCapture(), []
+    got = _decode(model, torch.compile(model, backend=_segmenting_backend(capture, plans)))
+    assert torch.equal(got, want)
+    assert plans and all(plan.segments for plan in plans)
+    assert capture.captures >= len(plans[-1].segments)
+    assert plans[-1].eager["ihip op"] == 2 * model.config.num_hidden_layers
+
+
+def test_segments_hold_no_ihip_op_and_no_symbolic_value():
+    model = tiny_hf.build("llama")
+    graphs = []
+
+    def keep(gm, example_inputs):
+        gm = ihip_backend.rewrite(gm, IHipConfig.from_options(OPTIONS)).gm
+        if decode_graph_problem(gm, "cpu") is None:
+            segment_decode_graph(gm, "cpu")
+            graphs.append(gm)
+        return gm.forward
+
+    _decode(model, torch.compile(model, backend=keep), steps=3)
+    assert graphs
+    segments = [m for name, m in graphs[-1].named_children() if name.startswith(SEGMENT_PREFIX)]
+    assert segments
+    for segment in segments:
+        for node in segment.graph.nodes:
+            if node.op in ("call_function", "call_method"):
+                assert eager_reason(node, "cpu") is None, node.format_node()
+
+
+def test_prefill_graphs_are_not_segmented():
+    model = tiny_hf.build("llama")
+    problems = []
+
+    def keep(gm, example_inputs):
+        gm = ihip_backend.rewrite(gm, IHipConfig.from_options(OPTIONS)).gm
+        problems.append(decode_graph_problem(gm, "cpu"))
+        return gm.forward
+
+    ids = torch.randint(3, tiny_hf.VOCAB, (1, 40))
+    cache = OffloadedCache(model.config, max_cache_tokens=48)
+    with torch.no_grad():
+        torch.compile(model, backend=keep)(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert problems == ["not a decode step (query length is not one)"]
+
+
+class _Double(torch.nn.Module):
+    def forward(self, x, w):
+        return (x * w + 1,)
+
+
+def _graphed():
+    capture = RerunCapture()
+    return GraphedSegment(_Double(), capture, set()), capture
+
+
+def test_a_new_input_each_call_is_staged_and_parameters_are_read_in_place():
+    segment, capture = _graphed()
+    w = torch.nn.Parameter(torch.full((3,), 2.0), requires_grad=False)
+    for step in range(5):
+        x = torch.full((3,), float(step))
+        (out,) = segment(x, w)
+        assert torch.equal(out, x * 2 + 1)
+    assert capture.captures == 1 and segment.staged == {0}
+
+
+def test_an_input_read_in_place_that_moves_is_staged_and_captured_again():
+    segment, capture = _graphed()
+    x = torch.ones(3)
+    w = torch.full((3,), 2.0)  # a buffer: the same tensor at calls 1 and 2
+    segment(x, w)
+    segment(x.clone(), w)
+    moved = torch.full((3,), 5.0)
+    (out,) = segment(torch.ones(3), moved)
+    assert torch.equal(out, torch.full((3,), 6.0))
+    assert capture.captures == 2 and segment.staged == {0, 1}
+
+
+def test_replayed_outputs_change_version():
+    segment, _ = _graphed()
+    w = torch.full((3,), 2.0)
+    segment(torch.ones(3), w)
+    (first,) = segment(torch.ones(3), w)
+    version = first._version
+    (again,) = segment(torch.zeros(3), w)
+    assert again is first and again._version > version
+
+
+def test_a_failed_capture_leaves_the_segment_eager_and_says_why(caplog):
+    class Failing:
+        def capture(self, run):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    segment = GraphedSegment(_Double(), Failing(), set())
+    w = torch.full((3,), 2.0)
+    segment(torch.ones(3), w)
+    with caplog.at_level(logging.WARNING):
+        (out,) = segment(torch.ones(3), w)
+    assert torch.equal(out, torch.full((3,), 3.0))
+    assert "not permitted" in segment.failure and "stays eager" in caplog.text
+    (out,) = segment(torch.zeros(3), w)
+    assert torch.equal(out, torch.ones(3))
+
+
+@pytest.mark.parametrize("value", [1, "yes"])
+def test_decode_cuda_graphs_option_must_be_a_bool(value):
+    with pytest.raises(ValueError, match="decode_cuda_graphs must be true or false"):
+        IHipConfig(decode_cuda_graphs=value)
