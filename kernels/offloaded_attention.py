@@ -174,7 +174,13 @@ def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, value
     b = keys.shape[0]
 
     def fill(blocks: torch.Tensor, window: int, through: str = "host"):
-        first, last = torch.stack([q_positions.min(), q_positions.max()]).tolist()  # one sync
+        if q_positions.shape[-1] == 1:
+            # A decode query is the newest key, just appended (no padding on the sparse path).
+            # Knowing it spares a device sync per layer, which would stop the host from queueing
+            # the next layers' work while the GPU runs this one.
+            first = last = s_k - 1
+        else:
+            first, last = torch.stack([q_positions.min(), q_positions.max()]).tolist()  # a sync
         sink = min(sink_tokens, s_k)
         win_lo = max(sink, first - window + 1)
 
