@@ -6,7 +6,8 @@ in place; the others are copied at each call into buffers the graph owns. Later 
 inputs and replay. An input read in place that has moved since the capture is staged from then on
 (one more capture); a capture that fails leaves the segment eager, with a warning that says why.
 
-A replay writes the segment's outputs into the same tensors every time: each is bumped in
+With gradients enabled (training, or a forward outside ``torch.no_grad``) segments run eagerly:
+a replay records no autograd history. A replay writes the segment's outputs into the same tensors every time: each is bumped in
 version (caches keyed on a tensor's version see new contents), and the segmenting pass hands the
 graph's caller clones, never these tensors.
 """
@@ -44,18 +45,21 @@ class CudaGraphCapture:
     def __init__(self):
         self.pool = None
 
-    def capture(self, run: Callable[[], tuple]) -> tuple[Callable[[], None], tuple]:
-        """Warm ``run`` up on a side stream, capture it; returns ``(replay, outputs)``."""
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()  # first use on this stream: lazy library state is set up outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            outputs = run()
+    def capture(self, run: Callable[[], tuple], device: torch.device
+                ) -> tuple[Callable[[], None], tuple]:
+        """Warm ``run`` up on a side stream of ``device``, capture it; returns
+        ``(replay, outputs)``."""
+        with torch.cuda.device(device):
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run()  # first use on this stream: lazy library state is set up outside capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = run()
         return graph.replay, outputs
 
 
@@ -87,6 +91,10 @@ class GraphedSegment(torch.nn.Module):
         self.calls += 1
         if self.failure is not None:
             return self.segment(*args)
+        if torch.is_grad_enabled():
+            # A replay records no autograd history: with gradients on, the segment runs eagerly.
+            _warn_once_about_gradients()
+            return self.segment(*args)
         if self.replay is None:
             if self.calls == 1:
                 self.first_addresses = [_address(a) for a in args]
@@ -113,7 +121,8 @@ class GraphedSegment(torch.nn.Module):
                           if isinstance(a, torch.Tensor) and i not in self.staged}
         self.constants = {i: a for i, a in enumerate(args) if not isinstance(a, torch.Tensor)}
         try:
-            replay, outputs = self.capturer.capture(lambda: tuple(self.segment(*inputs)))
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            replay, outputs = self.capturer.capture(lambda: tuple(self.segment(*inputs)), device)
         except Exception as error:  # the segment keeps working, eagerly; never silently
             self.failure = f"{type(error).__name__}: {error}"
             self.replay, self.buffers, self.addresses = None, {}, {}
@@ -133,6 +142,18 @@ class GraphedSegment(torch.nn.Module):
             return True
         first = self.first_addresses[index] if index < len(self.first_addresses) else None
         return first == _address(arg)
+
+
+_warned_about_gradients = False
+
+
+def _warn_once_about_gradients() -> None:
+    global _warned_about_gradients
+    if not _warned_about_gradients:
+        _warned_about_gradients = True
+        log.warning("infinitehip: decode CUDA graphs are not replayed while gradients are "
+                    "enabled; decode under torch.no_grad() or torch.inference_mode() (generate() "
+                    "does) to replay them")
 
 
 def _address(value) -> int | None:

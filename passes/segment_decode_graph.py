@@ -10,7 +10,7 @@ Emits     ``call_module`` nodes ``cuda_graph_segment_N``, each running one maxim
           capturable nodes (``wrap`` turns the extracted GraphModule into the runner, e.g.
           ``ihip_compile.cuda_graph_segment.GraphedSegment``); outputs of the graph that a
           segment produced are cloned (a replay overwrites the segment's outputs).
-Keeps     eager (``eager_reason``): ``ihip`` ops, nodes touching symbolic sizes or values (their
+Keeps     eager (``eager_reason``): ``ihip`` ops, collectives, nodes touching symbolic sizes or values (their
           result changes every step), in-place or impure nodes, anything not on ``device``,
           nodes without a recorded example value. Eager nodes move as early as their inputs
           allow, so that the static nodes between two attention calls form one segment.
@@ -67,6 +67,8 @@ def eager_reason(node: fx.Node, device_type: str = "cuda") -> str | None:
         return node.op
     if _is_ihip(node):
         return "ihip op"
+    if _is_collective(node):
+        return "collective"  # each rank's NCCL call stays where tensor parallelism put it
     if not is_removable(node):
         return "in-place or impure"
     inputs = [_example(a) for a in _flat_nodes((node.args, node.kwargs))]
@@ -183,6 +185,12 @@ def _fold(gm: fx.GraphModule, run: list[fx.Node], name: str, wrap) -> None:
 
 def _is_ihip(node: fx.Node) -> bool:
     return node.op == "call_function" and str(node.target).startswith("ihip.")
+
+
+def _is_collective(node: fx.Node) -> bool:
+    target = node.target
+    text = f"{getattr(target, '__module__', '') or ''}.{target}"
+    return "c10d" in text or "torch.distributed" in text
 
 
 def _example(value):

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from ihip_compile import backend as ihip_backend
+from ihip_compile import backend as ihip_backend, cuda_graph_segment
 from ihip_compile.config import IHipConfig
 from ihip_compile.cuda_graph_segment import GraphedSegment
 from ihip_compile.offload import OffloadedCache
@@ -30,7 +30,7 @@ class RerunCapture:
     def __init__(self):
         self.captures = 0
 
-    def capture(self, run):
+    def capture(self, run, device):
         self.captures += 1
         outputs = run()
 
@@ -128,6 +128,12 @@ def _graphed():
     return GraphedSegment(_Double(), capture, set()), capture
 
 
+@pytest.fixture(autouse=True)
+def _inference():
+    with torch.no_grad():
+        yield
+
+
 def test_a_new_input_each_call_is_staged_and_parameters_are_read_in_place():
     segment, capture = _graphed()
     w = torch.nn.Parameter(torch.full((3,), 2.0), requires_grad=False)
@@ -162,7 +168,7 @@ def test_replayed_outputs_change_version():
 
 def test_a_failed_capture_leaves_the_segment_eager_and_says_why(caplog):
     class Failing:
-        def capture(self, run):
+        def capture(self, run, device):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     segment = GraphedSegment(_Double(), Failing(), set())
@@ -174,6 +180,27 @@ def test_a_failed_capture_leaves_the_segment_eager_and_says_why(caplog):
     assert "not permitted" in segment.failure and "stays eager" in caplog.text
     (out,) = segment(torch.zeros(3), w)
     assert torch.equal(out, torch.ones(3))
+
+
+def test_with_gradients_on_a_segment_runs_eagerly_and_keeps_history(caplog, monkeypatch):
+    monkeypatch.setattr(cuda_graph_segment, "_warned_about_gradients", False)
+    segment, capture = _graphed()
+    w = torch.full((3,), 2.0, requires_grad=True)
+    with torch.enable_grad(), caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            (out,) = segment(torch.ones(3), w)
+            out.sum().backward()
+    assert capture.captures == 0 and torch.equal(w.grad, torch.full((3,), 3.0))
+    assert caplog.text.count("not replayed while gradients are enabled") == 1
+
+
+def test_collectives_stay_eager():
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["example_value"] = torch.ones(4)
+    reduced = graph.call_function(torch.ops._c10d_functional.all_reduce.default, (x, "sum", "0"))
+    reduced.meta["example_value"] = torch.ones(4)
+    assert eager_reason(reduced, "cpu") == "collective"
 
 
 @pytest.mark.parametrize("value", [1, "yes"])
