@@ -1,14 +1,18 @@
-"""Where the host time of a decode step goes: Python profiles of cached and refresh steps.
+"""Where the time of a decode step goes: profiles of cached and refresh steps.
 
     python scripts/decode_step_profile.py [--context 1048576] [--layers 4]
-        [--backend infinitehip_eager] [--cache offloaded|dynamic] [--out-dir DIR]
+        [--backend infinitehip_eager] [--cache offloaded|dynamic] [--profiler python|gpu]
+        [--out-dir DIR]
 
 The end-to-end benchmark's model (Llama-3.1-8B shapes, random weights, ``--layers`` layers)
 decodes one warm-up refresh cycle, then ``--cycles`` timed cycles; each step is timed (device
-synchronised) and profiled with ``cProfile``, then filed as cached (no pruning stage ran in any
-layer) or refresh. Writes ``steps.json`` (per-step ms and kind) and ``cached.txt`` /
-``refresh.txt`` (the functions with the most own time, then the most total time) under
-``--out-dir``. Runs on the CPU too (kernels' torch references: a different profile).
+synchronised), profiled, and filed as cached (no pruning stage ran in any layer) or refresh.
+``--profiler python``: ``cProfile`` (host time by function; it slows Python about twofold).
+``--profiler gpu``: ``torch.profiler`` with CUDA activity only, the GPU time of each step's
+kernels and copies (a step whose GPU time is far below its wall time is bound by the host).
+Writes ``steps.json`` (per-step ms, GPU ms, kind) and ``cached.txt`` / ``refresh.txt`` (the
+heaviest functions or kernels) under ``--out-dir``. ``python`` runs on the CPU too (kernels'
+torch references: a different profile).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 
 import torch
 
-from ihip_compile.bench.e2e import build_model, dense_cache, fill_cache
+from ihip_compile.bench.e2e import _sync, build_model, dense_cache, fill_cache
 from ihip_compile.config import IHipConfig
 from ihip_compile.kernels.decode_selection_cache import DENSE_PATH_STATES
 from ihip_compile.offload import OffloadedCache
@@ -38,6 +42,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--cache", default="offloaded", choices=["offloaded", "dynamic"])
     p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--options", default="{}", help="infinitehip options as JSON")
+    p.add_argument("--profiler", default="python", choices=["python", "gpu"])
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out-dir", default="decode-step-profile")
     return p.parse_args()
@@ -48,19 +53,72 @@ def _stage_runs(cache) -> int:
     return sum(sum(runs) for runs in states.stage_runs.values())
 
 
-def _stats_text(stats: pstats.Stats | None, top: int) -> str:
-    if stats is None:
-        return "no steps of this kind\n"
-    out = io.StringIO()
-    stats.stream = out
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return out.getvalue()
+class PythonProfile:
+    """cProfile per step, merged per kind."""
+
+    def __init__(self):
+        self.merged: dict[str, pstats.Stats] = {}
+
+    def step(self, run):
+        profile = cProfile.Profile()
+        profile.enable()
+        run()
+        profile.disable()
+        return profile, None
+
+    def file(self, kind: str, profile) -> None:
+        if kind in self.merged:
+            self.merged[kind].add(profile)
+        else:
+            self.merged[kind] = pstats.Stats(profile)
+
+    def text(self, kind: str, top: int) -> str:
+        if kind not in self.merged:
+            return "no steps of this kind\n"
+        out = io.StringIO()
+        stats = self.merged[kind]
+        stats.stream = out
+        stats.sort_stats("tottime").print_stats(top)
+        stats.sort_stats("cumulative").print_stats(top)
+        return out.getvalue()
+
+
+class GpuProfile:
+    """torch.profiler (CUDA activity) per step: GPU ms of the step, kernel totals per kind."""
+
+    def __init__(self):
+        self.kernels: dict[str, dict[str, list[float]]] = {}
+
+    def step(self, run):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+        rows = {e.key: [e.count, e.self_device_time_total / 1e3]
+                for e in prof.key_averages() if e.self_device_time_total > 0}
+        return rows, sum(ms for _, ms in rows.values())
+
+    def file(self, kind: str, rows) -> None:
+        totals = self.kernels.setdefault(kind, {})
+        for key, (count, ms) in rows.items():
+            total = totals.setdefault(key, [0, 0.0])
+            total[0] += count
+            total[1] += ms
+
+    def text(self, kind: str, top: int) -> str:
+        rows = sorted(self.kernels.get(kind, {}).items(), key=lambda r: -r[1][1])[:top]
+        if not rows:
+            return "no steps of this kind\n"
+        lines = [f"{'GPU ms (all steps)':>18}  {'calls':>6}  kernel"]
+        lines += [f"{ms:18.3f}  {count:6d}  {key[:120]}" for key, (count, ms) in rows]
+        return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     args = _parse()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.profiler == "gpu" and device.type != "cuda":
+        raise SystemExit("scripts/decode_step_profile.py --profiler gpu needs a CUDA GPU")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = IHipConfig.from_options(json.loads(args.options))
     model = build_model(args.layers, device, dtype, tiny=False)
@@ -73,36 +131,40 @@ def main() -> None:
     else:
         cache = dense_cache(model, args.context, device, dtype)
     token = torch.randint(3, model.config.vocab_size, (1, 1), device=device)
-    steps, merged = [], {"cached": None, "refresh": None}
+    profiler = PythonProfile() if args.profiler == "python" else GpuProfile()
+    steps = []
     with torch.no_grad():
         for i in range(cycle + 1 + args.cycles * cycle):
             runs = _stage_runs(cache)
-            profile = cProfile.Profile()
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            outputs = []
+
+            def run():
+                outputs.append(ours(input_ids=token, past_key_values=cache, use_cache=True,
+                                    logits_to_keep=1))
+                _sync(device)
+
+            _sync(device)
             t0 = time.perf_counter()
-            profile.enable()
-            out = ours(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize() if device.type == "cuda" else None
-            profile.disable()
+            profile, gpu_ms = profiler.step(run)
             ms = 1e3 * (time.perf_counter() - t0)
+            token = outputs[0].logits[:, -1:].argmax(-1)
             if i <= cycle:
                 continue  # warm-up: compilation and the first selection
             kind = "refresh" if _stage_runs(cache) != runs else "cached"
-            steps.append({"ms": ms, "kind": kind})
-            if merged[kind] is None:
-                merged[kind] = pstats.Stats(profile)
-            else:
-                merged[kind].add(profile)
+            steps.append({"ms": ms, "gpu_ms": gpu_ms, "kind": kind})
+            profiler.file(kind, profile)
     os.makedirs(args.out_dir, exist_ok=True)
     summary = {"context": args.context, "layers": args.layers, "backend": args.backend,
-               "cache": args.cache, "device": str(device), "torch": torch.__version__,
-               "steps": steps}
-    for kind in merged:
-        times = [s["ms"] for s in steps if s["kind"] == kind]
-        summary[f"{kind}_mean_ms"] = sum(times) / len(times) if times else None
+               "cache": args.cache, "profiler": args.profiler, "device": str(device),
+               "torch": torch.__version__, "steps": steps}
+    for kind in ("cached", "refresh"):
+        of_kind = [s for s in steps if s["kind"] == kind]
+        summary[f"{kind}_mean_ms"] = (sum(s["ms"] for s in of_kind) / len(of_kind)
+                                      if of_kind else None)
+        if args.profiler == "gpu" and of_kind:
+            summary[f"{kind}_mean_gpu_ms"] = sum(s["gpu_ms"] for s in of_kind) / len(of_kind)
         with open(os.path.join(args.out_dir, f"{kind}.txt"), "w") as f:
-            f.write(_stats_text(merged[kind], args.top))
+            f.write(profiler.text(kind, args.top))
     summary["mean_ms"] = sum(s["ms"] for s in steps) / len(steps)
     with open(os.path.join(args.out_dir, "steps.json"), "w") as f:
         json.dump(summary, f, indent=1)
