@@ -8,8 +8,9 @@ Arguments are plain tensors and scalars: the kernels never see the config object
 
 The sparse path (``sparse_attention.sparse_attention``; Triton on CUDA, the torch references on
 CPU) does not model padding or a model's own sliding window: calls whose ``kv_valid`` hides a key
-or with ``model_window > 0`` take the exact dense path, as do value head dims other than q's and dtypes
-the kernels lack (fp64 on CUDA). RoPE is remapped (StreamingLLM renumbering in the attention,
+(other than the unused slots at the end of a static cache, which are cut off: the call then
+attends a cache of that many keys) or with ``model_window > 0`` take the exact dense path, as
+do value head dims other than q's and dtypes the kernels lack (fp64 on CUDA). RoPE is remapped (StreamingLLM renumbering in the attention,
 ``pruning_rope`` positions in the pruning) when ``remap_beyond_tokens >= 0`` and
 S_K > remap_beyond_tokens, and only when ``rope_layout`` and ``inv_freq`` describe the model's RoPE.
 """
@@ -25,7 +26,7 @@ from ihip_compile.kernels.sparse_attention import (
 from ihip_compile.kernels.decode_selection_cache import DENSE_PATH_STATES, cached_sparse_decode
 from ihip_compile.kernels.kv_store import is_offload_proxy
 from ihip_compile.kernels.offloaded_attention import offloaded_attention
-from ihip_compile.kernels.padding_check import hides_nothing
+from ihip_compile.kernels.padding_check import hides_nothing, valid_prefix
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
 
 _ATTENTION_SCHEMA = (
@@ -72,6 +73,10 @@ def _attention(
             sparse_path=lambda *inputs: _takes_sparse_path(*inputs, model_window,
                                                            dense_below_tokens), **scalars,
         )
+    if kv_valid is not None and model_window == 0 and k.shape[-2] >= dense_below_tokens:
+        length = valid_prefix(kv_valid)  # a device sync, once per mask tensor
+        if length is not None:  # a static cache's unused slots: attend a cache of L keys
+            k, v, kv_valid = k[:, :, :length], v[:, :, :length], None
     if q.shape[-2] > 1:
         # A prefill starts a sequence: its first decode step must not continue a selection of
         # the previous one (whose first key, a BOS token, may well be the same).
