@@ -11,7 +11,9 @@ Random weights (speed and memory only, never accuracy), bf16, batch 1, Llama-3.1
              ``DynamicCache`` on the GPU. Both caches hold the same random K/V (written directly:
              K/V contents only steer which blocks are selected, not the speed). Also ours over
              that ``DynamicCache`` (``ours_gpu_kv``: the KV on the GPU, for contexts that fit
-             there), same model and cycles.
+             there), same model and cycles; and ours and dense over transformers'
+             ``StaticCache`` (``ours_static_kv``, ``dense_static_kv``: no concatenation per
+             step; each step passes the 2-D mask of the slots in use).
   ttft       time to first token of a ``--ttft-context`` prompt: ours runs the whole chunked
              prefill; dense is timed on single chunks at a few positions and integrated over
              the prompt (an estimate, labelled as such; the per-chunk rates are in the JSON).
@@ -94,10 +96,38 @@ def dense_cache(model, context, device, dtype):
     return cache
 
 
+def static_cache(model, context, room, device, dtype):
+    """transformers' ``StaticCache`` with ``context + room`` slots, its first ``context`` holding
+    the K/V ``dense_cache`` writes."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=context + room)
+    heads, dim = kv_shape(model)
+    for layer in range(model.config.num_hidden_layers):
+        g = torch.Generator(device=device).manual_seed(1 + 1000 * layer)
+        k = torch.randn(1, heads, context, dim, generator=g, device=device, dtype=dtype)
+        cache.update(k, torch.randn_like(k), layer)
+    return cache
+
+
+class GrowingMask:
+    """Decode-step inputs over a ``StaticCache`` holding ``tokens``: the 2-D attention mask of
+    the slots in use, one more at each step (the model hides the unused slots through it)."""
+
+    def __init__(self, tokens: int, device):
+        self.tokens, self.device = tokens, device
+
+    def __call__(self) -> dict:
+        self.tokens += 1
+        return {"attention_mask": torch.ones(1, self.tokens, dtype=torch.long,
+                                             device=self.device)}
+
+
 def time_decode(forward, cache, steps: int, warmup: int, device, vocab: int,
-                after_step=lambda: None) -> dict:
+                after_step=lambda: None, step_inputs=dict) -> dict:
     """Mean ms per decode step over ``steps`` steps after ``warmup`` (greedy, logits of 1);
-    ``after_step()`` runs after each timed step, outside the timing."""
+    ``after_step()`` runs after each timed step, outside the timing; ``step_inputs()`` gives
+    each step's further model inputs (``GrowingMask``)."""
     token = torch.randint(3, vocab, (1, 1), device=device)
     times = []
     with torch.no_grad():
@@ -105,7 +135,7 @@ def time_decode(forward, cache, steps: int, warmup: int, device, vocab: int,
             _sync(device)
             t0 = time.perf_counter()
             out = forward(input_ids=token, past_key_values=cache, use_cache=True,
-                          logits_to_keep=1)
+                          logits_to_keep=1, **step_inputs())
             token = out.logits[:, -1:].argmax(-1)
             _sync(device)
             if i >= warmup:
@@ -190,54 +220,73 @@ def decode_section(args, model, ours, device, dtype, on_row=lambda rows: None) -
             release_scratch()
         except Exception as e:  # recorded, never hidden: the command exits non-zero
             row["ours_error"] = _error(e)
-        row.update(_ours_gpu_kv_decode(args, model, ours, context, device, dtype))
-        row.update(_dense_decode(args, model, context, device, dtype))
-        for name, key in (("ours", "speedup"), ("ours_gpu_kv", "speedup_gpu_kv")):
+        for static in (False, True):
+            row.update(_ours_gpu_kv_decode(args, model, ours, context, device, dtype, static))
+            row.update(_dense_decode(args, model, context, device, dtype, static))
+        for name, key in (("ours", "speedup"), ("ours_gpu_kv", "speedup_gpu_kv"),
+                          ("ours_static_kv", "speedup_static_kv")):
             if name in row and "dense" in row:
                 row[key] = row["dense"]["ms_per_token"] / row[name]["ms_per_token"]
+        if "ours_static_kv" in row and "dense_static_kv" in row:
+            row["speedup_static_kv_vs_dense_static"] = (
+                row["dense_static_kv"]["ms_per_token"] / row["ours_static_kv"]["ms_per_token"])
         rows.append(row)
         _log(row)
         on_row(rows)  # partial results survive a run cut short
     return rows
 
 
-def _ours_gpu_kv_decode(args, model, ours, context, device, dtype) -> dict:
-    """Ours with the KV in GPU memory (transformers' ``DynamicCache``, as a prompt that fits
-    there runs without ``OffloadedCache``): one refresh cycle of warm-up, one timed."""
+def _ours_gpu_kv_decode(args, model, ours, context, device, dtype, static=False) -> dict:
+    """Ours with the KV in GPU memory: transformers' ``DynamicCache`` (as a prompt that fits
+    there runs without ``OffloadedCache``), or with ``static`` its ``StaticCache`` (no
+    concatenation per step): one refresh cycle of warm-up, one timed."""
     cycle = max(args.refresh)
+    name = "ours_static_kv" if static else "ours_gpu_kv"
     try:
-        cache = dense_cache(model, context, device, dtype)
-        time_decode(ours, cache, 1, cycle, device, model.config.vocab_size)
-        out = {"ours_gpu_kv": time_decode(ours, cache, cycle, 0, device,
-                                          model.config.vocab_size)}
+        cache, inputs = _gpu_cache(model, context, 2 * cycle + 2, device, dtype, static)
+        time_decode(ours, cache, 1, cycle, device, model.config.vocab_size, step_inputs=inputs)
+        out = {name: time_decode(ours, cache, cycle, 0, device, model.config.vocab_size,
+                                 step_inputs=inputs)}
         del cache
     except torch.OutOfMemoryError as e:
-        out = {"ours_gpu_kv_error": f"out of GPU memory: {str(e).splitlines()[0]}"}
+        out = {f"{name}_error": f"out of GPU memory: {str(e).splitlines()[0]}"}
     except Exception as e:
-        out = {"ours_gpu_kv_error": _error(e)}
+        out = {f"{name}_error": _error(e)}
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
 
-def _dense_decode(args, model, context, device, dtype) -> dict:
-    out = {}
+def _gpu_cache(model, context, room, device, dtype, static):
+    """A GPU cache holding ``context`` tokens and the per-step inputs it needs."""
+    if static:
+        return static_cache(model, context, room, device, dtype), GrowingMask(context, device)
+    return dense_cache(model, context, device, dtype), dict
+
+
+def _dense_decode(args, model, context, device, dtype, static=False) -> dict:
+    """The uncompiled model over a ``DynamicCache`` (``dense``) or a ``StaticCache``
+    (``dense_static_kv``: attention over every slot, the unused ones masked)."""
+    name, out = ("dense_static_kv" if static else "dense"), {}
     try:
-        cache = dense_cache(model, context, device, dtype)
-        out["dense_kv_bytes"] = sum(t.numel() * t.element_size() for layer in cache.layers
-                                    for t in (layer.keys, layer.values))
-        out["dense_by_sdpa"] = {
-            name: _with_cudnn_sdpa(enabled, lambda: time_decode(
-                model, cache, args.dense_steps, 2, device, model.config.vocab_size))
-            for name, enabled in _dense_sdpa_settings(device)
-        }
+        room = 2 * (args.dense_steps + 2) + 2  # both SDPA settings decode into the one cache
+        cache, inputs = _gpu_cache(model, context, room, device, dtype, static)
+        out[f"{name}_kv_bytes"] = sum(t.numel() * t.element_size() for layer in cache.layers
+                                      for t in (layer.keys, layer.values))
+
+        def run():
+            return time_decode(model, cache, args.dense_steps, 2, device,
+                               model.config.vocab_size, step_inputs=inputs)
+
+        out[f"{name}_by_sdpa"] = {setting: _with_cudnn_sdpa(enabled, run)
+                                  for setting, enabled in _dense_sdpa_settings(device)}
         # The baseline is the faster setting: a user can switch cuDNN's SDPA off.
-        out["dense"] = min(out["dense_by_sdpa"].values(), key=lambda r: r["ms_per_token"])
-        del cache
+        out[name] = min(out[f"{name}_by_sdpa"].values(), key=lambda r: r["ms_per_token"])
+        cache = None  # released before the allocator's cache is emptied
     except torch.OutOfMemoryError as e:
-        out["dense_error"] = f"out of GPU memory: {str(e).splitlines()[0]}"
+        out[f"{name}_error"] = f"out of GPU memory: {str(e).splitlines()[0]}"
     except Exception as e:
-        out["dense_error"] = _error(e)
+        out[f"{name}_error"] = _error(e)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -502,7 +551,8 @@ def main(argv: list[str]) -> int:
         result[f"{name}_wall_s"] = time.perf_counter() - t0
         _write(args.out, result)
     failed = failed or any(key in r for r in result.get("decode", []) if isinstance(r, dict)
-                           for key in ("ours_error", "ours_gpu_kv_error", "dense_error"))
+                           for key in ("ours_error", "ours_gpu_kv_error", "dense_error",
+                                       "ours_static_kv_error", "dense_static_kv_error"))
     return 1 if failed else 0
 
 
@@ -524,17 +574,20 @@ def markdown(result: dict) -> str:
         ours, dense = r.get("ours", {}), r.get("dense", {})
         hit = r.get("hit_ratio", {})
         between = r.get("between_refreshes", {})
+        error = next((r[k] for k in r if k.endswith("_error")), "")
         rows.append([r["context"], ours.get("tokens_per_s"),
-                     r.get("ours_gpu_kv", {}).get("tokens_per_s"), dense.get("tokens_per_s"),
-                     r.get("speedup"), r.get("speedup_gpu_kv"), hit.get("attention"),
-                     hit.get("pruning"), between.get("attention_hit_ratio"),
-                     r.get("ours_error") or r.get("ours_gpu_kv_error") or r.get("dense_error")
-                     or ""])
+                     r.get("ours_gpu_kv", {}).get("tokens_per_s"),
+                     r.get("ours_static_kv", {}).get("tokens_per_s"), dense.get("tokens_per_s"),
+                     r.get("dense_static_kv", {}).get("tokens_per_s"), r.get("speedup"),
+                     r.get("speedup_gpu_kv"), r.get("speedup_static_kv"), hit.get("attention"),
+                     hit.get("pruning"), between.get("attention_hit_ratio"), error])
     if rows:
         lines += ["## Decode", "", tabulate(rows, headers=[
             "context", "ours tok/s (KV in host memory)", "ours tok/s (KV on the GPU)",
-            "dense tok/s", "speedup", "speedup, KV on the GPU", "hit attention", "hit pruning",
-            "hit attention between refreshes", "error"], tablefmt="github", floatfmt=".3g"), ""]
+            "ours tok/s (static cache on the GPU)", "dense tok/s", "dense tok/s (static cache)",
+            "speedup", "speedup, KV on the GPU", "speedup, static cache", "hit attention",
+            "hit pruning", "hit attention between refreshes", "error"], tablefmt="github",
+            floatfmt=".3g"), ""]
     for name in ("ttft", "capacity", "passkey"):
         if name in result:
             lines += [f"## {name}", "", "```json", json.dumps(result[name], indent=2,

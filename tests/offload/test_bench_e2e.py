@@ -19,6 +19,8 @@ def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     (row,) = result["decode"]
     assert row["ours"]["tokens_per_s"] > 0 and row["dense"]["tokens_per_s"] > 0
     assert row["ours_gpu_kv"]["tokens_per_s"] > 0 and row["speedup_gpu_kv"] > 0
+    assert row["ours_static_kv"]["tokens_per_s"] > 0 and row["speedup_static_kv"] > 0
+    assert row["dense_static_kv"]["tokens_per_s"] > 0
     assert 0 <= row["hit_ratio"]["attention"] <= 1
     # Every other step of a 4,4,2 schedule refreshes nothing. With a bank that holds the whole
     # selection such a step misses at most the one block its window has just entered.
@@ -28,4 +30,4 @@ def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     assert result["ttft"]["ours_s"] > 0 and "dense_estimate_s" in result["ttft"]
     assert result["capacity"]["ours_max_tokens"] > 0
     table = (tmp_path / "e2e.md").read_text()
-    assert "## Decode" in table and "ours tok/s (KV on the GPU)" in table
+    assert "## Decode" in table and "ours tok/s (static cache on the GPU)" in table
