@@ -7,9 +7,9 @@ inputs and replay. An input read in place that has moved since the capture is st
 (one more capture); a capture that fails leaves the segment eager, with a warning that says why.
 
 With gradients enabled (training, or a forward outside ``torch.no_grad``) segments run eagerly:
-a replay records no autograd history. A replay writes the segment's outputs into the same tensors every time: each is bumped in
-version (caches keyed on a tensor's version see new contents), and the segmenting pass hands the
-graph's caller clones, never these tensors.
+a replay records no autograd history. A replay writes the segment's outputs into the same
+tensors every time: each is bumped in version (caches keyed on a tensor's version see new
+contents), and the segmenting pass hands the graph's caller clones, never these tensors.
 """
 
 from __future__ import annotations

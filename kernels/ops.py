@@ -10,9 +10,10 @@ The sparse path (``sparse_attention.sparse_attention``; Triton on CUDA, the torc
 CPU) does not model padding or a model's own sliding window: calls whose ``kv_valid`` hides a key
 (other than the unused slots at the end of a static cache, which are cut off: the call then
 attends a cache of that many keys) or with ``model_window > 0`` take the exact dense path, as
-do value head dims other than q's and dtypes the kernels lack (fp64 on CUDA). RoPE is remapped (StreamingLLM renumbering in the attention,
-``pruning_rope`` positions in the pruning) when ``remap_beyond_tokens >= 0`` and
-S_K > remap_beyond_tokens, and only when ``rope_layout`` and ``inv_freq`` describe the model's RoPE.
+do value head dims other than q's and dtypes the kernels lack (fp64 on CUDA). RoPE is remapped
+(StreamingLLM renumbering in the attention, ``pruning_rope`` positions in the pruning) when
+``remap_beyond_tokens >= 0`` and S_K > remap_beyond_tokens, and only when ``rope_layout`` and
+``inv_freq`` describe the model's RoPE.
 """
 
 from __future__ import annotations

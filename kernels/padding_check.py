@@ -3,7 +3,8 @@
 The op takes the dense path when a row has padding (the sparse kernels attend every key of a
 row), so each layer must know what ``kv_valid`` [B, S_K] hides: a device-to-host sync. One case
 is not padding: every row valid on the same first L keys and nothing after, the unused slots at
-the end of a static cache. The op then attends those L keys as a cache of L keys (``valid_prefix``).
+the end of a static cache. The op then attends those L keys as a cache of L keys
+(``valid_prefix``).
 
 The rewrite gives every attention site of one mask the same ``kv_valid`` tensor, so the answer
 of the first layer of a forward serves the others; syncing in every layer kept the host from

@@ -10,10 +10,11 @@ Emits     ``call_module`` nodes ``cuda_graph_segment_N``, each running one maxim
           capturable nodes (``wrap`` turns the extracted GraphModule into the runner, e.g.
           ``ihip_compile.cuda_graph_segment.GraphedSegment``); outputs of the graph that a
           segment produced are cloned (a replay overwrites the segment's outputs).
-Keeps     eager (``eager_reason``): ``ihip`` ops, collectives, nodes touching symbolic sizes or values (their
-          result changes every step), in-place or impure nodes, anything not on ``device``,
-          nodes without a recorded example value. Eager nodes move as early as their inputs
-          allow, so that the static nodes between two attention calls form one segment.
+Keeps     eager (``eager_reason``): ``ihip`` ops, collectives, nodes touching symbolic sizes
+          or values (their result changes every step), in-place or impure nodes, anything not
+          on ``device``, nodes without a recorded example value. Between two impure nodes
+          (``ihip`` ops, in-place writes, collectives: nothing moves across them), eager nodes
+          move as early as their inputs allow, so that static nodes gather into one segment.
 Order     after the attention rewrite and dead-code removal (it only regroups the final graph).
 """
 
@@ -114,30 +115,44 @@ def segment_decode_graph(gm: fx.GraphModule, device_type: str = "cuda",
 
 
 def _schedule(graph: fx.Graph, reasons: dict[fx.Node, str | None]) -> list[fx.Node]:
-    """A topological order that keeps taking nodes of the same kind (static or eager) while any
-    is ready, eager first; impure nodes keep their original order among themselves."""
-    nodes = list(graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    deps = {n: set(_flat_nodes((n.args, n.kwargs))) for n in nodes}
-    impure = [n for n in nodes if reasons[n] == "in-place or impure" or _is_ihip(n)]
-    for earlier, later in zip(impure, impure[1:]):
-        deps[later].add(earlier)
-    output = next(n for n in reversed(nodes) if n.op == "output")
-    deps[output] |= set(nodes) - {output}
-    waiting = {n: len(d) for n, d in deps.items()}
-    users: dict[fx.Node, list[fx.Node]] = {n: [] for n in nodes}
-    for n, d in deps.items():
-        for dep in d:
-            users[dep].append(n)
+    """A topological order in which no node crosses a barrier (``_is_barrier``: an in-place
+    write must stay between the reads before and after it) and, between two barriers, nodes of
+    one kind (static or eager) are taken while any is ready, eager first."""
+    order: list[fx.Node] = []
+    region: list[fx.Node] = []
+    for node in graph.nodes:
+        if _is_barrier(node, reasons):
+            order += _grouped(region, reasons) + [node]
+            region = []
+        else:
+            region.append(node)
+    return order + _grouped(region, reasons)
+
+
+def _is_barrier(node: fx.Node, reasons: dict[fx.Node, str | None]) -> bool:
+    return node.op == "output" or reasons[node] in ("in-place or impure", "ihip op", "collective")
+
+
+def _grouped(region: list[fx.Node], reasons: dict[fx.Node, str | None]) -> list[fx.Node]:
+    """``region`` (no barrier inside) in a topological order that switches between eager and
+    static nodes only when no node of the current kind is ready."""
+    index = {n: i for i, n in enumerate(region)}
+    waiting = {n: 0 for n in region}
+    users: dict[fx.Node, list[fx.Node]] = {n: [] for n in region}
+    for node in region:
+        for dep in set(_flat_nodes((node.args, node.kwargs))):
+            if dep in index:  # inputs from earlier regions are already computed
+                waiting[node] += 1
+                users[dep].append(node)
     ready: dict[bool, list[int]] = {True: [], False: []}  # keyed by "is eager": node indices
-    for n in nodes:
-        if not waiting[n]:
-            heapq.heappush(ready[reasons[n] is not None], index[n])
+    for node in region:
+        if not waiting[node]:
+            heapq.heappush(ready[reasons[node] is not None], index[node])
     order, eager_turn = [], True
     while ready[True] or ready[False]:
         if not ready[eager_turn]:
             eager_turn = not eager_turn
-        node = nodes[heapq.heappop(ready[eager_turn])]
+        node = region[heapq.heappop(ready[eager_turn])]
         order.append(node)
         for user in users[node]:
             waiting[user] -= 1

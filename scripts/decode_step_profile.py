@@ -49,7 +49,8 @@ def _parse() -> argparse.Namespace:
 
 
 def _stage_runs(cache) -> int:
-    states = cache.store.selection_states if isinstance(cache, OffloadedCache) else DENSE_PATH_STATES
+    offloaded = isinstance(cache, OffloadedCache)
+    states = cache.store.selection_states if offloaded else DENSE_PATH_STATES
     return sum(sum(runs) for runs in states.stage_runs.values())
 
 

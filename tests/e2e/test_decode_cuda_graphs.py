@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from ihip_compile import backend as ihip_backend
+from ihip_compile.backend import keep_generation_masks_in_graph
 from ihip_compile.offload import OffloadedCache
 from tests.models import tiny_hf
 
@@ -20,26 +21,31 @@ def _model():
 
 def _cache(kind, model, tokens):
     if kind == "offloaded":
-        return OffloadedCache(model.config, max_cache_tokens=tokens, gpu_cache_tokens=32)
-    return DynamicCache(config=model.config)
+        return {"past_key_values": OffloadedCache(model.config, max_cache_tokens=tokens,
+                                                  gpu_cache_tokens=32)}
+    if kind == "static":
+        return {"cache_implementation": "static", "disable_compile": True}
+    return {"past_key_values": DynamicCache(config=model.config)}
 
 
 def _generate(model, graphs: bool, kind: str, new=20):
     torch._dynamo.reset()
+    if kind == "static":
+        keep_generation_masks_in_graph(model)
     model.forward = torch.compile(model.forward, backend=ihip_backend.backend(
         {**OPTIONS, "decode_cuda_graphs": graphs}))
     try:
         ids = torch.randint(3, tiny_hf.VOCAB, (1, 48), device="cuda",
                             generator=torch.Generator("cuda").manual_seed(5))
-        out = model.generate(ids, past_key_values=_cache(kind, model, 48 + new + 1),
-                             max_new_tokens=new, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             **_cache(kind, model, 48 + new + 1))
     finally:
         del model.forward
     return out.sequences, torch.stack(out.logits)
 
 
-@pytest.mark.parametrize("kind", ["offloaded", "dynamic"])
+@pytest.mark.parametrize("kind", ["offloaded", "dynamic", "static"])
 def test_generate_with_decode_graphs_matches_without(kind):
     model = _model()
     tokens, logits = _generate(model, False, kind)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ihip_compile import backend as ihip_backend, cuda_graph_segment
+from ihip_compile.backend import keep_generation_masks_in_graph
 from ihip_compile.config import IHipConfig
 from ihip_compile.cuda_graph_segment import GraphedSegment
 from ihip_compile.offload import OffloadedCache
@@ -207,3 +208,52 @@ def test_collectives_stay_eager():
 def test_decode_cuda_graphs_option_must_be_a_bool(value):
     with pytest.raises(ValueError, match="decode_cuda_graphs must be true or false"):
         IHipConfig(decode_cuda_graphs=value)
+
+
+class _Annotate(torch.fx.Interpreter):
+    """Record each node's value as its example value, as Dynamo does."""
+
+    def run_node(self, node):
+        value = super().run_node(node)
+        node.meta["example_value"] = value
+        return value
+
+
+def _reads_around_a_write(x):
+    before = ((x * 2) + 1) * 2 - 1
+    x.add_(1)  # an in-place write (a static cache's update) between two reads
+    after = ((x * 3) + 1) * 3 - 1
+    return before, after
+
+
+def test_reads_keep_their_side_of_an_in_place_write():
+    gm = torch.fx.symbolic_trace(_reads_around_a_write)
+    _Annotate(gm).run(torch.ones(4))
+    plan = segment_decode_graph(gm, "cpu")
+    assert len(plan.segments) == 2 and plan.eager["in-place or impure"] == 1
+    got = gm(torch.ones(4))
+    want = _reads_around_a_write(torch.ones(4))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def _generate_static(backend):
+    model = tiny_hf.build("llama")
+    keep_generation_masks_in_graph(model)
+    model.compile(backend=backend)
+    ids = torch.randint(3, tiny_hf.VOCAB, (1, 40), generator=torch.Generator().manual_seed(6))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                         do_sample=False, cache_implementation="static",
+                         return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def test_static_cache_decode_segments_keep_the_cache_writes_in_place():
+    """A static cache's update is in-place (its length counter, then the K/V slots): the
+    segments must read the counter before it moves, and the cache after it is written."""
+    want_tokens, want_logits = _generate_static(ihip_backend.backend(OPTIONS, eager=True))
+    torch._dynamo.reset()
+    capture, plans = RerunCapture(), []
+    tokens, logits = _generate_static(_segmenting_backend(capture, plans))
+    assert plans and plans[-1].eager["in-place or impure"] > 0 and capture.captures > 0
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
