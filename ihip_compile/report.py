@@ -122,12 +122,3 @@ def write_report(result: PipelineResult, report_dir: str) -> Path:
     path = directory / f"{name}.md"
     path.write_text(render_markdown(data))
     return path
-
-
-def summary_line(result: PipelineResult) -> str:
-    c = result.context
-    layers = sorted(r.layer for r in c.rewrites)
-    text = f"{len(c.rewrites)} attention sites rewritten (layers {layers}), {len(c.skips)} dense"
-    reasons = sorted({s.reason for s in c.skips})
-    text += ": " + "; ".join(reasons) if reasons else ""
-    return f"{text}; decode CUDA graphs: {result.cuda_graphs}"
