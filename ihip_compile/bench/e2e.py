@@ -87,13 +87,7 @@ def dense_cache(model, context, device, dtype):
     """DynamicCache holding ``context`` tokens, filled in one write per layer."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    heads, dim = kv_shape(model)
-    for layer in range(model.config.num_hidden_layers):
-        g = torch.Generator(device=device).manual_seed(1 + 1000 * layer)
-        k = torch.randn(1, heads, context, dim, generator=g, device=device, dtype=dtype)
-        cache.update(k, torch.randn_like(k), layer)
-    return cache
+    return _filled(DynamicCache(config=model.config), model, context, device, dtype)
 
 
 def static_cache(model, context, room, device, dtype):
@@ -102,6 +96,11 @@ def static_cache(model, context, room, device, dtype):
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=context + room)
+    return _filled(cache, model, context, device, dtype)
+
+
+def _filled(cache, model, context, device, dtype):
+    """``cache`` with ``context`` tokens of seeded random K/V per layer, one write per layer."""
     heads, dim = kv_shape(model)
     for layer in range(model.config.num_hidden_layers):
         g = torch.Generator(device=device).manual_seed(1 + 1000 * layer)
