@@ -257,3 +257,25 @@ def test_static_cache_decode_segments_keep_the_cache_writes_in_place():
     assert plans and plans[-1].eager["in-place or impure"] > 0 and capture.captures > 0
     assert torch.equal(tokens, want_tokens)
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
+
+
+def _generate_family(family, backend):
+    model = tiny_hf.build(family)
+    model.compile(backend=backend)
+    ids = torch.randint(3, tiny_hf.VOCAB, (1, 40), generator=torch.Generator().manual_seed(8))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                         do_sample=False, return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("family", tiny_hf.FAMILIES)
+def test_every_family_decodes_the_same_with_segments(family):
+    """Each family's decode graph (windows, soft-caps, partial rotary, tied norms...) segments
+    and replays to the same tokens and logits."""
+    want_tokens, want_logits = _generate_family(family, ihip_backend.backend(OPTIONS, eager=True))
+    torch._dynamo.reset()
+    capture, plans = RerunCapture(), []
+    tokens, logits = _generate_family(family, _segmenting_backend(capture, plans))
+    assert plans and plans[-1].segments and capture.captures > 0
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
