@@ -7,8 +7,9 @@ served, and admitted into the bank, evicting the least recently used blocks that
 not touch. Between selection refreshes a decode step asks for the same blocks again, so it is
 served from the bank.
 
-The bookkeeping lives on the bank's device as tensors, so a read costs one host sync (the number
-of misses, which bounds the admission), not one Python operation per block:
+The bookkeeping lives on the bank's device as tensors, so a read costs no host sync and no
+Python operation per block (a sync would stop the host from queueing the next layers' work while
+the GPU runs this one):
     slot_of_block  [N_BLOCKS] int64   bank slot holding each block, -1: only in host memory
     block_of_slot  [N_SLOTS]  int64   block held by each slot, -1 when the slot is free
     last_used      [N_SLOTS]  int64   read counter value of the slot's last use (-1: never)
@@ -36,7 +37,8 @@ def gather_blocks(bank, staging, slots, staged, *, out_dtype):
 def host_blocks(host: torch.Tensor, rows: torch.Tensor, device: torch.device,
                 out_dtype: torch.dtype) -> torch.Tensor:
     """Blocks ``rows`` [N] (on ``device``) of a block-major host copy, read in place by the
-    gather kernel on CUDA (no staging copy): [N, *block_shape] on ``device``."""
+    gather kernel on CUDA (no staging copy): [N, *block_shape] on ``device``. A row of -1 names
+    no block: what it yields is for a spare place (``spare_for_unnamed``)."""
     if device.type == "cuda":
         from ihip_compile.kernels.block_cache import gather_blocks as triton_gather
 
@@ -46,6 +48,19 @@ def host_blocks(host: torch.Tensor, rows: torch.Tensor, device: torch.device,
     return as_bits(host)[rows.to(host.device)].view(host.dtype).to(device, out_dtype)
 
 
+def row_block_ids(block_ids: torch.Tensor, blocks_per_row: int) -> torch.Tensor:
+    """Blocks ``block_ids`` [B, N] of each row as ids in a bank shared by the rows (row b's
+    blocks follow row b - 1's); -1 (no block) stays -1."""
+    rows = torch.arange(block_ids.shape[0], device=block_ids.device)[:, None] * blocks_per_row
+    return torch.where(block_ids >= 0, block_ids.long() + rows, -1)
+
+
+def spare_for_unnamed(block_ids: torch.Tensor, n_dst_blocks: int) -> torch.Tensor:
+    """Where blocks ``block_ids`` land in a destination of ``n_dst_blocks`` blocks whose last
+    block is spare: -1 (no block) lands there, so a copy needs no count known on the host."""
+    return torch.where(block_ids >= 0, block_ids.long(), n_dst_blocks - 1)
+
+
 class BlockBank:
     """LRU bank of ``n_slots`` blocks; ``tensors`` names what each block carries (keys, values)."""
 
@@ -53,79 +68,110 @@ class BlockBank:
                  dtype: torch.dtype, device: torch.device):
         if n_slots < 1:
             raise ValueError(f"a block bank needs at least one slot, got n_slots={n_slots}")
-        self.n_slots = n_slots
-        self.tensors = {
-            name: torch.zeros((n_slots, *shape), dtype=dtype, device=device)
+        self.n_slots, self.n_blocks = n_slots, n_blocks
+        # Each table has one spare entry past its end (slot n_slots, block n_blocks) that takes
+        # the writes a read does not want, so no write needs a count known on the host.
+        self._blocks = {
+            name: torch.zeros((n_slots + 1, *shape), dtype=dtype, device=device)
             for name, shape in block_shapes.items()
         }
-        self.slot_of_block = torch.full((n_blocks,), -1, dtype=torch.int64, device=device)
-        self.block_of_slot = torch.full((n_slots,), -1, dtype=torch.int64, device=device)
-        self.last_used = torch.full((n_slots,), -1, dtype=torch.int64, device=device)
+        self.tensors = {name: t[:n_slots] for name, t in self._blocks.items()}
+        self._slot_of_block = torch.full((n_blocks + 1,), -1, dtype=torch.int64, device=device)
+        self._block_of_slot = torch.full((n_slots + 1,), -1, dtype=torch.int64, device=device)
+        self._block_of_slot[n_slots] = n_blocks
+        self._last_used = torch.full((n_slots + 1,), -1, dtype=torch.int64, device=device)
+        self.slot_of_block = self._slot_of_block[:n_blocks]
+        self.block_of_slot = self._block_of_slot[:n_slots]
+        self.last_used = self._last_used[:n_slots]
         self.reads = 0
-        self.hits = 0
-        self.misses = 0
+        # Hits and misses of reads, counted on the device (read back only when reported), plus
+        # the hits of resident reads, known on the host.
+        self._read_counts = torch.zeros(2, dtype=torch.int64, device=device)
+        self._resident_hits = 0
         # Host-side facts for callers that reuse slots (``resident_blocks``): bumped whenever a
-        # slot changes hands, and whether the last read left every block it named resident.
+        # read may have moved slots, and whether the last read left every block it named resident.
         self.admissions = 0
         self.last_read_resident = False
 
     @property
+    def hits(self) -> int:
+        return self._resident_hits + int(self._read_counts[0])
+
+    @property
+    def misses(self) -> int:
+        return int(self._read_counts[1])
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in self._blocks.values())
 
     def read(self, block_ids: torch.Tensor, host: dict[str, torch.Tensor],
              out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Blocks ``block_ids`` [N] of every tensor, [N, *block_shape] on the device.
+        """Blocks ``block_ids`` [N] of every tensor, [N, *block_shape] on the device; an id of -1
+        names no block (zeros, neither read nor counted).
 
         ``host`` holds the full block-major host copies, [N_BLOCKS, *block_shape] each. A block
-        named twice is fetched and counted once.
+        named twice is counted and admitted once. No host sync: hits, misses and admissions are
+        worked out on the device, so the host goes on queueing work while the GPU reads.
         """
-        device = self.block_of_slot.device
-        block_ids, inverse = torch.unique(block_ids.to(device=device, dtype=torch.int64),
-                                          return_inverse=True)
+        device = self._block_of_slot.device
+        block_ids = block_ids.to(device=device, dtype=torch.int64)
         self.reads += 1
-        slots = self.slot_of_block[block_ids]
-        hit = slots >= 0
-        self.last_used[slots[hit]] = self.reads
-        miss_ids = block_ids[~hit]
-        n_miss = miss_ids.numel()  # the one host sync of a read
-        self.hits += block_ids.numel() - n_miss
-        self.misses += n_miss
+        slots = torch.where(block_ids >= 0, self._slot_of_block[block_ids], -1)
         # Misses come from their rows of the host copy: "staging" is the whole host copy.
-        raw = {name: gather_blocks(self.tensors[name], host[name], slots,
-                                   block_ids, out_dtype=self.tensors[name].dtype)
+        raw = {name: gather_blocks(self.tensors[name], host[name], slots, block_ids,
+                                   out_dtype=self.tensors[name].dtype)
                for name in self.tensors}
-        admitted = self._admit(miss_ids, {name: t[~hit] for name, t in raw.items()},
-                               n_hit=block_ids.numel() - n_miss)
-        self.last_read_resident = admitted == n_miss
-        return {name: t.to(out_dtype)[inverse] for name, t in raw.items()}
+        self._admit(block_ids, slots, raw)
+        return {name: t.to(out_dtype) for name, t in raw.items()}
 
     def serve_resident(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Blocks known to sit in ``slots`` [N] (nothing admitted since they were read): a read
-        that is all hits, with no host sync."""
+        """Blocks known to sit in ``slots`` [N] (``resident_slots``; nothing admitted since they
+        were read): a read that is all hits, with no host sync."""
         self.reads += 1
-        self.hits += slots.numel()
-        self.last_used[slots] = self.reads
-        return {name: as_bits(t)[slots].view(t.dtype) for name, t in self.tensors.items()}
+        self._resident_hits += slots.numel()
+        self._last_used[slots] = self.reads
+        return {name: as_bits(t)[slots].view(t.dtype) for name, t in self._blocks.items()}
 
-    def _admit(self, miss_ids: torch.Tensor, fetched: dict[str, torch.Tensor], n_hit: int) -> int:
-        """Move fetched blocks (``fetched[name]``: the missed blocks, in ``miss_ids`` order)
-        into the least recently used slots this read did not touch; returns how many."""
-        n_admit = min(miss_ids.numel(), self.n_slots - n_hit)
-        if n_admit <= 0:
-            return 0
+    def resident_slots(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Slots of blocks ``block_ids`` [N] that a read just left resident; -1 (no block) gets
+        the spare slot, whose contents nobody reads."""
+        return torch.where(block_ids >= 0, self._slot_of_block[block_ids], self.n_slots)
+
+    def _admit(self, block_ids: torch.Tensor, slots: torch.Tensor,
+               fetched: dict[str, torch.Tensor]) -> None:
+        """Count this read's distinct hits and misses and move the missed blocks (``fetched``,
+        in ``block_ids`` order) into the least recently used slots this read did not touch;
+        when they do not all fit, the misses of the highest block ids are admitted."""
+        n = block_ids.numel()
         self.admissions += 1
-        # Slots touched by this read carry the newest counter value, so they sort last.
-        victims = torch.topk(self.last_used, n_admit, largest=False).indices
-        evicted = self.block_of_slot[victims]
-        self.slot_of_block[evicted[evicted >= 0]] = -1
-        admitted = miss_ids[-n_admit:]
-        self.block_of_slot[victims] = admitted
-        self.slot_of_block[admitted] = victims
-        self.last_used[victims] = self.reads
-        for name, bank in self.tensors.items():
-            as_bits(bank)[victims] = as_bits(fetched[name][-n_admit:])
-        return n_admit
+        self.last_read_resident = n <= self.n_slots  # distinct blocks <= n <= slots: all fit
+        if n == 0:
+            return
+        ids, order = torch.sort(block_ids)
+        slots = slots[order]
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[1:] = ids[1:] != ids[:-1]
+        hit = slots >= 0
+        miss = first & ~hit & (ids >= 0)
+        n_hit, n_miss = (first & hit).sum(), miss.sum()
+        self._read_counts += torch.stack([n_hit, n_miss])
+        # Touched slots carry the newest counter value, so they sort after every other slot.
+        self._last_used[torch.where(hit, slots, self.n_slots)] = self.reads
+        victims = torch.topk(self.last_used, min(n, self.n_slots), largest=False).indices
+        n_admit = torch.minimum(n_miss, self.n_slots - n_hit)
+        from_last = n_miss - torch.cumsum(miss.long(), 0)  # 0 for the last miss, 1 before it...
+        admit = miss & (from_last < n_admit)
+        victim = torch.where(admit, victims[from_last.clamp(0, victims.numel() - 1)],
+                             self.n_slots)
+        evicted = self._block_of_slot[victim]
+        self._slot_of_block[torch.where(evicted >= 0, evicted, self.n_blocks)] = -1
+        admitted = torch.where(admit, ids, self.n_blocks)
+        self._block_of_slot[victim] = admitted
+        self._slot_of_block[admitted] = victim
+        self._last_used[victim] = self.reads
+        for name, bank in self._blocks.items():
+            as_bits(bank)[victim] = as_bits(fetched[name])[order]
 
     def clear(self) -> None:
         self.admissions += 1

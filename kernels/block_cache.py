@@ -32,7 +32,7 @@ def _gather_blocks_kernel(
     slot = tl.load(slots_ptr + block).to(tl.int64)
     row = tl.load(staged_ptr + block).to(tl.int64)
     is_hit = slot >= 0
-    is_miss = slot < 0
+    is_miss = (slot < 0) & (row >= 0)  # both negative: no block, zeros
     bank_offsets = slot * stride_bank_n + head * stride_bank_h + tokens * stride_bank_t + dims
     stage_offsets = row * stride_stage_n + head * stride_stage_h + tokens * stride_stage_t + dims
     from_bank = tl.load(bank_ptr + bank_offsets, mask=in_dim & is_hit, other=0.0)

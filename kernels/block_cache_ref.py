@@ -8,7 +8,8 @@ bank slot (a hit) or from a staging buffer the caller filled from host memory (a
     bank      [N_SLOTS, H_KV, BLOCK_K, D]   storage dtype (model dtype or float8_e4m3fn)
     staging   [N_STAGED, H_KV, BLOCK_K, D]  storage dtype, blocks copied from host this read
     slots     [N] int                       bank slot of requested block i, or -1 for a miss
-    staged    [N] int                       row of staging for a miss (ignored where slots >= 0)
+    staged    [N] int                       row of staging for a miss (ignored where slots >= 0);
+                                            -1 in both: no block, zeros (nothing is read)
     returns   [N, H_KV, BLOCK_K, D]         out_dtype
 
 Exactness: with the model dtype as storage the result is a bit-exact copy; FP8 storage is widened
@@ -36,6 +37,7 @@ def gather_blocks_ref(
         from_staging = as_bits(staging)[staged.clamp(min=0, max=staging.shape[0] - 1).long()]
     else:
         from_staging = torch.zeros_like(from_bank)
+    from_staging = torch.where(staged[:, None, None, None] >= 0, from_staging, 0)
     chosen = torch.where(hit[:, None, None, None], from_bank, from_staging)
     return chosen.view(bank.dtype).to(out_dtype)
 

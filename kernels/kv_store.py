@@ -25,7 +25,9 @@ import weakref
 
 import torch
 
-from ihip_compile.kernels.block_bank import BlockBank, host_blocks
+from ihip_compile.kernels.block_bank import (
+    BlockBank, host_blocks, row_block_ids, spare_for_unnamed,
+)
 from ihip_compile.kernels.block_cache_ref import as_bits
 from ihip_compile.kernels.decode_selection_cache import SelectionStates
 from ihip_compile.kernels.host_keys import BlockMajorKeys
@@ -218,23 +220,27 @@ class HostKVStore:
 
     def copy_blocks_into(self, layer: int, block_ids: torch.Tensor,
                          dst: dict[str, torch.Tensor]) -> None:
-        """Copy blocks ``block_ids`` [B, N] (distinct, valid) from host memory to their places in
-        ``dst`` (as ``stream_into``, past the banks): the blocks one computation reads, not all."""
+        """Copy blocks ``block_ids`` [B, N] (-1: no block) from host memory to their places in
+        ``dst`` (as ``stream_into``, past the banks, plus a spare last block where -1 lands): the
+        blocks one computation reads, not all. Counting them is a host sync (a prefill's)."""
         host = self._layer_host(layer)
-        self.streamed_blocks[layer] += block_ids.numel() * len(dst)
+        self.streamed_blocks[layer] += int((block_ids >= 0).sum()) * len(dst)
         bk = self.block_tokens
         for name, out in dst.items():
             by_row = host[name].view(self.batch, self.blocks_per_row, self.kv_heads, bk, -1)
             by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
+            places = spare_for_unnamed(block_ids.to(out.device), by_block.shape[2])
             for row, ids in enumerate(block_ids.to(out.device)):
                 for lo in range(0, ids.numel(), _STREAM_BLOCKS):  # bounds the device copy
                     part = ids[lo: lo + _STREAM_BLOCKS]
                     piece = host_blocks(by_row[row], part, out.device, out.dtype)
-                    by_block[row].index_copy_(1, part, piece.transpose(0, 1))
+                    by_block[row].index_copy_(1, places[row, lo: lo + _STREAM_BLOCKS],
+                                              piece.transpose(0, 1))
 
     def read_blocks(self, layer: int, block_ids: torch.Tensor,
                     kind: str = "attention") -> dict[str, torch.Tensor]:
-        """Blocks ``block_ids`` [B, N] (distinct per row) through the layer's ``kind`` bank.
+        """Blocks ``block_ids`` [B, N] through the layer's ``kind`` bank; -1 names no block
+        (zeros).
 
         Returns {"keys": [B, H_KV, N * BLOCK_K, D]} (and "values" for the attention bank) in the
         model dtype. Tokens of a block past the layer's length are whatever was last written there.
@@ -249,9 +255,8 @@ class HostKVStore:
         if kind not in self.bank_slots:
             raise ValueError(f"kind must be one of {sorted(self.bank_slots)}, got {kind!r}")
         host = self._layer_host(layer)
-        batch = block_ids.shape[0]
-        rows = torch.arange(batch, device=block_ids.device)[:, None] * self.blocks_per_row
-        got = self._banks[layer][kind].read((block_ids + rows).reshape(-1), host, self.dtype)
+        ids = row_block_ids(block_ids, self.blocks_per_row).reshape(-1)
+        got = self._banks[layer][kind].read(ids, host, self.dtype)
         return self._by_row(got)
 
     def read_resident(self, layer: int, plan: ResidentBlocks) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ihip_compile.kernels.block_bank import spare_for_unnamed
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
 from ihip_compile.kernels.padding_check import hides_nothing
@@ -74,23 +75,24 @@ def fill_attended(store: HostKVStore, layer: int, selection: torch.Tensor,
 def place_blocks(got: dict[str, torch.Tensor], block_ids: torch.Tensor,
                  dst: dict[str, torch.Tensor]) -> None:
     """Write blocks read per row ([B, N, H_KV, BK, D]) at their places ``block_ids`` [B, N] of
-    ``dst`` ([B, H_KV, >= S_K, D]): one indexed copy per row, straight from the bank's layout."""
+    ``dst`` ([B, H_KV, S, D], its last block spare: -1 lands there): one indexed copy per row,
+    straight from the bank's layout."""
     for name, out in dst.items():
         bk = got[name].shape[3]
         by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
+        places = spare_for_unnamed(block_ids, by_block.shape[2])
         for row in range(block_ids.shape[0]):
-            by_block[row].index_copy_(1, block_ids[row].long(), got[name][row].transpose(0, 1))
+            by_block[row].index_copy_(1, places[row], got[name][row].transpose(0, 1))
 
 
 def _distinct_blocks(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Union of block lists per row ([B, *] each, -1 = none) as [B, N] distinct valid ids.
-
-    Rows get the same N by repeating their own first id (harmless: the copy is idempotent).
-    """
-    ids = torch.cat(parts, dim=1).long()
-    rows = [torch.unique(r[r >= 0]) for r in ids]
-    width = max(r.numel() for r in rows)
-    return torch.stack([torch.cat([r, r[:1].expand(width - r.numel())]) for r in rows])
+    """Union of block lists per row ([B, *] each, -1 = none) as [B, N], N the parts' total
+    width: each block once, -1 in the other entries (nothing is read for them). Worked out on
+    the device, with no host sync, so the host keeps queueing the next layers' work."""
+    ids = torch.cat(parts, dim=1).long().sort(dim=1).values
+    repeated = torch.zeros_like(ids, dtype=torch.bool)
+    repeated[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return torch.where(repeated, -1, ids)
 
 
 def chunk_blocks(starts: torch.Tensor, chunk: int, block_tokens: int) -> torch.Tensor:
@@ -120,7 +122,7 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     layer = args["layer"]
     store = store_for_layer(layer, s_k)
     bk = store.block_tokens
-    padded = -(-s_k // bk) * bk
+    padded = (-(-s_k // bk) + 1) * bk  # whole blocks and a spare one (``place_blocks``)
     b, h_kv = k.shape[:2]
     keys = scratch("keys", store, (b, h_kv, padded, k.shape[-1]))
     values = scratch("values", store, (b, h_kv, padded, v.shape[-1]))

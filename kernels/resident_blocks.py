@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ihip_compile.kernels.block_bank import BlockBank
+from ihip_compile.kernels.block_bank import BlockBank, row_block_ids
 
 
 @dataclass
@@ -26,7 +26,7 @@ class ResidentBlocks:
     selection: torch.Tensor  # held, so its memory is not reused: same data_ptr = same selection
     window_blocks: tuple[int, int]  # first and last block of the attended window
     block_ids: torch.Tensor  # [B, N] distinct blocks per row (as given to the bank)
-    slots: torch.Tensor  # [B * N] their bank slots
+    slots: torch.Tensor  # [B * N] their bank slots (the spare slot for -1: no block)
     bank: BlockBank
     admissions: int  # the bank's count when recorded
 
@@ -45,6 +45,5 @@ def record(selection: torch.Tensor, window_blocks: tuple[int, int], block_ids: t
     """The plan of a read that just went through ``bank``; None if it left some block out."""
     if not bank.last_read_resident:
         return None
-    rows = torch.arange(block_ids.shape[0], device=block_ids.device)[:, None] * blocks_per_row
-    slots = bank.slot_of_block[(block_ids.long() + rows).reshape(-1)]
+    slots = bank.resident_slots(row_block_ids(block_ids, blocks_per_row).reshape(-1))
     return ResidentBlocks(selection, window_blocks, block_ids, slots, bank, bank.admissions)

@@ -10,6 +10,8 @@ synchronised), profiled, and filed as cached (no pruning stage ran in any layer)
 ``--profiler python``: ``cProfile`` (host time by function; it slows Python about twofold).
 ``--profiler gpu``: ``torch.profiler`` with CUDA activity only, the GPU time of each step's
 kernels and copies (a step whose GPU time is far below its wall time is bound by the host).
+``--profiler syncs``: the device-to-host syncs of each step, by call site (CUDA's sync debug
+mode; each one stops the host from queueing work while the GPU drains).
 Writes ``steps.json`` (per-step ms, GPU ms, kind) and ``cached.txt`` / ``refresh.txt`` (the
 heaviest functions or kernels) under ``--out-dir``. ``python`` runs on the CPU too (kernels'
 torch references: a different profile).
@@ -24,6 +26,7 @@ import json
 import os
 import pstats
 import time
+import warnings
 
 import torch
 
@@ -42,7 +45,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--cache", default="offloaded", choices=["offloaded", "dynamic"])
     p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--options", default="{}", help="infinitehip options as JSON")
-    p.add_argument("--profiler", default="python", choices=["python", "gpu"])
+    p.add_argument("--profiler", default="python", choices=["python", "gpu", "syncs"])
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out-dir", default="decode-step-profile")
     return p.parse_args()
@@ -115,11 +118,48 @@ class GpuProfile:
         return "\n".join(lines) + "\n"
 
 
+class SyncProfile:
+    """Device-to-host syncs per step, counted by the Python line that caused them."""
+
+    def __init__(self):
+        self.sites: dict[str, dict[str, int]] = {}
+
+    def step(self, run):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        sites: dict[str, int] = {}
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                site = f"{w.filename}:{w.lineno}"
+                sites[site] = sites.get(site, 0) + 1
+        return sites, sum(sites.values())
+
+    def file(self, kind: str, sites) -> None:
+        totals = self.sites.setdefault(kind, {})
+        for site, count in sites.items():
+            totals[site] = totals.get(site, 0) + count
+
+    def text(self, kind: str, top: int) -> str:
+        rows = sorted(self.sites.get(kind, {}).items(), key=lambda r: -r[1])[:top]
+        if not rows:
+            return "no syncs in steps of this kind\n"
+        return "\n".join(f"{count:6d}  {site}" for site, count in rows) + "\n"
+
+
+PROFILERS = {"python": PythonProfile, "gpu": GpuProfile, "syncs": SyncProfile}
+
+
 def main() -> None:
     args = _parse()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.profiler == "gpu" and device.type != "cuda":
-        raise SystemExit("scripts/decode_step_profile.py --profiler gpu needs a CUDA GPU")
+    if args.profiler != "python" and device.type != "cuda":
+        raise SystemExit(f"scripts/decode_step_profile.py --profiler {args.profiler} needs a "
+                         f"CUDA GPU")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = IHipConfig.from_options(json.loads(args.options))
     model = build_model(args.layers, device, dtype, tiny=False)
@@ -132,7 +172,8 @@ def main() -> None:
     else:
         cache = dense_cache(model, args.context, device, dtype)
     token = torch.randint(3, model.config.vocab_size, (1, 1), device=device)
-    profiler = PythonProfile() if args.profiler == "python" else GpuProfile()
+    profiler = PROFILERS[args.profiler]()
+    measure = {"gpu": "gpu_ms", "syncs": "syncs"}.get(args.profiler)  # per step, in steps.json
     steps = []
     with torch.no_grad():
         for i in range(cycle + 1 + args.cycles * cycle):
@@ -146,13 +187,15 @@ def main() -> None:
 
             _sync(device)
             t0 = time.perf_counter()
-            profile, gpu_ms = profiler.step(run)
+            profile, measured = profiler.step(run)
             ms = 1e3 * (time.perf_counter() - t0)
             token = outputs[0].logits[:, -1:].argmax(-1)
             if i <= cycle:
                 continue  # warm-up: compilation and the first selection
             kind = "refresh" if _stage_runs(cache) != runs else "cached"
-            steps.append({"ms": ms, "gpu_ms": gpu_ms, "kind": kind})
+            steps.append({"ms": ms, "kind": kind})
+            if measure:
+                steps[-1][measure] = measured
             profiler.file(kind, profile)
     os.makedirs(args.out_dir, exist_ok=True)
     summary = {"context": args.context, "layers": args.layers, "backend": args.backend,
@@ -162,8 +205,8 @@ def main() -> None:
         of_kind = [s for s in steps if s["kind"] == kind]
         summary[f"{kind}_mean_ms"] = (sum(s["ms"] for s in of_kind) / len(of_kind)
                                       if of_kind else None)
-        if args.profiler == "gpu" and of_kind:
-            summary[f"{kind}_mean_gpu_ms"] = sum(s["gpu_ms"] for s in of_kind) / len(of_kind)
+        if measure and of_kind:
+            summary[f"{kind}_mean_{measure}"] = sum(s[measure] for s in of_kind) / len(of_kind)
         with open(os.path.join(args.out_dir, f"{kind}.txt"), "w") as f:
             f.write(profiler.text(kind, args.top))
     summary["mean_ms"] = sum(s["ms"] for s in steps) / len(steps)

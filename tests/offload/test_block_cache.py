@@ -19,6 +19,7 @@ def _case(n_slots, n_staged, n, heads, block_k, head_dim, dtype, seed=0):
     staging = torch.randn(n_staged, heads, block_k, head_dim, generator=g).to(dtype)
     slots = torch.randint(-1, n_slots, (n,), generator=g)
     staged = torch.cumsum((slots < 0).long(), 0) - 1
+    staged[n // 2] = slots[n // 2] = -1  # an entry naming no block
     return bank, staging[: max(int((slots < 0).sum()), 0)], slots, staged
 
 
@@ -26,8 +27,12 @@ def test_reference_copies_hits_from_bank_and_misses_from_staging():
     bank, staging, slots, staged = _case(5, 9, 9, 2, 8, 4, torch.float32)
     out = gather_blocks_ref(bank, staging, slots, staged)
     for i in range(slots.numel()):
-        want = bank[slots[i]] if slots[i] >= 0 else staging[staged[i]]
+        if slots[i] >= 0:
+            want = bank[slots[i]]
+        else:
+            want = staging[staged[i]] if staged[i] >= 0 else torch.zeros_like(bank[0])
         assert torch.equal(out[i], want)
+    assert not out[slots.numel() // 2].any()  # no block: zeros
 
 
 def test_reference_widens_fp8_storage():

@@ -132,7 +132,7 @@ def test_growing_keeps_every_token_and_checks_memory_first(monkeypatch):
     assert store.capacity_tokens == 40
 
 
-def test_a_block_named_twice_is_fetched_once():
+def test_a_block_named_twice_is_counted_and_admitted_once():
     store = _store()
     keys, _ = _fill(store, 0, [24])
     got = store.read_blocks(0, torch.tensor([[2, 2, 0], [1, 1, 1]]))

@@ -25,7 +25,7 @@ def test_sparse_prefill_chunk_copies_only_attended_values(per_kv_head):
     k_proxy, v_proxy = cache.update(keys[:, :, PROMPT:], values[:, :, PROMPT:], 0)
     # Stale values in the scratch must never be read: poison them.
     release_scratch()
-    scratch("values", cache.store, (1, 2, 240, 16)).fill_(float("nan"))
+    scratch("values", cache.store, (1, 2, 248, 16)).fill_(float("nan"))
     pos = torch.arange(PROMPT, PROMPT + CHUNK)
     args = dict(layer=0, scale=0.25, per_kv_head=per_kv_head, **OP_ARGS)
     before = cache.store.streamed_blocks[0]
