@@ -130,7 +130,7 @@ class BlockBank:
         were read): a read that is all hits, with no host sync."""
         self.reads += 1
         self._resident_hits += slots.numel()
-        self._last_used[slots] = self.reads
+        self._last_used.index_fill_(0, slots, self.reads)
         return {name: as_bits(t)[slots].view(t.dtype) for name, t in self._blocks.items()}
 
     def resident_slots(self, block_ids: torch.Tensor) -> torch.Tensor:
@@ -157,7 +157,9 @@ class BlockBank:
         n_hit, n_miss = (first & hit).sum(), miss.sum()
         self._read_counts += torch.stack([n_hit, n_miss])
         # Touched slots carry the newest counter value, so they sort after every other slot.
-        self._last_used[torch.where(hit, slots, self.n_slots)] = self.reads
+        # (index_fill_ takes the value as a kernel argument; ``t[i] = value`` would copy it to
+        # the device first, a host sync.)
+        self._last_used.index_fill_(0, torch.where(hit, slots, self.n_slots), self.reads)
         victims = torch.topk(self.last_used, min(n, self.n_slots), largest=False).indices
         n_admit = torch.minimum(n_miss, self.n_slots - n_hit)
         from_last = n_miss - torch.cumsum(miss.long(), 0)  # 0 for the last miss, 1 before it...
@@ -165,11 +167,11 @@ class BlockBank:
         victim = torch.where(admit, victims[from_last.clamp(0, victims.numel() - 1)],
                              self.n_slots)
         evicted = self._block_of_slot[victim]
-        self._slot_of_block[torch.where(evicted >= 0, evicted, self.n_blocks)] = -1
+        self._slot_of_block.index_fill_(0, torch.where(evicted >= 0, evicted, self.n_blocks), -1)
         admitted = torch.where(admit, ids, self.n_blocks)
         self._block_of_slot[victim] = admitted
         self._slot_of_block[admitted] = victim
-        self._last_used[victim] = self.reads
+        self._last_used.index_fill_(0, victim, self.reads)
         for name, bank in self._blocks.items():
             as_bits(bank)[victim] = as_bits(fetched[name])[order]
 

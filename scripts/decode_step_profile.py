@@ -10,6 +10,7 @@ synchronised), profiled, and filed as cached (no pruning stage ran in any layer)
 ``--profiler python``: ``cProfile`` (host time by function; it slows Python about twofold).
 ``--profiler gpu``: ``torch.profiler`` with CUDA activity only, the GPU time of each step's
 kernels and copies (a step whose GPU time is far below its wall time is bound by the host).
+``--profiler none``: step times only (for comparing two versions of the code).
 ``--profiler syncs``: the device-to-host syncs of each step, by call site (CUDA's sync debug
 mode; each one stops the host from queueing work while the GPU drains).
 Writes ``steps.json`` (per-step ms, GPU ms, kind) and ``cached.txt`` / ``refresh.txt`` (the
@@ -45,7 +46,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--cache", default="offloaded", choices=["offloaded", "dynamic"])
     p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--options", default="{}", help="infinitehip options as JSON")
-    p.add_argument("--profiler", default="python", choices=["python", "gpu", "syncs"])
+    p.add_argument("--profiler", default="python", choices=["python", "gpu", "syncs", "none"])
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out-dir", default="decode-step-profile")
     return p.parse_args()
@@ -151,13 +152,28 @@ class SyncProfile:
         return "\n".join(f"{count:6d}  {site}" for site, count in rows) + "\n"
 
 
-PROFILERS = {"python": PythonProfile, "gpu": GpuProfile, "syncs": SyncProfile}
+class NoProfile:
+    """Step times only."""
+
+    def step(self, run):
+        run()
+        return None, None
+
+    def file(self, kind: str, profile) -> None:
+        pass
+
+    def text(self, kind: str, top: int) -> str:
+        return "step times only (--profiler none)\n"
+
+
+PROFILERS = {"python": PythonProfile, "gpu": GpuProfile, "syncs": SyncProfile,
+             "none": NoProfile}
 
 
 def main() -> None:
     args = _parse()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.profiler != "python" and device.type != "cuda":
+    if args.profiler in ("gpu", "syncs") and device.type != "cuda":
         raise SystemExit(f"scripts/decode_step_profile.py --profiler {args.profiler} needs a "
                          f"CUDA GPU")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
