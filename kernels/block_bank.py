@@ -127,10 +127,11 @@ class BlockBank:
 
     def serve_resident(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Blocks known to sit in ``slots`` [N] (``resident_slots``; nothing admitted since they
-        were read): a read that is all hits, with no host sync."""
-        self.reads += 1
+        were read): a read that is all hits, with no host sync.
+
+        Their last use is left at that read's: only reads evict, and the only slots that read
+        marked are these, so marking them again would not change which slots sort first."""
         self._resident_hits += slots.numel()
-        self._last_used.index_fill_(0, slots, self.reads)
         return {name: as_bits(t)[slots].view(t.dtype) for name, t in self._blocks.items()}
 
     def resident_slots(self, block_ids: torch.Tensor) -> torch.Tensor:

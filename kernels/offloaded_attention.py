@@ -64,7 +64,7 @@ def fill_attended(store: HostKVStore, layer: int, selection: torch.Tensor,
     plan = store.resident_plans.get(layer)
     bank = store.attention_bank(layer)
     if plan is not None and plan.still_serves(selection, window_blocks, bank):
-        place_blocks(store.read_resident(layer, plan), plan.block_ids, dst)
+        place_blocks(store.read_resident(layer, plan), plan.block_ids, dst, all_named=True)
         return
     block_ids = needed()
     fill_blocks(store, layer, block_ids, "attention", dst)
@@ -73,14 +73,15 @@ def fill_attended(store: HostKVStore, layer: int, selection: torch.Tensor,
 
 
 def place_blocks(got: dict[str, torch.Tensor], block_ids: torch.Tensor,
-                 dst: dict[str, torch.Tensor]) -> None:
+                 dst: dict[str, torch.Tensor], *, all_named: bool = False) -> None:
     """Write blocks read per row ([B, N, H_KV, BK, D]) at their places ``block_ids`` [B, N] of
-    ``dst`` ([B, H_KV, S, D], its last block spare: -1 lands there): one indexed copy per row,
-    straight from the bank's layout."""
+    ``dst`` ([B, H_KV, S, D], its last block spare: -1 lands there, unless ``all_named`` says
+    there is none): one indexed copy per row, straight from the bank's layout."""
+    bk = next(iter(got.values())).shape[3]
+    n_dst_blocks = next(iter(dst.values())).shape[2] // bk
+    places = block_ids if all_named else spare_for_unnamed(block_ids, n_dst_blocks)
     for name, out in dst.items():
-        bk = got[name].shape[3]
         by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
-        places = spare_for_unnamed(block_ids, by_block.shape[2])
         for row in range(block_ids.shape[0]):
             by_block[row].index_copy_(1, places[row], got[name][row].transpose(0, 1))
 

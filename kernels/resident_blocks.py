@@ -25,7 +25,7 @@ class ResidentBlocks:
 
     selection: torch.Tensor  # held, so its memory is not reused: same data_ptr = same selection
     window_blocks: tuple[int, int]  # first and last block of the attended window
-    block_ids: torch.Tensor  # [B, N] distinct blocks per row (as given to the bank)
+    block_ids: torch.Tensor  # [B, N] int64 blocks per row, each valid (-1s of the read filled)
     slots: torch.Tensor  # [B * N] their bank slots (the spare slot for -1: no block)
     bank: BlockBank
     admissions: int  # the bank's count when recorded
@@ -45,5 +45,9 @@ def record(selection: torch.Tensor, window_blocks: tuple[int, int], block_ids: t
     """The plan of a read that just went through ``bank``; None if it left some block out."""
     if not bank.last_read_resident:
         return None
+    # Entries naming no block (-1) repeat the row's largest block, resident like the others, so
+    # a step served from the plan copies them again rather than remapping anything.
+    block_ids = block_ids.long()
+    block_ids = torch.where(block_ids >= 0, block_ids, block_ids.max(dim=1, keepdim=True).values)
     slots = bank.resident_slots(row_block_ids(block_ids, blocks_per_row).reshape(-1))
     return ResidentBlocks(selection, window_blocks, block_ids, slots, bank, bank.admissions)
