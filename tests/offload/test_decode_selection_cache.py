@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ihip_compile.kernels.decode_selection_cache import (
-    SelectionStates, cached_decode_blocks, cached_selection, reuse_ratio,
+    DENSE_PATH_STATES, SelectionStates, cached_decode_blocks, cached_selection, reuse_ratio,
 )
 from ihip_compile.kernels.selection_scope import fold_heads, fold_positions, unfold_heads
 from ihip_compile.kernels.prune_stage_ref import PRUNE_ROPE_RELATIVE
@@ -283,3 +283,30 @@ def test_a_prefill_ends_the_decode_states_of_its_layer():
                              inv_freq, layer=0, scale=0.25, refresh_intervals=[4, 2], **rope,
                              **OP_ARGS)
     assert 0 not in DENSE_PATH_STATES.by_layer
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_offloaded_decode_of_two_rows_through_small_banks_matches_the_in_memory_op(per_kv_head):
+    # Two rows share each bank (their blocks follow one another), and banks smaller than one
+    # step's reads keep evicting: every step must still equal the op over K/V in memory.
+    g = torch.Generator().manual_seed(3)
+    prompt, batch = 150, 2
+    keys = torch.randn(batch, 2, prompt, 16, generator=g)
+    values = torch.randn(batch, 2, prompt, 16, generator=g)
+    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=192,
+                           batch_size=batch, dtype=torch.float32, gpu_cache_tokens=40)
+    cache.update(keys, values, 0)
+    args = dict(layer=0, scale=0.25, refresh_intervals=[3, 2], per_kv_head=per_kv_head,
+                **OP_ARGS)
+    DENSE_PATH_STATES.forget()
+    for step in range(8):
+        q = torch.randn(batch, 4, 1, 16, generator=g)
+        k_new, v_new = torch.randn(2, batch, 2, 1, 16, generator=g)
+        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
+        k_proxy, v_proxy = cache.update(k_new, v_new, 0)
+        pos = torch.full((batch, 1), keys.shape[2] - 1)
+        got = torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, **args)
+        want = torch.ops.ihip.attention(q, keys, values, pos, None, None, **args)
+        assert torch.equal(got, want), f"step {step}"
+    counts = cache.hit_counts()[0]
+    assert counts["attention_misses"] > 0 and counts["pruning_misses"] > 0
