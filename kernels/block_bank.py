@@ -132,12 +132,11 @@ class BlockBank:
         Their last use is left at that read's: only reads evict, and the only slots that read
         marked are these, so marking them again would not change which slots sort first."""
         self._resident_hits += slots.numel()
-        return {name: as_bits(t)[slots].view(t.dtype) for name, t in self._blocks.items()}
+        return {name: as_bits(t)[slots].view(t.dtype) for name, t in self.tensors.items()}
 
     def resident_slots(self, block_ids: torch.Tensor) -> torch.Tensor:
-        """Slots of blocks ``block_ids`` [N] that a read just left resident; -1 (no block) gets
-        the spare slot, whose contents nobody reads."""
-        return torch.where(block_ids >= 0, self._slot_of_block[block_ids], self.n_slots)
+        """Slots of blocks ``block_ids`` [N] (each a block) that a read just left resident."""
+        return self.slot_of_block[block_ids]
 
     def _admit(self, block_ids: torch.Tensor, slots: torch.Tensor,
                fetched: dict[str, torch.Tensor]) -> None:

@@ -26,7 +26,7 @@ class ResidentBlocks:
     selection: torch.Tensor  # held, so its memory is not reused: same data_ptr = same selection
     window_blocks: tuple[int, int]  # first and last block of the attended window
     block_ids: torch.Tensor  # [B, N] int64 blocks per row, each valid (-1s of the read filled)
-    slots: torch.Tensor  # [B * N] their bank slots (the spare slot for -1: no block)
+    slots: torch.Tensor  # [B * N] their bank slots
     bank: BlockBank
     admissions: int  # the bank's count when recorded
 
