@@ -124,9 +124,10 @@ class GrowingMask:
 
 def time_decode(forward, cache, steps: int, warmup: int, device, vocab: int,
                 after_step=lambda: None, step_inputs=dict) -> dict:
-    """Mean ms per decode step over ``steps`` steps after ``warmup`` (greedy, logits of 1);
-    ``after_step()`` runs after each timed step, outside the timing; ``step_inputs()`` gives
-    each step's further model inputs (``GrowingMask``)."""
+    """Mean ms per decode step over ``steps`` steps after ``warmup`` (greedy, logits of 1), and
+    each step's ms (a host-bound step varies with the state of the host: the list shows whether
+    a mean is the steps' or a few stalls'); ``after_step()`` runs after each timed step, outside
+    the timing; ``step_inputs()`` gives each step's further model inputs (``GrowingMask``)."""
     token = torch.randint(3, vocab, (1, 1), device=device)
     times = []
     with torch.no_grad():
@@ -142,7 +143,8 @@ def time_decode(forward, cache, steps: int, warmup: int, device, vocab: int,
                 after_step()
     mean = sum(times) / len(times)
     return {"ms_per_token": 1e3 * mean, "tokens_per_s": 1.0 / mean, "steps": steps,
-            "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times)}
+            "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times),
+            "ms_steps": [round(1e3 * t, 3) for t in times]}
 
 
 def _bank_totals(cache) -> dict:

@@ -18,6 +18,9 @@ def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     result = json.loads((tmp_path / "e2e.json").read_text())
     (row,) = result["decode"]
     assert row["ours"]["tokens_per_s"] > 0 and row["dense"]["tokens_per_s"] > 0
+    steps = row["ours"]["ms_steps"]
+    assert len(steps) == row["ours"]["steps"] == 4
+    assert abs(sum(steps) / len(steps) - row["ours"]["ms_per_token"]) < 1e-2
     assert row["ours_gpu_kv"]["tokens_per_s"] > 0 and row["speedup_gpu_kv"] > 0
     assert row["ours_static_kv"]["tokens_per_s"] > 0 and row["speedup_static_kv"] > 0
     assert row["dense_static_kv"]["tokens_per_s"] > 0
