@@ -20,7 +20,8 @@ for item in "$@"; do
   echo "== $section (limit ${limit}s)"
   case "$section" in
     tests) cmd=(python3 -m pytest -q -x tests/kernels tests/offload tests/e2e/test_smollm2.py
-                tests/e2e/test_decode_cuda_graphs.py tests/e2e/test_decode_without_host_sync.py) ;;
+                tests/e2e/test_decode_cuda_graphs.py
+                tests/e2e/test_decode_without_host_sync.py) ;;
     eval) cmd=(python3 -m ihip_compile.eval --device cuda ${IHIP_EVAL_ARGS:-} --out "$out/eval") ;;
     bench-attention) cmd=(python3 -m ihip_compile.bench attention ${IHIP_BENCH_ARGS:-} --out "$out/bench") ;;
     bench-e2e) cmd=(python3 -m ihip_compile.bench e2e ${IHIP_E2E_ARGS:-} --out "$out/bench") ;;
