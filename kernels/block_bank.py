@@ -55,6 +55,14 @@ def row_block_ids(block_ids: torch.Tensor, blocks_per_row: int) -> torch.Tensor:
     return torch.where(block_ids >= 0, block_ids.long() + rows, -1)
 
 
+def repeats(sorted_ids: torch.Tensor) -> torch.Tensor:
+    """True where an id equals the one before it along the last dim (``sorted_ids`` sorted
+    there): each id's first entry is False, so a set is found on the device, with no count."""
+    repeated = torch.zeros_like(sorted_ids, dtype=torch.bool)
+    repeated[..., 1:] = sorted_ids[..., 1:] == sorted_ids[..., :-1]
+    return repeated
+
+
 def spare_for_unnamed(block_ids: torch.Tensor, n_dst_blocks: int) -> torch.Tensor:
     """Where blocks ``block_ids`` land in a destination of ``n_dst_blocks`` blocks whose last
     block is spare: -1 (no block) lands there, so a copy needs no count known on the host."""
@@ -150,8 +158,7 @@ class BlockBank:
             return
         ids, order = torch.sort(block_ids)
         slots = slots[order]
-        first = torch.ones_like(ids, dtype=torch.bool)
-        first[1:] = ids[1:] != ids[:-1]
+        first = ~repeats(ids)
         hit = slots >= 0
         miss = first & ~hit & (ids >= 0)
         n_hit, n_miss = (first & hit).sum(), miss.sum()

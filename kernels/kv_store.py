@@ -226,11 +226,13 @@ class HostKVStore:
         host = self._layer_host(layer)
         self.streamed_blocks[layer] += int((block_ids >= 0).sum()) * len(dst)
         bk = self.block_tokens
+        out = next(iter(dst.values()))
+        block_ids = block_ids.to(out.device)
+        places = spare_for_unnamed(block_ids, out.shape[2] // bk)
         for name, out in dst.items():
             by_row = host[name].view(self.batch, self.blocks_per_row, self.kv_heads, bk, -1)
             by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
-            places = spare_for_unnamed(block_ids.to(out.device), by_block.shape[2])
-            for row, ids in enumerate(block_ids.to(out.device)):
+            for row, ids in enumerate(block_ids):
                 for lo in range(0, ids.numel(), _STREAM_BLOCKS):  # bounds the device copy
                     part = ids[lo: lo + _STREAM_BLOCKS]
                     piece = host_blocks(by_row[row], part, out.device, out.dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ihip_compile.kernels.block_bank import spare_for_unnamed
+from ihip_compile.kernels.block_bank import repeats, spare_for_unnamed
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
 from ihip_compile.kernels.padding_check import hides_nothing
@@ -91,9 +91,7 @@ def _distinct_blocks(parts: list[torch.Tensor]) -> torch.Tensor:
     width: each block once, -1 in the other entries (nothing is read for them). Worked out on
     the device, with no host sync, so the host keeps queueing the next layers' work."""
     ids = torch.cat(parts, dim=1).long().sort(dim=1).values
-    repeated = torch.zeros_like(ids, dtype=torch.bool)
-    repeated[:, 1:] = ids[:, 1:] == ids[:, :-1]
-    return torch.where(repeated, -1, ids)
+    return torch.where(repeats(ids), -1, ids)
 
 
 def chunk_blocks(starts: torch.Tensor, chunk: int, block_tokens: int) -> torch.Tensor:
