@@ -139,8 +139,12 @@ class BlockBank:
 
         Their last use is left at that read's: only reads evict, and the only slots that read
         marked are these, so marking them again would not change which slots sort first."""
-        self._resident_hits += slots.numel()
+        self.count_resident(slots.numel())
         return {name: as_bits(t)[slots].view(t.dtype) for name, t in self.tensors.items()}
+
+    def count_resident(self, n: int) -> None:
+        """Count ``n`` blocks read in their slots (``bank_kv``), known to be there: hits."""
+        self._resident_hits += n
 
     def resident_slots(self, block_ids: torch.Tensor) -> torch.Tensor:
         """Slots of blocks ``block_ids`` [N] (each a block) that a read just left resident."""

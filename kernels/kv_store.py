@@ -25,6 +25,7 @@ import weakref
 
 import torch
 
+from ihip_compile.kernels.bank_kv import BankKV
 from ihip_compile.kernels.block_bank import (
     BlockBank, host_blocks, row_block_ids, spare_for_unnamed,
 )
@@ -271,6 +272,17 @@ class HostKVStore:
         """The layer's attention bank (allocated with the layer's host copies)."""
         self._layer_host(layer)
         return self._banks[layer]["attention"]
+
+    def attention_bank_kv(self, layer: int) -> tuple[BankKV, BankKV] | None:
+        """The layer's attention bank as the keys and values a decode kernel reads in its slots
+        (``bank_kv``), over the layer's tokens; None when the bank stores another dtype than the
+        model's (FP8: a copy widens its blocks)."""
+        if self.storage_dtype != self.dtype:
+            return None
+        bank = self.attention_bank(layer)
+        return tuple(BankKV(bank.tensors[name], bank.slot_of_block, self.batch,
+                            self.blocks_per_row, self.lengths[layer])
+                     for name in ("keys", "values"))
 
     def _by_row(self, blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """[B * N, H_KV, BLOCK_K, D] blocks -> [B, N, H_KV, BLOCK_K, D] (a view)."""

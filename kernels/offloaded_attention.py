@@ -10,7 +10,10 @@ shared by all layers, grown on demand) in which exactly the keys a computation r
     decode, stage 0 refresh   none on CUDA: the stage kernel reads the probed keys in pinned
                               host memory (``host_keys``); elsewhere every key, streamed
     decode, stage i > 0       keys of stage i - 1's kept chunks, through the pruning bank
-    decode attention          sinks + selected blocks + widened window, through the attention bank
+    decode attention          none: sinks + selected blocks + widened window go through the
+                              attention bank and are attended in its slots (``bank_kv``); copied
+                              into the scratch pair only when they do not all fit the bank or it
+                              stores FP8
 Other positions hold stale data from another layer; the block plan guarantees nothing reads them.
 Selections are cached across decode steps (``decode_selection_cache``), per store and layer, so
 between refreshes a decode step reads only the ~3.3k attended keys, nearly all bank hits.
@@ -43,9 +46,13 @@ def scratch(name: str, store: HostKVStore, shape: tuple[int, int, int, int]) -> 
     return buf[:numel].view(shape)
 
 
-def release_scratch() -> None:
-    """Free the scratch buffers (they are rebuilt on the next offloaded call)."""
-    _SCRATCH.clear()
+def release_scratch(name: str | None = None, store: HostKVStore | None = None) -> None:
+    """Free the scratch buffers, or the one ``name`` of ``store``'s device and dtype (rebuilt
+    on the next call that needs it)."""
+    if name is None:
+        _SCRATCH.clear()
+    else:
+        _SCRATCH.pop((name, store.device, store.dtype), None)
 
 
 def fill_blocks(store: HostKVStore, layer: int, block_ids: torch.Tensor, kind: str,
@@ -56,20 +63,33 @@ def fill_blocks(store: HostKVStore, layer: int, block_ids: torch.Tensor, kind: s
     place_blocks(store.read_bank_blocks(layer, block_ids, kind), block_ids, dst)
 
 
-def fill_attended(store: HostKVStore, layer: int, selection: torch.Tensor,
-                  window_blocks: tuple[int, int], needed, dst: dict[str, torch.Tensor]) -> None:
-    """Copy a decode step's attended blocks (``needed()`` -> [B, N]) through the attention
-    bank, or straight from its slots when the last step attended the same ones
-    (``resident_blocks``)."""
+def attended_kv(store: HostKVStore, layer: int, selection: torch.Tensor,
+                window_blocks: tuple[int, int], needed, dst):
+    """A decode step's attended blocks (``needed()`` -> [B, N]) through the attention bank:
+    returns the bank's slots to attend in place (``bank_kv``) once every block sits there;
+    otherwise copies the blocks into the scratch pair ``dst()`` ({"keys", "values"}: [B, H_KV,
+    S, D], its last block spare) and returns None. When the last step attended the same blocks
+    (``resident_blocks``), nothing is read or looked up."""
     plan = store.resident_plans.get(layer)
     bank = store.attention_bank(layer)
+    in_slots = store.attention_bank_kv(layer)
     if plan is not None and plan.still_serves(selection, window_blocks, bank):
-        place_blocks(store.read_resident(layer, plan), plan.block_ids, dst, all_named=True)
-        return
+        if in_slots is not None:
+            bank.count_resident(plan.block_ids.numel())
+            return in_slots
+        place_blocks(store.read_resident(layer, plan), plan.block_ids, dst(), all_named=True)
+        return None
     block_ids = needed()
-    fill_blocks(store, layer, block_ids, "attention", dst)
-    store.resident_plans[layer] = record(selection, window_blocks, block_ids, bank,
-                                         store.blocks_per_row)
+    got = store.read_bank_blocks(layer, block_ids, "attention")
+    plan = record(selection, window_blocks, block_ids, bank, store.blocks_per_row)
+    store.resident_plans[layer] = plan
+    if plan is not None and in_slots is not None:
+        # Decode attends in the slots from now on: the value scratch a prefill left goes back
+        # to the allocator, leaving the banks and the key scratch as the GPU's share of the KV.
+        release_scratch("values", store)
+        return in_slots
+    place_blocks(got, block_ids, dst())
+    return None
 
 
 def place_blocks(got: dict[str, torch.Tensor], block_ids: torch.Tensor,
@@ -124,23 +144,27 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     padded = (-(-s_k // bk) + 1) * bk  # whole blocks and a spare one (``place_blocks``)
     b, h_kv = k.shape[:2]
     keys = scratch("keys", store, (b, h_kv, padded, k.shape[-1]))
-    values = scratch("values", store, (b, h_kv, padded, v.shape[-1]))
+
+    def values():  # only where the values are copied: decode attends them in the bank's slots
+        return scratch("values", store, (b, h_kv, padded, v.shape[-1]))
+
     sparse_path = args["sparse_path"](q, k, v, kv_valid)
     if s_q > 1 or not sparse_path:
         store.resident_plans.pop(layer, None)
     if not sparse_path:
         store.selection_states.forget(layer)
-        store.stream_into(layer, {"keys": keys, "values": values})
+        all_values = values()
+        store.stream_into(layer, {"keys": keys, "values": all_values})
         scalars = {n: a for n, a in args.items() if n != "sparse_path"}
-        return attend(q, keys[:, :, :s_k], values[:, :, :s_k], q_positions, kv_valid, inv_freq,
-                      **scalars)
+        return attend(q, keys[:, :, :s_k], all_values[:, :, :s_k], q_positions, kv_valid,
+                      inv_freq, **scalars)
     kv_for_attention = _attended_kv_filler(store, layer, q_positions, keys, values, s_k,
                                            args["sink_tokens"])
     sparse = sparse_kwargs(args, s_k, use_triton=q.is_cuda)
     if s_q > 1:
         store.selection_states.forget(layer)
         store.stream_into(layer, {"keys": keys})
-        return sparse_attention(q, keys[:, :, :s_k], values[:, :, :s_k], q_positions,
+        return sparse_attention(q, keys[:, :, :s_k], v, q_positions,
                                 inv_freq=inv_freq, kv_for_attention=kv_for_attention, **sparse)
     chunks = list(args["stage_chunks"])
 
@@ -156,7 +180,7 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
         return keys[:, :, :s_k]
 
     return cached_sparse_decode(
-        q, keys[:, :, :s_k], values[:, :, :s_k], q_positions, inv_freq=inv_freq, layer=layer,
+        q, keys[:, :, :s_k], v, q_positions, inv_freq=inv_freq, layer=layer,
         refresh_intervals=args.get("refresh_intervals") or [1] * len(chunks),
         states=store.selection_states, keys_for_stage=keys_for_stage,
         kv_for_attention=lambda blocks, window: kv_for_attention(blocks, window, "attention"),
@@ -166,11 +190,12 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
 
 def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, values, s_k: int,
                         sink_tokens: int):
-    """``kv_for_attention(blocks, window, through)``: fill the keys and values of the sinks, the
-    selected blocks and the window of every query (positions in ``q_positions``) into the scratch
-    pair, through the attention bank (decode: the same blocks again next step) or straight from
-    host memory (``through="host"``: a prefill chunk's blocks, read once; its keys are already
-    in the scratch, streamed for scoring). Returns the (keys, values) views to attend."""
+    """``kv_for_attention(blocks, window, through)``: the keys and values of the sinks, the
+    selected blocks and the window of every query (positions in ``q_positions``), through the
+    attention bank (decode: the same blocks again next step; ``attended_kv``) or straight from
+    host memory into the scratch pair (``through="host"``: a prefill chunk's blocks, read once;
+    its keys are already in the scratch, streamed for scoring). Returns the (keys, values) to
+    attend: the bank's slots, or views of the scratch pair (``values()`` gives its values)."""
     bk = store.block_tokens
     b = keys.shape[0]
 
@@ -193,11 +218,13 @@ def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, value
             ])
 
         if through == "attention":
-            fill_attended(store, layer, blocks, (win_lo // bk, last // bk), needed,
-                          {"keys": keys, "values": values})
+            in_slots = attended_kv(store, layer, blocks, (win_lo // bk, last // bk), needed,
+                                   lambda: {"keys": keys, "values": values()})
+            if in_slots is not None:
+                return in_slots
         else:
-            store.copy_blocks_into(layer, needed(), {"values": values})
-        return keys[:, :, :s_k], values[:, :, :s_k]
+            store.copy_blocks_into(layer, needed(), {"values": values()})
+        return keys[:, :, :s_k], values()[:, :, :s_k]
 
     return fill
 

@@ -5,9 +5,10 @@ selection, sinks and window, unless the window entered a new block. The attentio
 is read by that layer's decode only, and blocks are written through, so after a read that left
 every block resident (``BlockBank.last_read_resident``) and with no slot changing hands since
 (``BlockBank.admissions``), the same slots still hold those blocks, newest tokens included. Such a
-step copies them from the bank into the attention scratch with no host sync and no lookup; any
-other step (a refresh, a new window block, a full bank, a prefill in between) reads through the
-bank as usual and records a new plan.
+step attends them in the bank's slots (``bank_kv``; or, for FP8 storage, copies them from the
+slots into the attention scratch) with no read, no host sync and no lookup; any other step (a
+refresh, a new window block, a full bank, a prefill in between) reads through the bank as usual
+and records a new plan.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from ihip_compile.kernels.host_keys import BlockMajorKeys
 
 def selection_groups(kv_heads: int, per_kv_head: bool) -> int:
     """Sequences per batch row that select on their own."""
@@ -30,7 +29,7 @@ def selection_groups(kv_heads: int, per_kv_head: bool) -> int:
 
 def fold_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, N, S, D] with N a multiple of ``groups`` -> [B * groups, N / groups, S, D]."""
-    if isinstance(t, BlockMajorKeys):  # keys scored in place in host memory
+    if not isinstance(t, torch.Tensor):  # keys read where they lie: host_keys, bank_kv
         return t.fold(groups)
     b, n = t.shape[:2]
     return t.reshape(b * groups, n // groups, *t.shape[2:])

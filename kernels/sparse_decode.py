@@ -27,6 +27,7 @@ import triton.language as tl
 from ihip_compile.kernels._primitives import (
     approximate_trig, count_valid_blocks, decode_window, fold_slot_tile, load_rows,
 )
+from ihip_compile.kernels.bank_kv import decode_addressing
 
 
 @triton.jit
@@ -62,14 +63,15 @@ def store_split_partial(acc_ptr, max_ptr, sum_ptr, split, b, heads, row_ok, cols
 @triton.jit
 def _sparse_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, blocks_ptr, inv_freq_ptr, acc_ptr, max_ptr, sum_ptr,
-    s_k, topk, sink, sink_tokens, window, head_dim, scale, softcap, slots_per_split,
+    page_table_ptr, s_k, topk, sink, sink_tokens, window, head_dim, scale, softcap,
+    slots_per_split, blocks_per_row, fold, k_rows_per_page, v_rows_per_page,
     stride_pos_b, stride_q_b, stride_q_h, stride_k_b, stride_k_h, stride_k_s, stride_v_b,
     stride_v_h, stride_v_s,
     GROUP: tl.constexpr, QROWS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
     ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PAGE_TOKENS: tl.constexpr, PAGED: tl.constexpr,
 ):
     split, kv, b, heads, row_ok, cols, col_ok = split_program(head_dim, GROUP, QROWS, BLOCK_D)
     q = load_rows(q_ptr + b * stride_q_b, heads, row_ok, stride_q_h, cols, col_ok)
@@ -78,8 +80,12 @@ def _sparse_decode_split_kernel(
     blocks_row = blocks_ptr + b * topk
     win_lo, win_len = decode_window(p, window, sink_tokens)
     n_valid = count_valid_blocks(blocks_row, topk, BLOCK_T)
-    k_base = k_ptr + b * stride_k_b + kv * stride_k_h
-    v_base = v_ptr + b * stride_v_b + kv * stride_v_h
+    if PAGED:  # sequence b is heads (b % fold) of batch row b // fold (``bank_kv``)
+        sequence, page_table_row = b % fold, page_table_ptr + (b // fold) * blocks_per_row
+    else:
+        sequence, page_table_row = b, page_table_ptr
+    k_base = k_ptr + sequence * stride_k_b + kv * stride_k_h
+    v_base = v_ptr + sequence * stride_v_b + kv * stride_v_h
     acc, running_max, running_sum = empty_softmax_state(QROWS, BLOCK_D)
     total = sink + topk * BLOCK_K + win_len
     first = split * slots_per_split
@@ -89,8 +95,9 @@ def _sparse_decode_split_kernel(
         acc, running_max, running_sum = fold_slot_tile(
             q, acc, running_max, running_sum, slot, slot < last, pos, blocks_row, topk, sink,
             window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s, stride_v_s, cols,
-            col_ok, inv_freq_ptr, scale, softcap, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM, LAYOUT,
-            FAST_TRIG, DOT_PRECISION)
+            col_ok, inv_freq_ptr, scale, softcap, page_table_row, k_rows_per_page,
+            v_rows_per_page, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM, LAYOUT, FAST_TRIG,
+            DOT_PRECISION, PAGE_TOKENS, PAGED)
     store_split_partial(acc_ptr, max_ptr, sum_ptr, split, b, heads, row_ok, cols, acc,
                         running_max, running_sum, GROUP, NUM_SPLITS, BLOCK_D)
 
@@ -148,9 +155,9 @@ def sparse_decode(
 ):
     """Decode attention for one query token per sequence.
 
-    q [B, H, 1, D]; k, v [B, H_KV, S_K, D]; block_indices [B, 1, TOPK] int32 (sorted, -1 last);
-    q_positions [B, 1] or [1] key index of the query (default: the last key, S_K - 1).
-    Returns [B, H, 1, D] in q's dtype.
+    q [B, H, 1, D]; k, v [B, H_KV, S_K, D], or both ``bank_kv.BankKV`` (read in the bank's
+    slots); block_indices [B, 1, TOPK] int32 (sorted, -1 last); q_positions [B, 1] or [1] key
+    index of the query (default: the last key, S_K - 1). Returns [B, H, 1, D] in q's dtype.
     """
     b, h, s_q, d = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
@@ -175,21 +182,21 @@ def sparse_decode(
     block_d = max(16, triton.next_power_of_2(d))
     acc, maxes, sums = split_partials(b, h, num_splits, block_d, q.device)
     rope = remap and rope_layout != 0
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    k_mem, v_mem, at = decode_addressing(k, v)
     q = q if q.stride(-1) == 1 else q.contiguous()
     group = h // h_kv
     _sparse_decode_split_kernel[(num_splits, h_kv, b)](
-        q, k, v, pos, block_indices.to(torch.int32).contiguous(),
-        inv_freq.float().contiguous() if rope else maxes, acc, maxes, sums,
+        q, k_mem, v_mem, pos, block_indices.to(torch.int32).contiguous(),
+        inv_freq.float().contiguous() if rope else maxes, acc, maxes, sums, at["table"],
         s_k, topk, sink, sink_tokens, window_tokens, d, scale, softcap, slots_per_split,
-        pos.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        at["blocks_per_row"], at["fold"], *at["rows_per_page"],
+        pos.stride(0), q.stride(0), q.stride(1), *at["strides_k"], *at["strides_v"],
         GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         BLOCK_N=block_n, BLOCK_T=min(128, max(16, triton.next_power_of_2(topk))),
         BLOCK_K=block_size_k, BLOCK_D=block_d, SOFTCAP=softcap > 0,
         REMAP=rope, ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         FAST_TRIG=rope and approximate_trig(k),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PAGE_TOKENS=at["PAGE_TOKENS"], PAGED=at["PAGED"],
     )
     return merge_splits(acc, maxes, sums, torch.empty_like(q))

@@ -182,34 +182,52 @@ def test_state_is_not_reused_when_the_selection_settings_change():
     assert (blocks >= 0).sum() <= 16 // 8
 
 
-def test_steps_attending_the_same_blocks_are_served_from_their_bank_slots(monkeypatch):
-    # Between refreshes the attended blocks repeat; such a step copies them from the slots that
-    # the previous step recorded. Poisoning the shared scratch after every step proves the copy
-    # really refills it; equality with the in-memory op proves it refills the right keys, also
-    # after the window enters a new block (steps cross two block boundaries).
+@pytest.mark.parametrize("storage", [torch.float32, torch.float8_e4m3fn])
+def test_steps_attending_the_same_blocks_read_no_bank(monkeypatch, storage):
+    # Between refreshes the attended blocks repeat; such a step reads nothing through the bank:
+    # decode attends the bank's slots in place (storage in the model's dtype), or copies the
+    # slots the previous step recorded (FP8 storage, widened by the copy). Poisoning the shared
+    # scratch after every step proves nothing stale is attended; equality with the in-memory op
+    # on the stored keys proves the right keys are, also after the window enters a new block
+    # (steps cross two block boundaries).
     from ihip_compile.kernels import offloaded_attention
-    from ihip_compile.kernels.kv_store import HostKVStore
+    from ihip_compile.kernels.block_bank import BlockBank
 
-    served = []
-    original = HostKVStore.read_resident
-    monkeypatch.setattr(HostKVStore, "read_resident",
-                        lambda self, layer, plan: served.append(layer) or original(self, layer, plan))
+    reads = []
+    original = BlockBank.read
+    monkeypatch.setattr(BlockBank, "read", lambda self, *a, **k: reads.append(self)
+                        or original(self, *a, **k))
     prompt = 404
-    keys, values, cache = _cached_prompt(prompt, capacity=512, bank_tokens=256, seed=3)
+    torch.manual_seed(3)
+    keys, values = torch.randn(1, 2, prompt, 16), torch.randn(1, 2, prompt, 16)
+    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=512,
+                           dtype=torch.float32, device="cpu", gpu_cache_tokens=256,
+                           storage_dtype=storage)
+    cache.update(keys, values, 0)
+    offloaded_attention.scratch("values", cache.store, (1, 2, 512, 16))  # as a prefill leaves it
+    keys, values = keys.to(storage).float(), values.to(storage).float()
     for step in range(20):
         q, k_new, v_new = _decode_inputs(prompt + step, seed=10 + step)
-        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
         k_proxy, v_proxy = cache.update(k_new, v_new, 0)
+        keys = torch.cat([keys, k_new.to(storage).float()], 2)
+        values = torch.cat([values, v_new.to(storage).float()], 2)
         pos = torch.tensor([keys.shape[2] - 1])
         args = dict(layer=0, scale=0.25, refresh_intervals=[32, 16], **OP_ARGS)
+        hits_before, reads_before = cache.hit_counts()[0]["attention_hits"], len(reads)
         got = torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, **args)
         want = torch.ops.ihip.attention(q, keys, values, pos, None, None, **args)
         assert torch.equal(got, want), f"step {step}"
+        if len(reads) == reads_before:  # served with no read: still counted as hits
+            assert cache.hit_counts()[0]["attention_hits"] > hits_before, f"step {step}"
         for buffer in offloaded_attention._SCRATCH.values():
             buffer.fill_(float("nan"))
-    # 20 steps: the first reads through the bank, as do the two that enter a new window block
-    # and the one that refreshes stage 1 (step 16).
-    assert len(served) == 16, served
+    # 20 steps: the first reads through the attention bank, as do the two that enter a new
+    # window block and the one that refreshes stage 1 (step 16, also a pruning-bank read).
+    attention_bank = cache.store.attention_bank(0)
+    assert sum(bank is attention_bank for bank in reads) == 4
+    # Attending in the slots releases the value scratch; copies keep it.
+    value_scratch = ("values", cache.store.device, cache.store.dtype)
+    assert (value_scratch in offloaded_attention._SCRATCH) == (storage != torch.float32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory read by a GPU kernel")
