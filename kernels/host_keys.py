@@ -68,6 +68,9 @@ class BlockMajorKeys:
         """
         b, heads, block = self.batch, self.blocks.shape[1], self.blocks.shape[2]
         used = -(-self.length // block)
-        rows = self.blocks.view(b, -1, *self.blocks.shape[1:])[:, :used].to(self.device)
+        rows = self.blocks.view(b, -1, *self.blocks.shape[1:])[:, :used]
+        # Pinned memory, written only in stream order (appends) or after a device wait: the copy
+        # need not stop the host.
+        rows = rows.to(self.device, non_blocking=True)
         plain = rows.permute(0, 2, 1, 3, 4).reshape(b, heads, -1, self.blocks.shape[3])
         return plain[:, :, : self.length].reshape(*self.shape)
