@@ -113,7 +113,10 @@ class IHipConfig:
     calibrated_layers: tuple[LayerChoice, ...] = ()
     # --- offload ------------------------------------------------------------------------------
     offload_kv: bool = False
+    # Tokens per layer held on the GPU: the attention bank (K and V of recently attended
+    # blocks) and the pruning bank (keys the later pruning stages score; None: the same size).
     gpu_cache_tokens: int = 65536
+    pruning_cache_tokens: int | None = None
     # --- pipeline and reports -----------------------------------------------------------------
     passes: tuple[str, ...] = ALL_PASSES
     report_dir: str | None = None
@@ -130,6 +133,8 @@ class IHipConfig:
         _check_int(self, "sliding_window_tokens", minimum=0)
         _check_int(self, "selected_tokens", minimum=0)
         _check_int(self, "gpu_cache_tokens", minimum=1)
+        if self.pruning_cache_tokens is not None:
+            _check_int(self, "pruning_cache_tokens", minimum=1)
         _check_int(self, "exact_probe_query_blocks", minimum=0)
         if not isinstance(self.decode_cuda_graphs, bool):
             raise ValueError(f"decode_cuda_graphs must be true or false, got "

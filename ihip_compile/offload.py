@@ -73,7 +73,9 @@ class OffloadedCache(Cache):
     """KV cache in host memory with GPU banks of recently used blocks (see module docstring).
 
     Shapes come from ``model_config`` (a transformers config) unless given. ``gpu_cache_tokens``
-    sizes each layer's attention bank and pruning bank (default: ``IHipConfig.gpu_cache_tokens``);
+    sizes each layer's attention bank and ``pruning_cache_tokens`` its pruning bank (defaults:
+    ``IHipConfig.gpu_cache_tokens`` and ``pruning_cache_tokens``, the latter by default the
+    former);
     ``storage_dtype=torch.float8_e4m3fn`` halves host memory and PCIe traffic (lossy).
     """
 
@@ -102,7 +104,8 @@ class OffloadedCache(Cache):
             value_dim=head_dim, capacity_tokens=max_cache_tokens,
             block_tokens=ihip_config.block_size_k, dtype=dtype, device=device,
             storage_dtype=storage_dtype, attention_bank_tokens=gpu_cache_tokens,
-            pruning_bank_tokens=pruning_cache_tokens or gpu_cache_tokens,
+            pruning_bank_tokens=(pruning_cache_tokens or ihip_config.pruning_cache_tokens
+                                 or gpu_cache_tokens),
         )
         store_id = register_store(self.store)
         super().__init__(layers=[OffloadedLayer(store_id, i) for i in range(num_layers)])

@@ -27,7 +27,7 @@ _PENDING: dict[tuple, dict[str, torch.Tensor]] = {}
 _lib = torch.library.Library("ihip", "FRAGMENT")
 _lib.define(
     "kv_offload_concat(Tensor past, Tensor new, *, int layer, int num_layers, bool is_value, "
-    "int block_tokens, int gpu_cache_tokens) -> Tensor"
+    "int block_tokens, int gpu_cache_tokens, int pruning_cache_tokens) -> Tensor"
 )
 
 
@@ -35,22 +35,24 @@ def _past_tokens(past: torch.Tensor):
     return past.shape[-2] if past.dim() == 4 else 0  # an empty 1-D tensor before the first step
 
 
-def _store_for(new: torch.Tensor, num_layers: int, block_tokens: int, gpu_cache_tokens: int):
+def _store_for(new: torch.Tensor, num_layers: int, block_tokens: int, gpu_cache_tokens: int,
+               pruning_cache_tokens: int):
     batch, heads, _, dim = new.shape
-    key = (num_layers, batch, heads, dim, new.dtype, new.device, block_tokens, gpu_cache_tokens)
+    key = (num_layers, batch, heads, dim, new.dtype, new.device, block_tokens, gpu_cache_tokens,
+           pruning_cache_tokens)
     if key not in _STORES:
         _STORES[key] = HostKVStore(
             num_layers=num_layers, batch=batch, kv_heads=heads, head_dim=dim, value_dim=dim,
             capacity_tokens=INITIAL_TOKENS, block_tokens=block_tokens, dtype=new.dtype,
             device=new.device, attention_bank_tokens=gpu_cache_tokens,
-            pruning_bank_tokens=gpu_cache_tokens,
+            pruning_bank_tokens=pruning_cache_tokens,
         )
     return _STORES[key]
 
 
 def _kv_offload_concat(past, new, *, layer, num_layers, is_value, block_tokens,
-                       gpu_cache_tokens):
-    store = _store_for(new, num_layers, block_tokens, gpu_cache_tokens)
+                       gpu_cache_tokens, pruning_cache_tokens):
+    store = _store_for(new, num_layers, block_tokens, gpu_cache_tokens, pruning_cache_tokens)
     past_tokens = _past_tokens(past)
     pending = _PENDING.setdefault((id(store), layer), {})
     if past_tokens == 0 and not pending:

@@ -409,17 +409,22 @@ def capacity_section(args, model, device, dtype) -> dict:
                             f" bench process had {in_use} bytes allocated, {free} free")
     host = available_host_bytes()
     ours_tokens = host // per_token_host
-    gpu_cache_tokens = args.config.gpu_cache_tokens
-    banks = FULL_LAYERS * gpu_cache_tokens * heads * dim * item * 3  # attention K+V, pruning K
-    scratch = ours_tokens * heads * 2 * dim * item  # one layer's K/V at the full context
+    attention, pruning = args.config.gpu_cache_tokens, (args.config.pruning_cache_tokens
+                                                         or args.config.gpu_cache_tokens)
+    banks = FULL_LAYERS * (2 * attention + pruning) * heads * dim * item  # attention K+V, keys
+    # One layer's scratch at the full context: keys while decoding (values are attended in the
+    # bank's slots), keys and values during a prefill chunk.
+    decode_scratch = ours_tokens * heads * dim * item
     out.update(host_available_bytes=host, ours_max_tokens=ours_tokens,
-               ours_gpu_kv_bytes_at_max=banks + scratch, ours_gpu_bank_bytes=banks,
-               ours_gpu_scratch_bytes_at_max=scratch)
+               ours_gpu_kv_bytes_at_max=banks + 2 * decode_scratch, ours_gpu_bank_bytes=banks,
+               ours_gpu_scratch_bytes_at_max=2 * decode_scratch,
+               ours_gpu_decode_kv_bytes_at_max=banks + decode_scratch)
     if "dense_max_tokens" in out:
         out["capacity_ratio"] = ours_tokens / max(out["dense_max_tokens"], 1)
-        dense_kv = out["dense_max_tokens"] * per_token_gpu
-        out["ours_gpu_kv_fraction_of_dense_at_dense_max"] = (
-            banks + out["dense_max_tokens"] * heads * 2 * dim * item) / max(dense_kv, 1)
+        dense_kv = max(out["dense_max_tokens"] * per_token_gpu, 1)
+        layer_kv = out["dense_max_tokens"] * heads * dim * item  # one layer's keys
+        out["ours_gpu_kv_fraction_of_dense_at_dense_max"] = (banks + 2 * layer_kv) / dense_kv
+        out["ours_gpu_decode_kv_fraction_of_dense_at_dense_max"] = (banks + layer_kv) / dense_kv
     return out
 
 

@@ -73,3 +73,15 @@ def test_cache_refuses_beam_search_style_reordering(model):
 def test_cache_too_large_for_host_memory_fails_at_construction(model):
     with pytest.raises(ValueError, match="bytes of host memory .* are available"):
         OffloadedCache(model.config, max_cache_tokens=10**13)
+
+
+def test_bank_sizes_come_from_the_config_or_the_arguments(model):
+    from ihip_compile.config import IHipConfig
+
+    config = IHipConfig(gpu_cache_tokens=64, pruning_cache_tokens=256)
+    cache = OffloadedCache(model.config, max_cache_tokens=16, ihip_config=config)
+    assert cache.store.bank_slots == {"attention": 64 // 8, "pruning": 256 // 8}
+    cache = OffloadedCache(model.config, max_cache_tokens=16, gpu_cache_tokens=32)
+    assert cache.store.bank_slots == {"attention": 32 // 8, "pruning": 32 // 8}
+    with pytest.raises(ValueError, match="pruning_cache_tokens"):
+        IHipConfig(pruning_cache_tokens=0)
