@@ -157,10 +157,11 @@ class HostKVStore:
             raise ValueError(f"layer {layer}: keys of dtype {key.dtype}, store of {self.dtype}")
         self.device = self.device or key.device
         host = self._layer_host(layer)
-        for name, new in (("keys", key), ("values", value)):
-            banks = [(bank.slot_of_block, bank.tensors[name])
-                     for bank in self._banks[layer].values() if name in bank.tensors]
-            append_tokens(self._to_storage(new), host[name], start, self.blocks_per_row, banks)
+        writes = [(self._to_storage(new), host[name],
+                   [(bank.slot_of_block, bank.tensors[name])
+                    for bank in self._banks[layer].values() if name in bank.tensors])
+                  for name, new in (("keys", key), ("values", value))]
+        append_tokens(writes, start, self.blocks_per_row)
         self.lengths[layer] = end
 
     def reset_layer(self, layer: int) -> None:

@@ -42,7 +42,7 @@ def test_append_matches_reference(batch, heads, dim, start, s_new, dtype):
     want_host, want_banks = host.clone(), [(s, b.clone()) for s, b in banks]
     append_tokens_ref(new, want_host, start, blocks_per_row, want_banks)
     got_host, got_banks = _on(DEVICE, host, banks)
-    append_tokens_kernel(new.to(DEVICE), got_host, start, blocks_per_row, got_banks)
+    append_tokens_kernel([(new.to(DEVICE), got_host, got_banks)], start, blocks_per_row)
     assert torch.equal(as_bits(got_host).cpu(), as_bits(want_host))
     for (_, got), (_, want) in zip(got_banks, want_banks):
         assert torch.equal(as_bits(got).cpu(), as_bits(want))
@@ -60,7 +60,7 @@ def test_append_with_one_bank_and_without_banks():
         want_host, want_banks = host.clone(), [(s, b.clone()) for s, b in use]
         append_tokens_ref(new, want_host, 9, 4, want_banks)
         got_host, got_banks = _on(DEVICE, host, use)
-        append_tokens_kernel(new.to(DEVICE), got_host, 9, 4, got_banks)
+        append_tokens_kernel([(new.to(DEVICE), got_host, got_banks)], 9, 4)
         assert torch.equal(got_host.cpu(), want_host)
         for (_, got), (_, want) in zip(got_banks, want_banks):
             assert torch.equal(got.cpu(), want)
@@ -73,4 +73,42 @@ def test_mismatched_bank_blocks_rejected():
     bank = torch.zeros(2, 2, BLOCK, 32, device=DEVICE)
     slots = torch.full((4,), -1, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="bank blocks"):
-        append_tokens_kernel(torch.zeros(1, 2, 1, 16, device=DEVICE), host, 0, 4, [(slots, bank)])
+        append_tokens_kernel([(torch.zeros(1, 2, 1, 16, device=DEVICE), host, [(slots, bank)])],
+                             0, 4)
+
+
+@pytest.mark.parametrize("batch,start,s_new", [(1, 0, 1), (2, 6, 1), (2, 3, 21)])
+def test_keys_and_values_in_one_launch(batch, start, s_new):
+    # Keys with two banks, values of another head dim with one: each lands as alone.
+    from ihip_compile.kernels.token_append import append_tokens_kernel
+
+    gen = torch.Generator().manual_seed(batch * 10 + s_new)
+    blocks_per_row = -(-(start + s_new) // BLOCK) + 1
+    keys_host, key_banks = _store(batch, 2, 16, blocks_per_row, torch.bfloat16, gen)
+    values_host, value_banks = _store(batch, 2, 24, blocks_per_row, torch.bfloat16, gen)
+    value_banks = value_banks[:1]
+    new_k = torch.randn(batch, s_new, 2, 16, generator=gen).to(torch.bfloat16).transpose(1, 2)
+    new_v = torch.randn(batch, 2, s_new, 24, generator=gen).to(torch.bfloat16)
+    wants, writes = [], []
+    for new, host, banks in ((new_k, keys_host, key_banks), (new_v, values_host, value_banks)):
+        want_host, want_banks = host.clone(), [(s, b.clone()) for s, b in banks]
+        append_tokens_ref(new, want_host, start, blocks_per_row, want_banks)
+        wants.append((want_host, want_banks))
+        got_host, got_banks = _on(DEVICE, host, banks)
+        writes.append((new.to(DEVICE), got_host, got_banks))
+    append_tokens_kernel(writes, start, blocks_per_row)
+    for (_, got_host, got_banks), (want_host, want_banks) in zip(writes, wants):
+        assert torch.equal(got_host.cpu(), want_host)
+        for (_, got), (_, want) in zip(got_banks, want_banks):
+            assert torch.equal(got.cpu(), want)
+
+
+def test_writes_of_one_launch_must_agree_on_tokens():
+    from ihip_compile.kernels.token_append import append_tokens_kernel
+
+    host = torch.zeros(4, 2, BLOCK, 16, device=DEVICE)
+    writes = [(torch.zeros(1, 2, n, 16, device=DEVICE), host, []) for n in (1, 2)]
+    with pytest.raises(ValueError, match="same batch, heads and tokens"):
+        append_tokens_kernel(writes, 0, 4)
+    with pytest.raises(ValueError, match="1 to 2 writes"):
+        append_tokens_kernel(writes * 2, 0, 4)
