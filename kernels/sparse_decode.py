@@ -182,21 +182,21 @@ def sparse_decode(
     block_d = max(16, triton.next_power_of_2(d))
     acc, maxes, sums = split_partials(b, h, num_splits, block_d, q.device)
     rope = remap and rope_layout != 0
-    k_mem, v_mem, at = decode_addressing(k, v)
+    k_mem, v_mem, paging = decode_addressing(k, v)
     q = q if q.stride(-1) == 1 else q.contiguous()
     group = h // h_kv
     _sparse_decode_split_kernel[(num_splits, h_kv, b)](
         q, k_mem, v_mem, pos, block_indices.to(torch.int32).contiguous(),
-        inv_freq.float().contiguous() if rope else maxes, acc, maxes, sums, at["table"],
+        inv_freq.float().contiguous() if rope else maxes, acc, maxes, sums, paging["table"],
         s_k, topk, sink, sink_tokens, window_tokens, d, scale, softcap, slots_per_split,
-        at["blocks_per_row"], at["fold"], *at["rows_per_page"],
-        pos.stride(0), q.stride(0), q.stride(1), *at["strides_k"], *at["strides_v"],
+        paging["blocks_per_row"], paging["fold"], *paging["rows_per_page"],
+        pos.stride(0), q.stride(0), q.stride(1), *paging["strides_k"], *paging["strides_v"],
         GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         BLOCK_N=block_n, BLOCK_T=min(128, max(16, triton.next_power_of_2(topk))),
         BLOCK_K=block_size_k, BLOCK_D=block_d, SOFTCAP=softcap > 0,
         REMAP=rope, ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         FAST_TRIG=rope and approximate_trig(k),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        PAGE_TOKENS=at["PAGE_TOKENS"], PAGED=at["PAGED"],
+        PAGE_TOKENS=paging["PAGE_TOKENS"], PAGED=paging["PAGED"],
     )
     return merge_splits(acc, maxes, sums, torch.empty_like(q))
