@@ -6,7 +6,8 @@ kernel finds key s at row s, costs two copies per layer and step and a [B, H_KV,
 buffer. Instead the decode kernel reads the bank itself, as paged attention does: key s of batch
 row b lies in slot ``slot_of_block[b * BLOCKS_PER_ROW + s // PAGE]`` at row ``s % PAGE``
 (``decode_addressing``). This class stands in for the [B, H_KV, S_K, D] tensor the kernel
-otherwise gets; ``as_tensor`` is that tensor, the reference's view of the same keys.
+otherwise gets; ``as_tensor`` is that tensor, and the reference reads the rows it attends from
+the slots (``rows_at``: only those, so the CPU path stays proportional to the attended keys).
 """
 
 from __future__ import annotations
@@ -83,9 +84,19 @@ class BankKV:
         return plain[:, :, : self.length].reshape(self.shape)
 
 
-def as_plain(t):
-    """``t`` as a tensor: bank slots gathered (``BankKV.as_tensor``), a tensor as it is."""
-    return t.as_tensor() if isinstance(t, BankKV) else t
+def rows_at(t, keys: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` ([B, H_KV, S, D] tensor or ``BankKV``) at key positions ``keys`` [B, *]
+    of each sequence: [B, *, H_KV, D]; for bank slots, rows of blocks not in the bank are 0."""
+    batch = torch.arange(t.shape[0], device=keys.device).view(-1, *[1] * (keys.dim() - 1))
+    if not isinstance(t, BankKV):
+        return t.transpose(1, 2)[batch, keys]
+    heads = t.shape[1]
+    row, group = batch // t.groups, batch % t.groups
+    table = t.slot_of_block[: t.batch * t.blocks_per_row].view(t.batch, t.blocks_per_row)
+    slot = table[row, keys // t.page_tokens][..., None]
+    head = group[..., None] * heads + torch.arange(heads, device=keys.device)
+    got = t.slots[slot.clamp(min=0), head, (keys % t.page_tokens)[..., None]]
+    return torch.where(slot[..., None] >= 0, got, 0)
 
 
 def decode_addressing(k, v) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ihip_compile.kernels.bank_kv import rows_at
 from ihip_compile.kernels.rope_delta_ref import rotate_by_delta
 
 # Bounds the fp32 score tensor of one group of query blocks (elements).
@@ -119,10 +120,8 @@ def block_sparse_attention_ref(
 
 def _attend_group(q_blocks, k, v, pos, keys, ok, kind, delta, scale, softcap, sink, window,
                   remap, inv_freq, rotary_dim, rope_layout):
-    b = q_blocks.shape[0]
-    batch = torch.arange(b, device=k.device)[:, None, None]
-    k_sel = k.transpose(1, 2)[batch, keys]  # [B, NB, L, H_KV, D]
-    v_sel = v.transpose(1, 2)[batch, keys]
+    k_sel = rows_at(k, keys)  # [B, NB, L, H_KV, D]
+    v_sel = rows_at(v, keys)
     if remap and rope_layout:
         k_sel = rotate_by_delta(k_sel, delta[..., None], inv_freq, rotary_dim, rope_layout)
     acc = torch.promote_types(q_blocks.dtype, torch.float32)  # fp32, or fp64 for the fp64 stick

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from ihip_compile.kernels.bank_kv import as_plain
 from ihip_compile.kernels.block_sparse_attention_ref import block_sparse_attention_ref
 
 
@@ -18,8 +17,7 @@ def sparse_decode_ref(
     inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0, num_splits=None,
 ):
     """q [B, H, 1, D]; block_indices [B, 1, TOPK]; q_positions [B, 1] (default S_K - 1); k, v
-    tensors or ``bank_kv.BankKV`` (their ``as_tensor``)."""
-    k, v = as_plain(k), as_plain(v)
+    tensors or ``bank_kv.BankKV`` (the tensors of their ``as_tensor``)."""
     b, s_k = q.shape[0], k.shape[2]
     if q.shape[2] != 1:
         raise ValueError(f"sparse_decode takes one query token (S_Q == 1), got S_Q={q.shape[2]}")

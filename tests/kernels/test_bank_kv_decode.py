@@ -127,3 +127,19 @@ def test_bad_pairs_are_refused():
         decode_addressing(pk, BankKV(k, table.clone(), 1, 4, 30))
     with pytest.raises(ValueError, match="do not fit"):
         BankKV(k, table, 1, 4, 33)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_reference_reads_only_the_rows_it_attends_and_they_equal_the_tensors(groups):
+    from ihip_compile.kernels.bank_kv import rows_at
+
+    _, k, _, _ = _inputs(2, 4, 4, 77, torch.float32, seed=9)
+    pk, _ = _paged(k, k, seed=3)
+    table = pk.slot_of_block.clone()
+    table[1] = -1  # block 1 of row 0 is not in the bank: its rows read as zeros
+    pk = BankKV(pk.slots, table, 2, pk.blocks_per_row, 77).fold(groups)
+    keys = torch.randint(0, 77, (2 * groups, 3, 5), generator=torch.Generator().manual_seed(1))
+    keys[0, 0, 0] = 9  # in block 1
+    want = rows_at(pk.as_tensor(), keys.to(DEVICE))
+    got = rows_at(pk, keys.to(DEVICE))
+    assert torch.equal(got, want) and not want[0, 0, 0].any()
