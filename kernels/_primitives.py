@@ -251,23 +251,23 @@ def page_rows(key, ok, page_table_row, rows_per_page, PAGE_TOKENS: tl.constexpr,
 def fold_slot_tile(q, acc, running_max, running_sum, slot, slot_ok, pos, blocks_row, topk, sink,
                    window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s,
                    stride_v_s, cols, col_ok, inv_freq_ptr, scale, softcap, page_table_row,
-                   k_rows_per_page, v_rows_per_page,
+                   rows_per_page,
                    BLOCK_K: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
                    ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, PAGE_TOKENS: tl.constexpr = 1,
                    PAGED: tl.constexpr = False):
     """One tile of a query block's key list: gather K (re-positioned if REMAP) and V, mask,
     and fold into the online-softmax state of the query rows ``q`` at key indices ``pos``.
-    PAGED: K and V lie in pages (``page_rows``) rather than one row per key."""
+    PAGED: K and V lie in pages (``page_rows``, the same for both) rather than one row per
+    key."""
     key, ok, is_sel, is_win, delta = attended_slots(
         slot, blocks_row, topk, sink, win_lo, win_len, n_valid, s_k, BLOCK_K)
     ok = ok & slot_ok
-    k_rows = page_rows(key, ok, page_table_row, k_rows_per_page, PAGE_TOKENS, PAGED)
-    v_rows = page_rows(key, ok, page_table_row, v_rows_per_page, PAGE_TOKENS, PAGED)
+    rows = page_rows(key, ok, page_table_row, rows_per_page, PAGE_TOKENS, PAGED)
     # V is gathered before the K work, not after the scores: both gathers depend only on the key
     # indices, so they are in flight together (a decode program walks a single tile).
-    values = load_rows(v_base, v_rows, ok, stride_v_s, cols, col_ok)
-    keys = load_rows_moved(k_base, k_rows, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
+    values = load_rows(v_base, rows, ok, stride_v_s, cols, col_ok)
+    keys = load_rows_moved(k_base, rows, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
                            REMAP, ROTARY_DIM, LAYOUT, FAST_TRIG)
     scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION)
     return fold_scores(scores, values, acc, running_max, running_sum, key, ok, is_sel, is_win,

@@ -109,11 +109,14 @@ def decode_addressing(k, v) -> tuple[torch.Tensor, torch.Tensor, dict]:
         k = k if k.stride(-1) == 1 else k.contiguous()
         v = v if v.stride(-1) == 1 else v.contiguous()
         return k, v, dict(strides_k=k.stride()[:3], strides_v=v.stride()[:3], table=k,
-                          blocks_per_row=0, rows_per_page=(0, 0), fold=1, PAGE_TOKENS=1,
+                          blocks_per_row=0, rows_per_page=0, fold=1, PAGE_TOKENS=1,
                           PAGED=False)
     same_bank = k.slot_of_block is v.slot_of_block and k.groups == v.groups
     if not same_bank or k.shape[:3] != v.shape[:3]:
         raise ValueError("paged k and v must be the same bank's slots, folded alike")
+    rows_per_page = {t.slots.stride(0) // t.slots.stride(2) for t in (k, v)}
+    if len(rows_per_page) != 1:
+        raise ValueError("paged k and v must hold as many rows per slot (H_KV x PAGE)")
     heads = k.shape[1]
 
     def strides(t: BankKV) -> tuple[int, int, int]:
@@ -123,6 +126,5 @@ def decode_addressing(k, v) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return k.slots, v.slots, dict(
         strides_k=strides(k), strides_v=strides(v), table=k.slot_of_block,
         blocks_per_row=k.blocks_per_row,
-        rows_per_page=(k.slots.stride(0) // k.slots.stride(2),
-                       v.slots.stride(0) // v.slots.stride(2)),
+        rows_per_page=rows_per_page.pop(),
         fold=k.groups, PAGE_TOKENS=k.page_tokens, PAGED=True)

@@ -103,7 +103,7 @@ def _block_sparse_attention_kernel(
             acc, running_max, running_sum = fold_slot_tile(
                 q, acc, running_max, running_sum, slot, slot >= 0, pos, blocks_row, topk, sink,
                 window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s, stride_v_s,
-                cols, col_ok, inv_freq_ptr, scale, softcap, blocks_row, 0, 0, BLOCK_K, SOFTCAP,
+                cols, col_ok, inv_freq_ptr, scale, softcap, blocks_row, 0, BLOCK_K, SOFTCAP,
                 REMAP, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
     out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
     o_ptrs = (out_ptr + b * stride_o_b

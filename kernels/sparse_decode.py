@@ -64,7 +64,7 @@ def store_split_partial(acc_ptr, max_ptr, sum_ptr, split, b, heads, row_ok, cols
 def _sparse_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, blocks_ptr, inv_freq_ptr, acc_ptr, max_ptr, sum_ptr,
     page_table_ptr, s_k, topk, sink, sink_tokens, window, head_dim, scale, softcap,
-    slots_per_split, blocks_per_row, fold, k_rows_per_page, v_rows_per_page,
+    slots_per_split, blocks_per_row, fold, rows_per_page,
     stride_pos_b, stride_q_b, stride_q_h, stride_k_b, stride_k_h, stride_k_s, stride_v_b,
     stride_v_h, stride_v_s,
     GROUP: tl.constexpr, QROWS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -95,9 +95,8 @@ def _sparse_decode_split_kernel(
         acc, running_max, running_sum = fold_slot_tile(
             q, acc, running_max, running_sum, slot, slot < last, pos, blocks_row, topk, sink,
             window, win_lo, win_len, n_valid, s_k, k_base, v_base, stride_k_s, stride_v_s, cols,
-            col_ok, inv_freq_ptr, scale, softcap, page_table_row, k_rows_per_page,
-            v_rows_per_page, BLOCK_K, SOFTCAP, REMAP, ROTARY_DIM, LAYOUT, FAST_TRIG,
-            DOT_PRECISION, PAGE_TOKENS, PAGED)
+            col_ok, inv_freq_ptr, scale, softcap, page_table_row, rows_per_page, BLOCK_K,
+            SOFTCAP, REMAP, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION, PAGE_TOKENS, PAGED)
     store_split_partial(acc_ptr, max_ptr, sum_ptr, split, b, heads, row_ok, cols, acc,
                         running_max, running_sum, GROUP, NUM_SPLITS, BLOCK_D)
 
@@ -189,7 +188,7 @@ def sparse_decode(
         q, k_mem, v_mem, pos, block_indices.to(torch.int32).contiguous(),
         inv_freq.float().contiguous() if rope else maxes, acc, maxes, sums, paging["table"],
         s_k, topk, sink, sink_tokens, window_tokens, d, scale, softcap, slots_per_split,
-        paging["blocks_per_row"], paging["fold"], *paging["rows_per_page"],
+        paging["blocks_per_row"], paging["fold"], paging["rows_per_page"],
         pos.stride(0), q.stride(0), q.stride(1), *paging["strides_k"], *paging["strides_v"],
         GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         BLOCK_N=block_n, BLOCK_T=min(128, max(16, triton.next_power_of_2(topk))),
