@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from ihip_compile.kernels.cuda_graph import capture_cuda_graph
 from ihip_compile.passes.segment_decode_graph import decode_graph_problem, segment_decode_graph
 
 log = logging.getLogger(__name__)
@@ -49,17 +50,10 @@ class CudaGraphCapture:
                 ) -> tuple[Callable[[], None], tuple]:
         """Warm ``run`` up on a side stream of ``device``, capture it; returns
         ``(replay, outputs)``."""
-        with torch.cuda.device(device):
-            if self.pool is None:
+        if self.pool is None:
+            with torch.cuda.device(device):
                 self.pool = torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run()  # first use on this stream: lazy library state is set up outside capture
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                outputs = run()
+        graph, outputs = capture_cuda_graph(run, device, self.pool)
         return graph.replay, outputs
 
 

@@ -117,11 +117,10 @@ def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
     if runs is None or len(runs) != n:  # first step, or a layer served earlier with another schedule
         runs = states.stage_runs[layer] = [0] * n
         states.steps[layer] = 0
-    states.steps[layer] = states.steps.get(layer, 0) + 1
     if start == n:
-        state.ages = [a + 1 for a in state.ages]
-        state.s_k = s_k
+        continue_cached(states, layer, state, s_k)
         return state.blocks, s_k - state.stage0_s_k
+    states.steps[layer] = states.steps.get(layer, 0) + 1
     blocks, new_stages = run_stages(start, state.stages[start - 1] if start else None)
     if len(new_stages) != n - start:
         raise ValueError(f"run_stages returned {len(new_stages)} stages, expected {n - start}")
@@ -136,6 +135,14 @@ def cached_selection(states: SelectionStates, layer: int, s_k: int, batch: int,
         state.ages = [a + 1 for a in state.ages[:start]] + [0] * (n - start)
         state.blocks, state.s_k, state.positioned = blocks, s_k, None
     return blocks, s_k - state.stage0_s_k
+
+
+def continue_cached(states: SelectionStates, layer: int, state: SelectionState, s_k: int) -> None:
+    """Count a decode step of ``s_k`` keys that ``state``'s cached stages serve whole (no stage
+    due: ``first_stage_to_run`` returned the number of stages)."""
+    states.steps[layer] = states.steps.get(layer, 0) + 1
+    state.ages = [a + 1 for a in state.ages]
+    state.s_k = s_k
 
 
 def _same_fingerprint(stored: torch.Tensor | None, fingerprint: torch.Tensor) -> bool:
@@ -209,14 +216,20 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
                          states: SelectionStates = DENSE_PATH_STATES, keys_for_stage=None,
                          kv_for_attention=None, first_probes: int = DEFAULT_FIRST_PROBES,
                          exact_probe_blocks: int = 0, first_stage_blocks: int = 1,
-                         per_kv_head: bool = False):
+                         per_kv_head: bool = False, attend=None):
     """Sparse decode (S_Q == 1) with the selection cached across steps: the decode branch of
     ``sparse_attention`` with ``select_blocks`` replaced by ``cached_decode_blocks``.
 
     ``kv_for_attention(blocks [B, G, 1, TOPK], window_tokens)``, when given, returns the
     (k, v) to attend (the offloaded cache fills the attended blocks); otherwise ``k``, ``v`` are
     used. ``keys_for_stage`` gets candidates as [B, G, NQB, N]. G is 1 (one selection per
-    layer) or H_KV (``per_kv_head``), ``selection_scope.py``.
+    layer) or H_KV (``per_kv_head``), ``selection_scope.py``. ``attend(q, k, v, blocks, pos,
+    common)``, when given, attends the selected blocks of the folded sequences instead of
+    ``attend_selected_blocks`` (the offloaded cache replays a CUDA graph, ``decode_step_graph``).
+
+    On the Triton path every step splits its key list as for the widest window it can have
+    before stage 0 runs again (``window_tokens`` plus stage 0's refresh interval), so that the
+    steps between refreshes launch alike.
     """
     check_attention_inputs(q, k, v, q_positions)
     if remap and not (rope_layout != 0 and inv_freq is not None and rotary_dim > 0):
@@ -240,8 +253,12 @@ def cached_sparse_decode(q, k, v, q_positions, *, layer: int, refresh_intervals,
         k, v = fold_heads(k, groups), fold_heads(v, groups)
     common = dict(scale=scale, sink_tokens=sink_tokens, window_tokens=window,
                   block_size_k=stage_chunks[-1], softcap=softcap, remap=remap, **rope_args)
+    if use_triton:
+        common["max_window_tokens"] = window_tokens + int(refresh_intervals[0])
     if remap and kv_for_attention is None:
         out = attend_positioned(q, k, v, pos, states.by_layer[layer], use_triton, common)
+    elif attend is not None:
+        out = attend(q, k, v, blocks, pos, common)
     else:
         out = attend_selected_blocks(q, k, v, blocks, pos, block_size_q, use_triton, common)
     return unfold_heads(out, b)

@@ -25,6 +25,7 @@ import weakref
 
 import torch
 
+from ihip_compile.kernels.append_step_graph import AppendStepGraph
 from ihip_compile.kernels.bank_kv import BankKV
 from ihip_compile.kernels.block_bank import (
     BlockBank, host_blocks, row_block_ids, spare_for_unnamed,
@@ -84,6 +85,9 @@ class HostKVStore:
         self.in_place_scans = [0] * num_layers  # scoring runs that read host keys in place
         self.selection_states = SelectionStates()  # decode mask caching of this sequence batch
         self.resident_plans: dict[int, ResidentBlocks] = {}  # layer -> last attended blocks
+        self.step_graphs: dict = {}  # layer -> its decode attention graph (decode_step_graph)
+        self.armed_steps: dict = {}  # layer -> the step decode_shortcut may continue
+        self.append_graphs: dict[int, AppendStepGraph] = {}  # layer -> its decode append graph
 
     # --- sizes ---------------------------------------------------------------------------------
     @property
@@ -157,12 +161,21 @@ class HostKVStore:
             raise ValueError(f"layer {layer}: keys of dtype {key.dtype}, store of {self.dtype}")
         self.device = self.device or key.device
         host = self._layer_host(layer)
-        writes = [(self._to_storage(new), host[name],
-                   [(bank.slot_of_block, bank.tensors[name])
-                    for bank in self._banks[layer].values() if name in bank.tensors])
-                  for name, new in (("keys", key), ("values", value))]
-        append_tokens(writes, start, self.blocks_per_row)
+        if s_new == 1 and key.is_cuda:  # a decode step: the layer's captured append
+            graph = self.append_graphs.setdefault(layer, AppendStepGraph())
+            graph.append(key, value, start, lambda k, v: self._writes(layer, k, v),
+                         self.blocks_per_row, (host, self._banks[layer]))
+        else:
+            append_tokens(self._writes(layer, key, value), start, self.blocks_per_row)
         self.lengths[layer] = end
+
+    def _writes(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> list:
+        """``token_append``'s writes of new tokens to a layer's host copy and banks."""
+        host = self._host[layer]
+        return [(self._to_storage(new), host[name],
+                 [(bank.slot_of_block, bank.tensors[name])
+                  for bank in self._banks[layer].values() if name in bank.tensors])
+                for name, new in (("keys", key), ("values", value))]
 
     def reset_layer(self, layer: int) -> None:
         """Forget one layer's tokens (its next append starts a new sequence)."""

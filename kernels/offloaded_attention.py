@@ -11,8 +11,10 @@ shared by all layers, grown on demand) in which exactly the keys a computation r
                               host memory (``host_keys``); elsewhere every key, streamed
     decode, stage i > 0       keys of stage i - 1's kept chunks, through the pruning bank
     decode attention          none: sinks + selected blocks + widened window go through the
-                              attention bank and are attended in its slots (``bank_kv``); copied
-                              into the scratch pair only when they do not all fit the bank or it
+                              attention bank and are attended in its slots (``bank_kv``; on
+                              CUDA by a replayed graph, ``decode_step_graph``, and between
+                              refreshes with no other work, ``decode_shortcut``); copied into
+                              the scratch pair only when they do not all fit the bank or it
                               stores FP8
 Other positions hold stale data from another layer; the block plan guarantees nothing reads them.
 Selections are cached across decode steps (``decode_selection_cache``), per store and layer, so
@@ -23,12 +25,18 @@ from __future__ import annotations
 
 import torch
 
+from ihip_compile.kernels import decode_shortcut
+from ihip_compile.kernels.bank_kv import BankKV
 from ihip_compile.kernels.block_bank import repeats, spare_for_unnamed
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
+from ihip_compile.kernels.decode_shortcut import op_signature
+from ihip_compile.kernels.decode_step_graph import DecodeStepGraph
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
 from ihip_compile.kernels.padding_check import hides_nothing
-from ihip_compile.kernels.resident_blocks import record
-from ihip_compile.kernels.sparse_attention import sparse_attention, sparse_kwargs
+from ihip_compile.kernels.resident_blocks import record, window_first_key
+from ihip_compile.kernels.sparse_attention import (
+    attend_selected_blocks, sparse_attention, sparse_kwargs,
+)
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
@@ -140,6 +148,13 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
         kv_valid = None
     layer = args["layer"]
     store = store_for_layer(layer, s_k)
+    sparse_path = args["sparse_path"](q, k, v, kv_valid)
+    in_graphs = s_q == 1 and sparse_path and q.is_cuda  # decode attention as CUDA graphs
+    if in_graphs:
+        signature = op_signature(args, inv_freq, s_k)
+        out = decode_shortcut.take(store, layer, q, q_positions, s_k, signature)
+        if out is not None:
+            return out
     bk = store.block_tokens
     padded = (-(-s_k // bk) + 1) * bk  # whole blocks and a spare one (``place_blocks``)
     b, h_kv = k.shape[:2]
@@ -148,7 +163,6 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     def values():  # only where the values are copied: decode attends them in the bank's slots
         return scratch("values", store, (b, h_kv, padded, v.shape[-1]))
 
-    sparse_path = args["sparse_path"](q, k, v, kv_valid)
     if s_q > 1 or not sparse_path:
         store.resident_plans.pop(layer, None)
     if not sparse_path:
@@ -179,13 +193,40 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
             fill_blocks(store, layer, needed, "pruning", {"keys": keys})
         return keys[:, :, :s_k]
 
-    return cached_sparse_decode(
+    attend, replayed = (_graph_attender(store, layer, q, q_positions, args["block_size_q"])
+                        if in_graphs else (None, {}))
+    out = cached_sparse_decode(
         q, keys[:, :, :s_k], v, q_positions, inv_freq=inv_freq, layer=layer,
         refresh_intervals=args.get("refresh_intervals") or [1] * len(chunks),
         states=store.selection_states, keys_for_stage=keys_for_stage,
         kv_for_attention=lambda blocks, window: kv_for_attention(blocks, window, "attention"),
-        **sparse,
+        attend=attend, **sparse,
     )
+    if "common" in replayed:
+        decode_shortcut.arm(store, layer, signature, s_k, sparse["window_tokens"],
+                            replayed["common"])
+    else:
+        store.armed_steps.pop(layer, None)
+    return out
+
+
+def _graph_attender(store: HostKVStore, layer: int, q, q_positions, block_size_q: int):
+    """``cached_sparse_decode``'s ``attend`` for a decode step on CUDA: in the bank's slots
+    through the layer's CUDA graph (``decode_step_graph``), copies by the ordinary launch.
+    Returns it and a dict that gets the step's ``common`` keywords when the graph replayed."""
+    graph = store.step_graphs.setdefault(layer, DecodeStepGraph())
+    replayed = {}
+
+    def attend(q_folded, k, v, blocks, pos, common):
+        if not isinstance(k, BankKV):
+            return attend_selected_blocks(q_folded, k, v, blocks, pos, block_size_q, True, common)
+        before = graph.replays
+        out = graph.attend(q, q_positions, k, v, blocks, common)
+        if graph.replays > before:
+            replayed["common"] = common
+        return out
+
+    return attend, replayed
 
 
 def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, values, s_k: int,
@@ -208,7 +249,7 @@ def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, value
         else:
             first, last = torch.stack([q_positions.min(), q_positions.max()]).tolist()  # a sync
         sink = min(sink_tokens, s_k)
-        win_lo = max(sink, first - window + 1)
+        win_lo = window_first_key(first, window, sink)
 
         def needed():
             return _distinct_blocks([

@@ -41,6 +41,12 @@ class ResidentBlocks:
                 and selection.stride() == self.selection.stride())
 
 
+def window_first_key(first_query: int, window: int, sink: int) -> int:
+    """First key of the sliding window of queries from key index ``first_query`` on (``window``
+    keys each, never into the ``sink`` sinks)."""
+    return max(sink, first_query - window + 1)
+
+
 def record(selection: torch.Tensor, window_blocks: tuple[int, int], block_ids: torch.Tensor,
            bank: BlockBank, blocks_per_row: int) -> ResidentBlocks | None:
     """The plan of a read that just went through ``bank``; None if it left some block out."""

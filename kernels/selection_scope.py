@@ -40,12 +40,17 @@ def fold_positions(positions: torch.Tensor, groups: int) -> torch.Tensor:
     return positions.repeat_interleave(groups, dim=0) if groups > 1 else positions
 
 
+def fold_query_positions(q_positions: torch.Tensor, batch: int, s_q: int,
+                         groups: int) -> torch.Tensor:
+    """The op's query positions ([S_Q] or [B, S_Q]) as the kernels' [B * groups, S_Q]."""
+    pos = q_positions if q_positions.dim() == 2 else q_positions.unsqueeze(0)
+    return fold_positions(pos.expand(batch, s_q), groups)
+
+
 def fold_inputs(q, k, v, q_positions, per_kv_head: bool):
     """The op's inputs as the kernels' sequences: (q, k, v, positions [B * G, S_Q], G)."""
-    b, s_q = q.shape[0], q.shape[2]
     groups = selection_groups(k.shape[1], per_kv_head)
-    pos = q_positions.to(q.device)
-    pos = fold_positions((pos if pos.dim() == 2 else pos.unsqueeze(0)).expand(b, s_q), groups)
+    pos = fold_query_positions(q_positions.to(q.device), q.shape[0], q.shape[2], groups)
     return fold_heads(q, groups), fold_heads(k, groups), fold_heads(v, groups), pos, groups
 
 

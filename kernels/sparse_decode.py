@@ -63,7 +63,8 @@ def store_split_partial(acc_ptr, max_ptr, sum_ptr, split, b, heads, row_ok, cols
 @triton.jit
 def _sparse_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, blocks_ptr, inv_freq_ptr, acc_ptr, max_ptr, sum_ptr,
-    page_table_ptr, s_k, topk, sink, sink_tokens, window, head_dim, scale, softcap,
+    page_table_ptr, window_start_ptr, s_k, topk, sink, sink_tokens, window, head_dim, scale,
+    softcap,
     slots_per_split, blocks_per_row, fold, rows_per_page,
     stride_pos_b, stride_q_b, stride_q_h, stride_k_b, stride_k_h, stride_k_s, stride_v_b,
     stride_v_h, stride_v_s,
@@ -72,10 +73,14 @@ def _sparse_decode_split_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, REMAP: tl.constexpr,
     ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PAGE_TOKENS: tl.constexpr, PAGED: tl.constexpr,
+    WINDOW_START: tl.constexpr,
 ):
     split, kv, b, heads, row_ok, cols, col_ok = split_program(head_dim, GROUP, QROWS, BLOCK_D)
     q = load_rows(q_ptr + b * stride_q_b, heads, row_ok, stride_q_h, cols, col_ok)
     p = tl.load(pos_ptr + b * stride_pos_b).to(tl.int32)
+    if WINDOW_START:  # the query is the newest key; its window starts at a key read here
+        window = p + 1 - tl.load(window_start_ptr).to(tl.int32)
+        s_k = p + 1
     pos = tl.full((QROWS,), 0, tl.int32) + p
     blocks_row = blocks_ptr + b * topk
     win_lo, win_len = decode_window(p, window, sink_tokens)
@@ -151,12 +156,20 @@ def sparse_decode(
     q, k, v, block_indices, q_positions=None, *, scale: float, sink_tokens: int,
     window_tokens: int, block_size_k: int = 8, softcap: float = 0.0, remap: bool = False,
     inv_freq=None, rotary_dim: int = 0, rope_layout: int = 0, num_splits: int | None = None,
+    window_start: torch.Tensor | None = None, max_window_tokens: int = 0,
 ):
     """Decode attention for one query token per sequence.
 
     q [B, H, 1, D]; k, v [B, H_KV, S_K, D], or both ``bank_kv.BankKV`` (read in the bank's
     slots); block_indices [B, 1, TOPK] int32 (sorted, -1 last); q_positions [B, 1] or [1] key
     index of the query (default: the last key, S_K - 1). Returns [B, H, 1, D] in q's dtype.
+
+    ``window_start`` (an integer tensor [1] on the device): the window is keys [window_start,
+    p] of each query p, which must be the newest key (S_K = p + 1), instead of the last
+    ``window_tokens``. Read on the device, so one launch serves every step of a cached decode
+    (``decode_step_graph``). ``max_window_tokens``: the widest window the calls that should
+    split their key lists alike will have (the splits are sized for the wider of it and
+    ``window_tokens``); it changes no result beyond rounding.
     """
     b, h, s_q, d = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
@@ -172,7 +185,7 @@ def sparse_decode(
     pos = q_positions.reshape(-1, 1).expand(b, 1)  # read in place (stride 0 when shared)
     topk = block_indices.shape[2]
     sink = min(sink_tokens, s_k)
-    max_slots = sink + topk * block_size_k + max(window_tokens, 0)
+    max_slots = sink + topk * block_size_k + max(window_tokens, max_window_tokens, 0)
     # 32-slot tiles: with RoPE re-positioning, 64-slot tiles made ptxas (sm_90, 4 warps, D=128)
     # spill ~3.6 KB per thread per tile; 32-slot tiles spill ~0.6 KB.
     block_n = 32
@@ -187,7 +200,8 @@ def sparse_decode(
     _sparse_decode_split_kernel[(num_splits, h_kv, b)](
         q, k_mem, v_mem, pos, block_indices.to(torch.int32).contiguous(),
         inv_freq.float().contiguous() if rope else maxes, acc, maxes, sums, paging["table"],
-        s_k, topk, sink, sink_tokens, window_tokens, d, scale, softcap, slots_per_split,
+        pos if window_start is None else window_start, s_k, topk, sink, sink_tokens,
+        window_tokens, d, scale, softcap, slots_per_split,
         paging["blocks_per_row"], paging["fold"], paging["rows_per_page"],
         pos.stride(0), q.stride(0), q.stride(1), *paging["strides_k"], *paging["strides_v"],
         GROUP=group, QROWS=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
@@ -197,5 +211,6 @@ def sparse_decode(
         FAST_TRIG=rope and approximate_trig(k),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PAGE_TOKENS=paging["PAGE_TOKENS"], PAGED=paging["PAGED"],
+        WINDOW_START=window_start is not None,
     )
     return merge_splits(acc, maxes, sums, torch.empty_like(q))

@@ -57,15 +57,17 @@ def _append_rows(
 @triton.jit
 def _append_tokens_kernel(
     src0, host0, slots0a, bank0a, slots0b, bank0b, src1, host1, slots1a, bank1a, slots1b, bank1b,
-    start, s_new, blocks_per_row, dim0, dim1,
+    start, start_ptr, s_new, blocks_per_row, dim0, dim1,
     s0_src_b, s0_src_h, s0_src_s, s0_blk, s0_head, s0_tok,
     s1_src_b, s1_src_h, s1_src_s, s1_blk, s1_head, s1_tok,
     BLOCK_K: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     TOKENS: tl.constexpr, N_BANKS0: tl.constexpr, N_BANKS1: tl.constexpr,
-    N_WRITES: tl.constexpr,
+    N_WRITES: tl.constexpr, START_AT: tl.constexpr,
 ):
     # Axis 2 runs over (row, write) pairs: one launch appends the keys and the values.
     tile, head = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    if START_AT:  # read on the device: one captured launch serves every step
+        start = tl.load(start_ptr)
     pair = tl.program_id(2)
     row, write = (pair // N_WRITES).to(tl.int64), pair % N_WRITES
     if write == 0:
@@ -98,9 +100,12 @@ def _checked_write(new: torch.Tensor, host: torch.Tensor, banks) -> tuple:
     return src, dst, pairs, len(banks)
 
 
-def append_tokens_kernel(writes, start: int, blocks_per_row: int) -> None:
+def append_tokens_kernel(writes, start: int, blocks_per_row: int,
+                         start_at: torch.Tensor | None = None) -> None:
     """Triton launch of ``append_tokens_ref`` for each of ``writes`` ((new, host, banks), at
-    most two, e.g. the keys and the values: one launch for all); same result."""
+    most two, e.g. the keys and the values: one launch for all); same result. ``start_at``
+    (an int64 tensor [1] on the device), when given, holds the first token's position instead
+    of ``start`` (``append_step_graph``)."""
     writes = list(writes)
     if not 1 <= len(writes) <= _MAX_WRITES:
         raise ValueError(f"one launch takes 1 to {_MAX_WRITES} writes, got {len(writes)}")
@@ -119,11 +124,13 @@ def append_tokens_kernel(writes, start: int, blocks_per_row: int) -> None:
                for n in (src.stride(0), src.stride(1), src.stride(2), dst.stride(0),
                          dst.stride(1), dst.stride(2))]
     _append_tokens_kernel[grid](
-        *pointers, start, s_new, blocks_per_row, args[0][0].shape[-1], args[1][0].shape[-1],
+        *pointers, start, args[0][0] if start_at is None else start_at, s_new, blocks_per_row,
+        args[0][0].shape[-1], args[1][0].shape[-1],
         *strides, BLOCK_K=writes[0][1].shape[2],
         BLOCK_D0=triton.next_power_of_2(args[0][0].shape[-1]),
         BLOCK_D1=triton.next_power_of_2(args[1][0].shape[-1]), TOKENS=_TOKENS,
         N_BANKS0=args[0][3], N_BANKS1=args[1][3], N_WRITES=len(writes),
+        START_AT=start_at is not None,
     )
 
 

@@ -112,3 +112,25 @@ def test_writes_of_one_launch_must_agree_on_tokens():
         append_tokens_kernel(writes, 0, 4)
     with pytest.raises(ValueError, match="1 to 2 writes"):
         append_tokens_kernel(writes * 2, 0, 4)
+
+
+@pytest.mark.parametrize("start,s_new", [(0, 1), (13, 1), (7, 19)])
+def test_start_read_on_the_device_matches_reference(start, s_new):
+    # start_at replaces start (a captured decode append reads it there); the start argument,
+    # deliberately wrong here, is ignored.
+    from ihip_compile.kernels.token_append import append_tokens_kernel
+
+    gen = torch.Generator().manual_seed(start + 7)
+    blocks_per_row = -(-(start + s_new) // BLOCK) + 2
+    host, banks = _store(2, 2, 16, blocks_per_row, torch.float32, gen)
+    new = torch.randn(2, 2, s_new, 16, generator=gen)
+    want_host, want_banks = host.clone(), [(s, b.clone()) for s, b in banks]
+    append_tokens_ref(new, want_host, start, blocks_per_row, want_banks)
+    got_host, got_banks = _on(DEVICE, host, banks)
+    start_at = torch.tensor([start], dtype=torch.int64, device=DEVICE)
+    append_tokens_kernel([(new.to(DEVICE), got_host, got_banks)], start + 3, blocks_per_row,
+                         start_at=start_at)
+    assert torch.equal(got_host.cpu(), want_host)
+    for (_, got), (_, want) in zip(got_banks, want_banks):
+        assert torch.equal(got.cpu(), want)
+    assert not torch.equal(want_host, host)

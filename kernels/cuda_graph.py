@@ -1,0 +1,30 @@
+"""Capturing a piece of GPU work as a CUDA graph: one replay instead of its launches.
+
+Shared by the decode segments of a compiled graph (``ihip_compile.cuda_graph_segment``) and the
+attention of a cached decode step (``decode_step_graph``). The work runs once on a side stream
+before the capture, so that lazy state (library handles, Triton compilation, allocator blocks)
+is set up outside it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def capture_cuda_graph(run: Callable[[], object], device: torch.device, pool=None
+                       ) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Warm ``run`` up on a side stream of ``device``, then capture it (memory from ``pool``, a
+    ``torch.cuda.graph_pool_handle()``, or the graph's own); returns ``(graph, outputs)``. The
+    capture only records: ``graph.replay()`` runs the work."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = run()
+    return graph, outputs
