@@ -26,7 +26,9 @@ each KV head with its query heads (q [B * H_KV, GROUP, S_Q, D], k/v [B * H_KV, 1
         prefill (S_Q > 1): sinks + selected blocks + sliding window, online softmax
     sparse_decode.sparse_decode(q, k, v, block_indices, q_positions, ...)
         decode (S_Q == 1): split-K over the same key list, then a merge kernel; k and v may
-        be ``bank_kv.BankKV``: the offloaded cache's attention bank, read in its slots
+        be ``bank_kv.BankKV``: the offloaded cache's attention bank, read in its slots;
+        ``window_start`` (a device tensor) ends the window at the query and starts it there,
+        so one captured launch serves every step between refreshes (``decode_step_graph``)
     Each has a ``*_ref`` twin (torch only): the spec, and the CPU path of the op.
 
 Reusing the selection across decode steps (mask caching):
