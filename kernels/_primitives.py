@@ -118,14 +118,17 @@ def turn_rows(x, base_ptr, rows, row_ok, stride_row, col_ok, partner, sign, rota
 @triton.jit
 def load_rows_moved(base_ptr, rows, row_ok, stride_row, cols, col_ok, delta, inv_freq_ptr,
                     ROPE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
-                    FAST_TRIG: tl.constexpr):
-    """``load_rows``, then (ROPE) rotate each row by ``delta`` positions; keeps the input dtype.
+                    FAST_TRIG: tl.constexpr, OUT_DTYPE: tl.constexpr = None):
+    """``load_rows``, then (ROPE) rotate each row by ``delta`` positions; keeps the input dtype,
+    or widens the rows to ``OUT_DTYPE`` first (FP8 storage: rotated at the compute dtype).
 
     A tile whose deltas are all zero (sliding-window keys under renumbering, padding slots) is
     returned as loaded: rotating by 0 is the identity (cos 0 = 1, sin 0 = 0, exact in fp32), so
     skipping the partner gather and the per-element cos/sin changes no value of the result.
     """
     x = load_rows(base_ptr, rows, row_ok, stride_row, cols, col_ok)
+    if OUT_DTYPE is not None:
+        x = x.to(OUT_DTYPE)
     if ROPE:
         if tl.max(tl.abs(delta), 0) != 0:
             partner, sign, rotated, cos, sin = row_rotation(delta, cols, inv_freq_ptr,
@@ -259,16 +262,16 @@ def fold_slot_tile(q, acc, running_max, running_sum, slot, slot_ok, pos, blocks_
     """One tile of a query block's key list: gather K (re-positioned if REMAP) and V, mask,
     and fold into the online-softmax state of the query rows ``q`` at key indices ``pos``.
     PAGED: K and V lie in pages (``page_rows``, the same for both) rather than one row per
-    key."""
+    key. K and V stored narrower than q (FP8 bank slots) are widened to q's dtype as loaded."""
     key, ok, is_sel, is_win, delta = attended_slots(
         slot, blocks_row, topk, sink, win_lo, win_len, n_valid, s_k, BLOCK_K)
     ok = ok & slot_ok
     rows = page_rows(key, ok, page_table_row, rows_per_page, PAGE_TOKENS, PAGED)
     # V is gathered before the K work, not after the scores: both gathers depend only on the key
     # indices, so they are in flight together (a decode program walks a single tile).
-    values = load_rows(v_base, rows, ok, stride_v_s, cols, col_ok)
+    values = load_rows(v_base, rows, ok, stride_v_s, cols, col_ok).to(q.dtype)
     keys = load_rows_moved(k_base, rows, ok, stride_k_s, cols, col_ok, delta, inv_freq_ptr,
-                           REMAP, ROTARY_DIM, LAYOUT, FAST_TRIG)
+                           REMAP, ROTARY_DIM, LAYOUT, FAST_TRIG, q.dtype)
     scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION)
     return fold_scores(scores, values, acc, running_max, running_sum, key, ok, is_sel, is_win,
                        pos, sink, window, scale, softcap, SOFTCAP, DOT_PRECISION)

@@ -133,22 +133,9 @@ class BlockBank:
         self._admit(block_ids, slots, raw)
         return {name: t.to(out_dtype) for name, t in raw.items()}
 
-    def serve_resident(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Blocks known to sit in ``slots`` [N] (``resident_slots``; nothing admitted since they
-        were read): a read that is all hits, with no host sync.
-
-        Their last use is left at that read's: only reads evict, and the only slots that read
-        marked are these, so marking them again would not change which slots sort first."""
-        self.count_resident(slots.numel())
-        return {name: as_bits(t)[slots].view(t.dtype) for name, t in self.tensors.items()}
-
     def count_resident(self, n: int) -> None:
         """Count ``n`` blocks read in their slots (``bank_kv``), known to be there: hits."""
         self._resident_hits += n
-
-    def resident_slots(self, block_ids: torch.Tensor) -> torch.Tensor:
-        """Slots of blocks ``block_ids`` [N] (each a block) that a read just left resident."""
-        return self.slot_of_block[block_ids]
 
     def _admit(self, block_ids: torch.Tensor, slots: torch.Tensor,
                fetched: dict[str, torch.Tensor]) -> None:

@@ -120,8 +120,9 @@ def block_sparse_attention_ref(
 
 def _attend_group(q_blocks, k, v, pos, keys, ok, kind, delta, scale, softcap, sink, window,
                   remap, inv_freq, rotary_dim, rope_layout):
-    k_sel = rows_at(k, keys)  # [B, NB, L, H_KV, D]
-    v_sel = rows_at(v, keys)
+    # [B, NB, L, H_KV, D], widened to q's dtype (FP8 bank slots) before any rotation
+    k_sel = rows_at(k, keys).to(q_blocks.dtype)
+    v_sel = rows_at(v, keys).to(q_blocks.dtype)
     if remap and rope_layout:
         k_sel = rotate_by_delta(k_sel, delta[..., None], inv_freq, rotary_dim, rope_layout)
     acc = torch.promote_types(q_blocks.dtype, torch.float32)  # fp32, or fp64 for the fp64 stick
@@ -136,5 +137,5 @@ def _attend_group(q_blocks, k, v, pos, keys, ok, kind, delta, scale, softcap, si
     visible &= (kd != 2) | (j >= torch.clamp(p - window + 1, min=sink))
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)  # rows with no visible key give 0
-    out = torch.einsum("bkgnql,bnlkd->bkgnqd", probs.to(v.dtype), v_sel)
+    out = torch.einsum("bkgnql,bnlkd->bkgnqd", probs.to(v_sel.dtype), v_sel)
     return out.to(q_blocks.dtype)

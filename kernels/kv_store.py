@@ -276,23 +276,14 @@ class HostKVStore:
         got = self._banks[layer][kind].read(ids, host, self.dtype)
         return self._by_row(got)
 
-    def read_resident(self, layer: int, plan: ResidentBlocks) -> dict[str, torch.Tensor]:
-        """``read_bank_blocks(layer, plan.block_ids)`` for a plan that still serves
-        (``ResidentBlocks.still_serves``): straight from the bank slots, no host sync."""
-        got = plan.bank.serve_resident(plan.slots)
-        return self._by_row({n: t.to(self.dtype) for n, t in got.items()})
-
     def attention_bank(self, layer: int):
         """The layer's attention bank (allocated with the layer's host copies)."""
         self._layer_host(layer)
         return self._banks[layer]["attention"]
 
-    def attention_bank_kv(self, layer: int) -> tuple[BankKV, BankKV] | None:
+    def attention_bank_kv(self, layer: int) -> tuple[BankKV, BankKV]:
         """The layer's attention bank as the keys and values a decode kernel reads in its slots
-        (``bank_kv``), over the layer's tokens; None when the bank stores another dtype than the
-        model's (FP8: a copy widens its blocks)."""
-        if self.storage_dtype != self.dtype:
-            return None
+        (``bank_kv``), over the layer's tokens; FP8 storage is widened as the kernel reads it."""
         bank = self.attention_bank(layer)
         return tuple(BankKV(bank.tensors[name], bank.slot_of_block, self.batch,
                             self.blocks_per_row, self.lengths[layer])

@@ -14,8 +14,7 @@ shared by all layers, grown on demand) in which exactly the keys a computation r
                               attention bank and are attended in its slots (``bank_kv``; on
                               CUDA by a replayed graph, ``decode_step_graph``, and between
                               refreshes with no other work, ``decode_shortcut``); copied into
-                              the scratch pair only when they do not all fit the bank or it
-                              stores FP8
+                              the scratch pair only when they do not all fit the bank
 Other positions hold stale data from another layer; the block plan guarantees nothing reads them.
 Selections are cached across decode steps (``decode_selection_cache``), per store and layer, so
 between refreshes a decode step reads only the ~3.3k attended keys, nearly all bank hits.
@@ -80,34 +79,30 @@ def attended_kv(store: HostKVStore, layer: int, selection: torch.Tensor,
     (``resident_blocks``), nothing is read or looked up."""
     plan = store.resident_plans.get(layer)
     bank = store.attention_bank(layer)
-    in_slots = store.attention_bank_kv(layer)
     if plan is not None and plan.still_serves(selection, window_blocks, bank):
-        if in_slots is not None:
-            bank.count_resident(plan.block_ids.numel())
-            return in_slots
-        place_blocks(store.read_resident(layer, plan), plan.block_ids, dst(), all_named=True)
-        return None
+        bank.count_resident(plan.block_ids.numel())
+        return store.attention_bank_kv(layer)
     block_ids = needed()
     got = store.read_bank_blocks(layer, block_ids, "attention")
-    plan = record(selection, window_blocks, block_ids, bank, store.blocks_per_row)
+    plan = record(selection, window_blocks, block_ids, bank)
     store.resident_plans[layer] = plan
-    if plan is not None and in_slots is not None:
+    if plan is not None:
         # Decode attends in the slots from now on: the value scratch a prefill left goes back
         # to the allocator, leaving the banks and the key scratch as the GPU's share of the KV.
         release_scratch("values", store)
-        return in_slots
+        return store.attention_bank_kv(layer)
     place_blocks(got, block_ids, dst())
     return None
 
 
 def place_blocks(got: dict[str, torch.Tensor], block_ids: torch.Tensor,
-                 dst: dict[str, torch.Tensor], *, all_named: bool = False) -> None:
+                 dst: dict[str, torch.Tensor]) -> None:
     """Write blocks read per row ([B, N, H_KV, BK, D]) at their places ``block_ids`` [B, N] of
-    ``dst`` ([B, H_KV, S, D], its last block spare: -1 lands there, unless ``all_named`` says
-    there is none): one indexed copy per row, straight from the bank's layout."""
+    ``dst`` ([B, H_KV, S, D], its last block spare: -1 lands there): one indexed copy per row,
+    straight from the bank's layout."""
     bk = next(iter(got.values())).shape[3]
     n_dst_blocks = next(iter(dst.values())).shape[2] // bk
-    places = block_ids if all_named else spare_for_unnamed(block_ids, n_dst_blocks)
+    places = spare_for_unnamed(block_ids, n_dst_blocks)
     for name, out in dst.items():
         by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
         for row in range(block_ids.shape[0]):

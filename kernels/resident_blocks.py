@@ -5,10 +5,9 @@ selection, sinks and window, unless the window entered a new block. The attentio
 is read by that layer's decode only, and blocks are written through, so after a read that left
 every block resident (``BlockBank.last_read_resident``) and with no slot changing hands since
 (``BlockBank.admissions``), the same slots still hold those blocks, newest tokens included. Such a
-step attends them in the bank's slots (``bank_kv``; or, for FP8 storage, copies them from the
-slots into the attention scratch) with no read, no host sync and no lookup; any other step (a
-refresh, a new window block, a full bank, a prefill in between) reads through the bank as usual
-and records a new plan.
+step attends them in the bank's slots (``bank_kv``) with no read, no host sync and no lookup; any
+other step (a refresh, a new window block, a full bank, a prefill in between) reads through the
+bank as usual and records a new plan.
 """
 
 from __future__ import annotations
@@ -17,17 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ihip_compile.kernels.block_bank import BlockBank, row_block_ids
+from ihip_compile.kernels.block_bank import BlockBank
 
 
 @dataclass
 class ResidentBlocks:
-    """A layer's attended blocks and the attention-bank slots holding them."""
+    """A layer's attended blocks, all in its attention bank when recorded."""
 
     selection: torch.Tensor  # held, so its memory is not reused: same data_ptr = same selection
     window_blocks: tuple[int, int]  # first and last block of the attended window
-    block_ids: torch.Tensor  # [B, N] int64 blocks per row, each valid (-1s of the read filled)
-    slots: torch.Tensor  # [B * N] their bank slots
+    block_ids: torch.Tensor  # [B, N] blocks per row as read (-1: no block), counted as hits
     bank: BlockBank
     admissions: int  # the bank's count when recorded
 
@@ -48,13 +46,8 @@ def window_first_key(first_query: int, window: int, sink: int) -> int:
 
 
 def record(selection: torch.Tensor, window_blocks: tuple[int, int], block_ids: torch.Tensor,
-           bank: BlockBank, blocks_per_row: int) -> ResidentBlocks | None:
+           bank: BlockBank) -> ResidentBlocks | None:
     """The plan of a read that just went through ``bank``; None if it left some block out."""
     if not bank.last_read_resident:
         return None
-    # Entries naming no block (-1) repeat the row's largest block, resident like the others, so
-    # a step served from the plan copies them again rather than remapping anything.
-    block_ids = block_ids.long()
-    block_ids = torch.where(block_ids >= 0, block_ids, block_ids.max(dim=1, keepdim=True).values)
-    slots = bank.resident_slots(row_block_ids(block_ids, blocks_per_row).reshape(-1))
-    return ResidentBlocks(selection, window_blocks, block_ids, slots, bank, bank.admissions)
+    return ResidentBlocks(selection, window_blocks, block_ids, bank, bank.admissions)

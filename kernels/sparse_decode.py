@@ -161,7 +161,7 @@ def sparse_decode(
     """Decode attention for one query token per sequence.
 
     q [B, H, 1, D]; k, v [B, H_KV, S_K, D], or both ``bank_kv.BankKV`` (read in the bank's
-    slots); block_indices [B, 1, TOPK] int32 (sorted, -1 last); q_positions [B, 1] or [1] key
+    slots, which may store float8_e4m3fn: widened to q's dtype as read); block_indices [B, 1, TOPK] int32 (sorted, -1 last); q_positions [B, 1] or [1] key
     index of the query (default: the last key, S_K - 1). Returns [B, H, 1, D] in q's dtype.
 
     ``window_start`` (an integer tensor [1] on the device): the window is keys [window_start,
@@ -208,7 +208,7 @@ def sparse_decode(
         BLOCK_N=block_n, BLOCK_T=min(128, max(16, triton.next_power_of_2(topk))),
         BLOCK_K=block_size_k, BLOCK_D=block_d, SOFTCAP=softcap > 0,
         REMAP=rope, ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
-        FAST_TRIG=rope and approximate_trig(k),
+        FAST_TRIG=rope and approximate_trig(q),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PAGE_TOKENS=paging["PAGE_TOKENS"], PAGED=paging["PAGED"],
         WINDOW_START=window_start is not None,

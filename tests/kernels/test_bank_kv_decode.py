@@ -143,3 +143,25 @@ def test_reference_reads_only_the_rows_it_attends_and_they_equal_the_tensors(gro
     want = rows_at(pk.as_tensor(), keys.to(DEVICE))
     got = rows_at(pk, keys.to(DEVICE))
     assert torch.equal(got, want) and not want[0, 0, 0].any()
+
+
+@pytest.mark.parametrize("dtype,remap", [(torch.float32, False), (torch.bfloat16, True)])
+def test_fp8_slots_are_widened_as_read(dtype, remap):
+    # FP8 storage: decode reads the narrow slots and widens each row to q's dtype before any
+    # rotation, the same values a copy widened first would hold.
+    from ihip_compile.kernels.sparse_decode import sparse_decode
+
+    q, k, v, pos = _inputs(2, 4, 2, 170, dtype, seed=11)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    wide_k, wide_v = k8.to(dtype), v8.to(dtype)
+    blocks = select_blocks(q, wide_k, pos, sink_tokens=4, window_tokens=10, use_triton=False,
+                           **SMALL)
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32)).to(DEVICE)
+    kw = dict(scale=0.3, sink_tokens=4, window_tokens=10, block_size_k=PAGE, remap=remap,
+              inv_freq=inv_freq, rotary_dim=32, rope_layout=1)
+    pk, pv = _paged(k8, v8, seed=12)
+    assert pk.dtype == torch.float8_e4m3fn
+    assert torch.equal(sparse_decode(q, pk, pv, blocks, pos, **kw),
+                       sparse_decode(q, wide_k, wide_v, blocks, pos, **kw))
+    assert torch.equal(sparse_decode_ref(q, pk, pv, blocks, pos, **kw),
+                       sparse_decode_ref(q, wide_k, wide_v, blocks, pos, **kw))

@@ -19,9 +19,9 @@ INV_FREQ = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
 
 
 def _decode(monkeypatch, *, shortcut: bool, per_kv_head=False, dtype=torch.float32,
-            remap=False, seed=0):
-    """STEPS decode steps over an offloaded cache and the same keys in memory; returns the
-    outputs of both, the cache, and the steps the shortcut served."""
+            remap=False, seed=0, storage=None):
+    """STEPS decode steps over an offloaded cache and the same keys in memory (as ``storage``
+    holds them); returns the outputs of both, the cache, and the steps the shortcut served."""
     taken = []
     original = decode_shortcut.take
 
@@ -32,10 +32,17 @@ def _decode(monkeypatch, *, shortcut: bool, per_kv_head=False, dtype=torch.float
 
     monkeypatch.setattr(decode_shortcut, "take", take)
     gen = torch.Generator().manual_seed(seed)
+    stored = storage or dtype
+
+    def as_stored(t):
+        return t.to(stored).to(dtype)
+
     keys, values = (torch.randn(1, 2, PROMPT, 16, generator=gen).cuda().to(dtype) for _ in "kv")
     cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=512,
-                           dtype=dtype, device="cuda", gpu_cache_tokens=256)
+                           dtype=dtype, device="cuda", gpu_cache_tokens=256,
+                           storage_dtype=stored)
     cache.update(keys, values, 0)
+    keys, values = as_stored(keys), as_stored(values)
     args = dict(layer=0, scale=0.25, refresh_intervals=[16, 4], per_kv_head=per_kv_head,
                 **OP_ARGS)
     inv_freq = None
@@ -47,7 +54,8 @@ def _decode(monkeypatch, *, shortcut: bool, per_kv_head=False, dtype=torch.float
         q, k_new, v_new = (torch.randn(*shape, generator=gen).cuda().to(dtype)
                            for shape in ((1, 4, 1, 16), (1, 2, 1, 16), (1, 2, 1, 16)))
         k_proxy, v_proxy = cache.update(k_new, v_new, 0)
-        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
+        keys = torch.cat([keys, as_stored(k_new)], 2)
+        values = torch.cat([values, as_stored(v_new)], 2)
         pos = torch.tensor([keys.shape[2] - 1], device="cuda")
         got.append(torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, inv_freq, **args))
         want.append(torch.ops.ihip.attention(q, keys, values, pos, None, inv_freq, **args))
@@ -55,10 +63,13 @@ def _decode(monkeypatch, *, shortcut: bool, per_kv_head=False, dtype=torch.float
 
 
 @pytest.mark.parametrize("per_kv_head", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_replayed_steps_equal_the_in_memory_op(monkeypatch, per_kv_head, dtype):
+@pytest.mark.parametrize("dtype,storage", [(torch.float32, None), (torch.bfloat16, None),
+                                           (torch.bfloat16, torch.float8_e4m3fn)])
+def test_replayed_steps_equal_the_in_memory_op(monkeypatch, per_kv_head, dtype, storage):
+    # FP8 storage: the kernel widens the bank's slots as it reads them, to exactly the values
+    # the in-memory op gets widened.
     got, want, cache, taken = _decode(monkeypatch, shortcut=True, per_kv_head=per_kv_head,
-                                      dtype=dtype)
+                                      dtype=dtype, storage=storage)
     assert torch.equal(got, want)
     graph = cache.store.step_graphs[0]
     assert graph.captures == 1 and graph.replays == STEPS
