@@ -25,6 +25,9 @@ class BlockMajorKeys:
     length: int  # S: valid keys per row
     device: torch.device  # where the scoring runs (the kernel reads ``blocks`` from there)
     groups: int = 1  # selection sequences per row (``selection_scope``)
+    # The dtype scores are computed in, when ``blocks`` store narrower keys (float8_e4m3fn):
+    # the kernel widens each key it reads, ``as_tensor`` widens its copy.
+    compute_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if self.blocks.dim() != 4 or self.blocks.shape[0] % self.batch:
@@ -41,7 +44,7 @@ class BlockMajorKeys:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.blocks.dtype
+        return self.compute_dtype or self.blocks.dtype
 
     def dim(self) -> int:
         return 4
@@ -49,7 +52,7 @@ class BlockMajorKeys:
     def fold(self, groups: int) -> "BlockMajorKeys":
         """The keys as ``groups`` selection sequences per row (``selection_scope.fold_heads``)."""
         return BlockMajorKeys(self.blocks, self.batch, self.length, self.device,
-                              self.groups * groups)
+                              self.groups * groups, self.compute_dtype)
 
     def addressing(self) -> dict[str, int]:
         """Element strides of sequence, head, block and key within a block; keys per block."""
@@ -71,6 +74,6 @@ class BlockMajorKeys:
         rows = self.blocks.view(b, -1, *self.blocks.shape[1:])[:, :used]
         # Pinned memory, written only in stream order (appends) or after a device wait: the copy
         # need not stop the host.
-        rows = rows.to(self.device, non_blocking=True)
+        rows = rows.to(self.device, non_blocking=True).to(self.dtype)
         plain = rows.permute(0, 2, 1, 3, 4).reshape(b, heads, -1, self.blocks.shape[3])
         return plain[:, :, : self.length].reshape(*self.shape)

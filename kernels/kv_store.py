@@ -223,15 +223,15 @@ class HostKVStore:
                 out[:, :, lo * bk: hi * bk] = piece.permute(0, 2, 1, 3, 4).flatten(2, 3)
 
     def keys_in_place(self, layer: int, per_kv_head: bool) -> BlockMajorKeys | None:
-        """The layer's keys for the stage kernel to read where they lie (``host_keys``), or None
-        where it cannot: not on CUDA, storage in another dtype (fp8), or one selection per KV
+        """The layer's keys for the stage kernel to read where they lie (``host_keys``; FP8
+        storage widened as read), or None where it cannot: not on CUDA, or one selection per KV
         head for several rows (not one stride apart). The caller then streams them."""
         host = self._layer_host(layer)["keys"]
-        if (self.device.type != "cuda" or self.storage_dtype != self.dtype
-                or (per_kv_head and self.batch > 1) or host.data_ptr() not in self._pinned):
+        if (self.device.type != "cuda" or (per_kv_head and self.batch > 1)
+                or host.data_ptr() not in self._pinned):
             return None
         self.in_place_scans[layer] += 1
-        return BlockMajorKeys(host, self.batch, self.lengths[layer], self.device)
+        return BlockMajorKeys(host, self.batch, self.lengths[layer], self.device, 1, self.dtype)
 
     def copy_blocks_into(self, layer: int, block_ids: torch.Tensor,
                          dst: dict[str, torch.Tensor]) -> None:

@@ -77,7 +77,8 @@ def max_over_heads(k_ptr, q_ptr, key_offset, key_ok, stride_k_h, stride_q_h, hea
     score = tl.zeros_like(delta).to(tl.float32) + float("-inf")
     k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
     for _ in range(H_KV):
-        keys = load_rows(k_head, key_offset, key_ok, 1, cols, col_ok)
+        # Keys stored narrower than the queries (FP8 host keys) are widened before any rotation.
+        keys = load_rows(k_head, key_offset, key_ok, 1, cols, col_ok).to(q_ptr.dtype.element_ty)
         if ROPE:
             keys = turn_rows(keys, k_head, key_offset, key_ok, 1, col_ok, partner, sign, rotated,
                              cos, sin)
@@ -111,9 +112,11 @@ def _max_over_heads_by_halves(k_ptr, q_ptr, key_offset, key_ok, stride_k_h, stri
     k_head, q_head = k_ptr, q_ptr  # advanced per head: head offsets overflow int32 at 4M keys
     all_cols = half_cols < HALF  # every column is real here (head dim = BLOCK_D)
     for _ in range(H_KV):
-        lo, hi = turn_halves(load_rows(k_head, key_offset, key_ok, 1, half_cols, all_cols),
-                             load_rows(k_head, key_offset, key_ok, 1, half_cols + HALF, all_cols),
-                             cos, sin)
+        wide = q_ptr.dtype.element_ty  # FP8 host keys: widened before the rotation
+        lo, hi = turn_halves(
+            load_rows(k_head, key_offset, key_ok, 1, half_cols, all_cols).to(wide),
+            load_rows(k_head, key_offset, key_ok, 1, half_cols + HALF, all_cols).to(wide),
+            cos, sin)
         q_lo = tl.load(q_head + q_rows[:, None] + half_cols[None, :], mask=row_ok[:, None],
                        other=0.0)
         q_hi = tl.load(q_head + q_rows[:, None] + HALF + half_cols[None, :],

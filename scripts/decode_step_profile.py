@@ -2,7 +2,7 @@
 
     python scripts/decode_step_profile.py [--context 1048576] [--layers 4]
         [--backend infinitehip_eager] [--cache offloaded|dynamic] [--profiler python|gpu]
-        [--out-dir DIR]
+        [--options JSON] [--fp8] [--out-dir DIR]
 
 The end-to-end benchmark's model (Llama-3.1-8B shapes, random weights, ``--layers`` layers)
 decodes one warm-up refresh cycle, then ``--cycles`` timed cycles; each step is timed (device
@@ -46,10 +46,24 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--cache", default="offloaded", choices=["offloaded", "dynamic"])
     p.add_argument("--cycles", type=int, default=2)
     p.add_argument("--options", default="{}", help="infinitehip options as JSON")
+    p.add_argument("--fp8", action="store_true",
+                   help="store the offloaded K/V as float8_e4m3fn")
     p.add_argument("--profiler", default="python", choices=["python", "gpu", "syncs", "none"])
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out-dir", default="decode-step-profile")
     return p.parse_args()
+
+
+def _bank_counts(cache) -> dict[str, int]:
+    """Hits and misses of each bank, summed over layers (offloaded cache; else empty)."""
+    if not isinstance(cache, OffloadedCache):
+        return {}
+    totals: dict[str, int] = {}
+    for row in cache.hit_counts():
+        for name, count in row.items():
+            if name.endswith(("_hits", "_misses")):
+                totals[name] = totals.get(name, 0) + count
+    return totals
 
 
 def _stage_runs(cache) -> int:
@@ -183,7 +197,8 @@ def main() -> None:
     cycle = max(config.refresh_intervals)
     if args.cache == "offloaded":
         cache = OffloadedCache(model.config, max_cache_tokens=args.context + (args.cycles + 2)
-                               * cycle + 8, dtype=dtype, device=device, ihip_config=config)
+                               * cycle + 8, dtype=dtype, device=device, ihip_config=config,
+                               storage_dtype=torch.float8_e4m3fn if args.fp8 else None)
         fill_cache(cache, model, args.context, device, dtype)
     else:
         cache = dense_cache(model, args.context, device, dtype)
@@ -207,6 +222,7 @@ def main() -> None:
             ms = 1e3 * (time.perf_counter() - t0)
             token = outputs[0].logits[:, -1:].argmax(-1)
             if i <= cycle:
+                warm_hits = _bank_counts(cache)
                 continue  # warm-up: compilation and the first selection
             kind = "refresh" if _stage_runs(cache) != runs else "cached"
             steps.append({"ms": ms, "kind": kind})
@@ -226,6 +242,8 @@ def main() -> None:
         with open(os.path.join(args.out_dir, f"{kind}.txt"), "w") as f:
             f.write(profiler.text(kind, args.top))
     summary["mean_ms"] = sum(s["ms"] for s in steps) / len(steps)
+    summary["timed_bank_counts"] = {name: count - warm_hits.get(name, 0)
+                                    for name, count in _bank_counts(cache).items()}
     with open(os.path.join(args.out_dir, "steps.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "steps"}))

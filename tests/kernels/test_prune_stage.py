@@ -246,3 +246,32 @@ def test_folding_block_major_keys_of_several_rows_is_refused():
     keys = BlockMajorKeys(torch.zeros(6, 2, 8, 4), batch=2, length=20, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="batch 1"):
         keys.fold(2)
+
+
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, 1), (torch.bfloat16, 1),
+                                          (torch.bfloat16, 2)])
+def test_fp8_block_major_keys_score_like_the_widened_tensor(dtype, layout):
+    # FP8 storage: the stage kernel widens each key it reads to the queries' dtype, before the
+    # rotation (by halves for rotate_half, by partner columns for interleaved pairs), so it
+    # scores exactly the keys a widened copy would hold.
+    from ihip_compile.kernels.host_keys import BlockMajorKeys
+    from ihip_compile.kernels.prune_stage import score_chunks
+
+    gen = torch.Generator().manual_seed(17)
+    keys, d = 180, 32
+    q = torch.randn(1, 4, 1, 2, d, generator=gen).to(DEVICE, dtype)
+    k8 = torch.randn(1, 2, keys, d, generator=gen).to(DEVICE, torch.float8_e4m3fn)
+    starts = torch.arange(0, keys, 32, dtype=torch.int32).expand(1, 1, -1).to(DEVICE)
+    key_hi = torch.full((1, 1), keys - 4, dtype=torch.int32, device=DEVICE)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    kw = dict(key_lo=3, chunk_size=32, rope_mode=1, inv_freq=inv_freq.to(DEVICE), rotary_dim=d,
+              rope_layout=layout, window_tokens=8)
+    blocks = _block_major(k8, 8)
+    try:
+        in_place = BlockMajorKeys(blocks, 1, keys, q.device, compute_dtype=dtype)
+        assert in_place.dtype == dtype and torch.equal(in_place.as_tensor(), k8.to(dtype))
+        got = score_chunks(q, in_place, starts, key_hi, key_hi + 3, **kw)
+        assert torch.equal(got, score_chunks(q, k8.to(dtype), starts, key_hi, key_hi + 3, **kw))
+    finally:
+        if k8.is_cuda:
+            torch.cuda.cudart().cudaHostUnregister(blocks.data_ptr())

@@ -71,6 +71,8 @@ def test_replayed_steps_equal_the_in_memory_op(monkeypatch, per_kv_head, dtype, 
     got, want, cache, taken = _decode(monkeypatch, shortcut=True, per_kv_head=per_kv_head,
                                       dtype=dtype, storage=storage)
     assert torch.equal(got, want)
+    # Stage 0 ran at steps 0, 16 and 32, each reading its probes in host memory in place.
+    assert cache.hit_counts()[0]["in_place_scans"] == 3
     graph = cache.store.step_graphs[0]
     assert graph.captures == 1 and graph.replays == STEPS
     # Steps 4, 8, ... refresh a stage and the window enters a new block every 8 steps: every
