@@ -223,7 +223,8 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
         BLOCK_D=max(16, triton.next_power_of_2(d)), ROPE_MODE=rope_mode if rope else 0,
         ROTARY_DIM=max(rotary_dim, 2), LAYOUT=rope_layout if rope else 1,
         FAST_TRIG=rope and approximate_trig(q_pooled),
-        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        DOT_PRECISION="ieee" if q_pooled.dtype == torch.float32 else "tf32",  # k may be FP8
+        num_warps=num_warps,
         **_pipelining(num_stages, max_registers),
     )
     return out
