@@ -77,6 +77,8 @@ class OffloadedCache(Cache):
     ``IHipConfig.gpu_cache_tokens`` and ``pruning_cache_tokens``, the latter by default the
     former);
     ``storage_dtype=torch.float8_e4m3fn`` halves host memory and PCIe traffic (lossy).
+    ``cuda_graphs`` (default: ``IHipConfig.decode_cuda_graphs``) replays each layer's decode
+    append and attention as CUDA graphs on CUDA.
     """
 
     def __init__(self, model_config=None, *, max_cache_tokens: int, batch_size: int = 1,
@@ -84,7 +86,7 @@ class OffloadedCache(Cache):
                  gpu_cache_tokens: int | None = None, pruning_cache_tokens: int | None = None,
                  storage_dtype: torch.dtype | None = None, ihip_config: IHipConfig | None = None,
                  num_layers: int | None = None, kv_heads: int | None = None,
-                 head_dim: int | None = None):
+                 head_dim: int | None = None, cuda_graphs: bool | None = None):
         ihip_config = ihip_config or IHipConfig()
         num_layers = num_layers or _config_value(model_config, "num_hidden_layers")
         heads = _config_value(model_config, "num_attention_heads", required=kv_heads is None)
@@ -106,6 +108,8 @@ class OffloadedCache(Cache):
             storage_dtype=storage_dtype, attention_bank_tokens=gpu_cache_tokens,
             pruning_bank_tokens=(pruning_cache_tokens or ihip_config.pruning_cache_tokens
                                  or gpu_cache_tokens),
+            cuda_graphs=(ihip_config.decode_cuda_graphs if cuda_graphs is None
+                         else cuda_graphs),
         )
         store_id = register_store(self.store)
         super().__init__(layers=[OffloadedLayer(store_id, i) for i in range(num_layers)])

@@ -60,7 +60,7 @@ class HostKVStore:
                  value_dim: int, capacity_tokens: int, block_tokens: int, dtype: torch.dtype,
                  device: torch.device | str | None = None,
                  storage_dtype: torch.dtype | None = None,
-                 attention_bank_tokens: int, pruning_bank_tokens: int):
+                 attention_bank_tokens: int, pruning_bank_tokens: int, cuda_graphs: bool = True):
         for name, value in (("num_layers", num_layers), ("batch", batch), ("kv_heads", kv_heads),
                             ("head_dim", head_dim), ("value_dim", value_dim),
                             ("capacity_tokens", capacity_tokens), ("block_tokens", block_tokens)):
@@ -73,6 +73,9 @@ class HostKVStore:
         # The device of the banks: given, or that of the first keys appended.
         self.dtype, self.device = dtype, None if device is None else torch.device(device)
         self.storage_dtype = storage_dtype or dtype
+        # Replay each layer's decode append and attention as CUDA graphs on CUDA
+        # (append_step_graph, decode_step_graph, decode_shortcut); off: ordinary launches.
+        self.cuda_graphs = cuda_graphs
         self.bank_slots = {"attention": max(1, attention_bank_tokens // block_tokens),
                            "pruning": max(1, pruning_bank_tokens // block_tokens)}
         self._check_host_memory(self.host_bytes, "lower max_cache_tokens, use "
@@ -161,7 +164,7 @@ class HostKVStore:
             raise ValueError(f"layer {layer}: keys of dtype {key.dtype}, store of {self.dtype}")
         self.device = self.device or key.device
         host = self._layer_host(layer)
-        if s_new == 1 and key.is_cuda:  # a decode step: the layer's captured append
+        if s_new == 1 and key.is_cuda and self.cuda_graphs:  # a decode step: captured append
             graph = self.append_graphs.setdefault(layer, AppendStepGraph())
             graph.append(key, value, start, lambda k, v: self._writes(layer, k, v),
                          self.blocks_per_row, (host, self._banks[layer]))

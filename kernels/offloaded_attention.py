@@ -144,7 +144,8 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     layer = args["layer"]
     store = store_for_layer(layer, s_k)
     sparse_path = args["sparse_path"](q, k, v, kv_valid)
-    in_graphs = s_q == 1 and sparse_path and q.is_cuda  # decode attention as CUDA graphs
+    # Decode attention as CUDA graphs (decode_step_graph, decode_shortcut)
+    in_graphs = s_q == 1 and sparse_path and q.is_cuda and store.cuda_graphs
     if in_graphs:
         signature = op_signature(args, inv_freq, s_k)
         out = decode_shortcut.take(store, layer, q, q_positions, s_k, signature)

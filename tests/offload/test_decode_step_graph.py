@@ -19,7 +19,7 @@ INV_FREQ = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
 
 
 def _decode(monkeypatch, *, shortcut: bool, per_kv_head=False, dtype=torch.float32,
-            remap=False, seed=0, storage=None):
+            remap=False, seed=0, storage=None, cuda_graphs=True):
     """STEPS decode steps over an offloaded cache and the same keys in memory (as ``storage``
     holds them); returns the outputs of both, the cache, and the steps the shortcut served."""
     taken = []
@@ -40,7 +40,7 @@ def _decode(monkeypatch, *, shortcut: bool, per_kv_head=False, dtype=torch.float
     keys, values = (torch.randn(1, 2, PROMPT, 16, generator=gen).cuda().to(dtype) for _ in "kv")
     cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=512,
                            dtype=dtype, device="cuda", gpu_cache_tokens=256,
-                           storage_dtype=stored)
+                           storage_dtype=stored, cuda_graphs=cuda_graphs)
     cache.update(keys, values, 0)
     keys, values = as_stored(keys), as_stored(values)
     args = dict(layer=0, scale=0.25, refresh_intervals=[16, 4], per_kv_head=per_kv_head,
@@ -110,3 +110,9 @@ def test_a_failed_capture_keeps_ordinary_launches_and_says_so(monkeypatch, caplo
     assert "capture refused" in caplog.text
     graph = cache.store.step_graphs[0]
     assert graph.failure and graph.replays == 0 and not any(taken)
+
+
+def test_graphs_off_launch_as_before(monkeypatch):
+    got, want, cache, taken = _decode(monkeypatch, shortcut=True, cuda_graphs=False, seed=9)
+    assert torch.equal(got, want)
+    assert not cache.store.step_graphs and not cache.store.append_graphs and not any(taken)

@@ -85,3 +85,13 @@ def test_bank_sizes_come_from_the_config_or_the_arguments(model):
     assert cache.store.bank_slots == {"attention": 32 // 8, "pruning": 32 // 8}
     with pytest.raises(ValueError, match="pruning_cache_tokens"):
         IHipConfig(pruning_cache_tokens=0)
+
+
+def test_step_graphs_follow_the_decode_cuda_graphs_option_or_the_argument(model):
+    from ihip_compile.config import IHipConfig
+
+    assert OffloadedCache(model.config, max_cache_tokens=16).store.cuda_graphs
+    off = IHipConfig(decode_cuda_graphs=False)
+    assert not OffloadedCache(model.config, max_cache_tokens=16, ihip_config=off).store.cuda_graphs
+    assert OffloadedCache(model.config, max_cache_tokens=16, ihip_config=off,
+                          cuda_graphs=True).store.cuda_graphs
