@@ -93,7 +93,8 @@ class DecodeStepGraph:
         with torch.inference_mode(False):  # buffers reused across calls, in and out of it
             self.buffers = {
                 "q": torch.empty(q.shape, dtype=q.dtype, device=q.device),
-                "positions": torch.empty_like(q_positions, memory_format=torch.contiguous_format),
+                "positions": torch.empty(q_positions.shape, dtype=q_positions.dtype,
+                                         device=q.device),
                 "blocks": torch.empty(blocks.shape, dtype=torch.int32, device=blocks.device),
                 "window_start": torch.zeros(1, dtype=torch.int64, device=q.device),
             }
@@ -121,7 +122,7 @@ class DecodeStepGraph:
 
     @staticmethod
     def _launch(q, q_positions, k, v, blocks, common, groups, window_start):
-        pos = fold_query_positions(q_positions, q.shape[0], 1, groups)
+        pos = fold_query_positions(q_positions.to(q.device), q.shape[0], 1, groups)
         return sparse_decode(fold_heads(q, groups), k, v, blocks, pos, window_start=window_start,
                              **common)
 

@@ -26,6 +26,8 @@ import weakref
 import torch
 
 from ihip_compile.kernels.append_step_graph import AppendStepGraph
+from ihip_compile.kernels.decode_shortcut import ArmedStep
+from ihip_compile.kernels.decode_step_graph import DecodeStepGraph
 from ihip_compile.kernels.bank_kv import BankKV
 from ihip_compile.kernels.block_bank import (
     BlockBank, host_blocks, row_block_ids, spare_for_unnamed,
@@ -88,8 +90,8 @@ class HostKVStore:
         self.in_place_scans = [0] * num_layers  # scoring runs that read host keys in place
         self.selection_states = SelectionStates()  # decode mask caching of this sequence batch
         self.resident_plans: dict[int, ResidentBlocks] = {}  # layer -> last attended blocks
-        self.step_graphs: dict = {}  # layer -> its decode attention graph (decode_step_graph)
-        self.armed_steps: dict = {}  # layer -> the step decode_shortcut may continue
+        self.step_graphs: dict[int, DecodeStepGraph] = {}  # layer -> its decode attention graph
+        self.armed_steps: dict[int, ArmedStep] = {}  # layer -> the step decode_shortcut continues
         self.append_graphs: dict[int, AppendStepGraph] = {}  # layer -> its decode append graph
 
     # --- sizes ---------------------------------------------------------------------------------

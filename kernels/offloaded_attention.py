@@ -189,14 +189,14 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
             fill_blocks(store, layer, needed, "pruning", {"keys": keys})
         return keys[:, :, :s_k]
 
-    attend, replayed = (_graph_attender(store, layer, q, q_positions, args["block_size_q"])
-                        if in_graphs else (None, {}))
+    in_graph, replayed = (_graph_attender(store, layer, q, q_positions, args["block_size_q"])
+                          if in_graphs else (None, {}))
     out = cached_sparse_decode(
         q, keys[:, :, :s_k], v, q_positions, inv_freq=inv_freq, layer=layer,
         refresh_intervals=args.get("refresh_intervals") or [1] * len(chunks),
         states=store.selection_states, keys_for_stage=keys_for_stage,
         kv_for_attention=lambda blocks, window: kv_for_attention(blocks, window, "attention"),
-        attend=attend, **sparse,
+        attend=in_graph, **sparse,
     )
     if "common" in replayed:
         decode_shortcut.arm(store, layer, signature, s_k, sparse["window_tokens"],

@@ -161,8 +161,9 @@ def sparse_decode(
     """Decode attention for one query token per sequence.
 
     q [B, H, 1, D]; k, v [B, H_KV, S_K, D], or both ``bank_kv.BankKV`` (read in the bank's
-    slots, which may store float8_e4m3fn: widened to q's dtype as read); block_indices [B, 1, TOPK] int32 (sorted, -1 last); q_positions [B, 1] or [1] key
-    index of the query (default: the last key, S_K - 1). Returns [B, H, 1, D] in q's dtype.
+    slots, which may store float8_e4m3fn: widened to q's dtype as read); block_indices
+    [B, 1, TOPK] int32 (sorted, -1 last); q_positions [B, 1] or [1] key index of the query
+    (default: the last key, S_K - 1). Returns [B, H, 1, D] in q's dtype.
 
     ``window_start`` (an integer tensor [1] on the device): the window is keys [window_start,
     p] of each query p, which must be the newest key (S_K = p + 1), instead of the last
