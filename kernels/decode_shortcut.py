@@ -2,8 +2,9 @@
 
 Between refreshes a decode step's GPU work is one graph replay (``decode_step_graph``), but the
 ordinary path to it (the store lookup, the scratch, folding the inputs, the selection cache's
-schedule, the bank plan, the launch arguments) is ~0.5 ms of host time per layer under a
-profiler, against ~0.03 ms of GPU work at 1M keys. A step that attends in the bank's slots
+schedule, the bank plan, the launch arguments) took 0.38 ms of host time per layer under
+cProfile even with the graph replaying its kernels, against ~0.03 ms of GPU work at 1M keys
+(``reports/bench/decode_step_graphs/``). A step that attends in the bank's slots
 through the graph arms this shortcut (``arm``); the layer's next call takes it (``take``) when
 it continues that step exactly:
     the same op arguments, ``inv_freq`` and RoPE remapping decision (``op_signature``)

@@ -8,8 +8,8 @@ next lives on the device:
     the selected blocks              copied into a buffer when a refresh selects new ones
     the window's first key           set when stage 0 moves it (the window ends at the query:
                                      ``sparse_decode``'s ``window_start``)
-so the kernels are captured once per layer and every step replays them: two launches' host
-work (~60 us under a profiler, Triton's argument handling) become one replay. The graph reads
+so the kernels are captured once per layer and every step replays them: two Triton launches
+(~80 us of host time each under cProfile, mostly argument handling) become one replay. The graph reads
 the bank slots, the page table and ``inv_freq`` where they lie; when any of them moves (a new
 bank), or a shape or scalar of the launch changes, the next step captures again.
 
