@@ -12,15 +12,18 @@ Python operation per block (a sync would stop the host from queueing the next la
 the GPU runs this one):
     slot_of_block  [N_BLOCKS] int64   bank slot holding each block, -1: only in host memory
     block_of_slot  [N_SLOTS]  int64   block held by each slot, -1 when the slot is free
-    last_used      [N_SLOTS]  int64   read counter value of the slot's last use (-1: never)
+    last_used      [N_SLOTS]  int64   read clock value of the slot's last use (-1: never)
+    clock          [1]        int64   reads so far, counted by the reads themselves
 Blocks are written through: tokens appended to a block that is in the bank land in both copies
-(``token_append``).
+(``token_append``). On CUDA, a bank built with a graph pool replays its admission bookkeeping as
+CUDA graphs (``admission_graph``): its ~35 launches per read were most of a refresh's host time.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ihip_compile.kernels.admission_graph import AdmissionGraphs
 from ihip_compile.kernels.block_cache_ref import as_bits, gather_blocks_ref
 
 
@@ -73,7 +76,9 @@ class BlockBank:
     """LRU bank of ``n_slots`` blocks; ``tensors`` names what each block carries (keys, values)."""
 
     def __init__(self, *, n_slots: int, n_blocks: int, block_shapes: dict[str, tuple[int, ...]],
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, graph_pool=None):
+        """``graph_pool`` (a ``torch.cuda.graph_pool_handle()``, CUDA only): replay admissions
+        as CUDA graphs captured in it; None: ordinary launches."""
         if n_slots < 1:
             raise ValueError(f"a block bank needs at least one slot, got n_slots={n_slots}")
         self.n_slots, self.n_blocks = n_slots, n_blocks
@@ -91,7 +96,10 @@ class BlockBank:
         self.slot_of_block = self._slot_of_block[:n_blocks]
         self.block_of_slot = self._block_of_slot[:n_slots]
         self.last_used = self._last_used[:n_slots]
-        self.reads = 0
+        # A device tensor, not a host count: the captured bookkeeping reads it where it lies.
+        self._clock = torch.zeros(1, dtype=torch.int64, device=device)
+        self._plan_admission = (AdmissionGraphs(self._admission_plan, graph_pool)
+                                if graph_pool is not None else self._admission_plan)
         # Hits and misses of reads, counted on the device (read back only when reported), plus
         # the hits of resident reads, known on the host.
         self._read_counts = torch.zeros(2, dtype=torch.int64, device=device)
@@ -124,7 +132,6 @@ class BlockBank:
         """
         device = self._block_of_slot.device
         block_ids = block_ids.to(device=device, dtype=torch.int64)
-        self.reads += 1
         slots = torch.where(block_ids >= 0, self._slot_of_block[block_ids], -1)
         # Misses come from their rows of the host copy: "staging" is the whole host copy.
         raw = {name: gather_blocks(self.tensors[name], host[name], slots, block_ids,
@@ -147,6 +154,17 @@ class BlockBank:
         self.last_read_resident = n <= self.n_slots  # distinct blocks <= n <= slots: all fit
         if n == 0:
             return
+        victim, order = self._plan_admission(block_ids, slots)
+        for name, bank in self._blocks.items():
+            as_bits(bank)[victim] = as_bits(fetched[name])[order]
+
+    def _admission_plan(self, block_ids: torch.Tensor, slots: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bookkeeping of a read of ``block_ids`` [N] (N >= 1) found in ``slots`` [N]: ticks
+        the clock, counts, updates the tables. Returns, per entry of ``block_ids`` sorted
+        (``order``: their places in the read), the slot its fetched block goes to (``victim``;
+        the spare slot where it is not admitted). Device ops only, no host value: capturable."""
+        self._clock += 1
         ids, order = torch.sort(block_ids)
         slots = slots[order]
         first = ~repeats(ids)
@@ -154,10 +172,9 @@ class BlockBank:
         miss = first & ~hit & (ids >= 0)
         n_hit, n_miss = (first & hit).sum(), miss.sum()
         self._read_counts += torch.stack([n_hit, n_miss])
-        # Touched slots carry the newest counter value, so they sort after every other slot.
-        # (index_fill_ takes the value as a kernel argument; ``t[i] = value`` would copy it to
-        # the device first, a host sync.)
-        self._last_used.index_fill_(0, torch.where(hit, slots, self.n_slots), self.reads)
+        # Touched slots carry the newest clock value, so they sort after every other slot.
+        self._touch(torch.where(hit, slots, self.n_slots))
+        n = block_ids.numel()
         victims = torch.topk(self.last_used, min(n, self.n_slots), largest=False).indices
         n_admit = torch.minimum(n_miss, self.n_slots - n_hit)
         from_last = n_miss - torch.cumsum(miss.long(), 0)  # 0 for the last miss, 1 before it...
@@ -169,9 +186,12 @@ class BlockBank:
         admitted = torch.where(admit, ids, self.n_blocks)
         self._block_of_slot[victim] = admitted
         self._slot_of_block[admitted] = victim
-        self._last_used.index_fill_(0, victim, self.reads)
-        for name, bank in self._blocks.items():
-            as_bits(bank)[victim] = as_bits(fetched[name])[order]
+        self._touch(victim)
+        return victim, order
+
+    def _touch(self, slots: torch.Tensor) -> None:
+        """Stamp ``slots`` with the clock (a tensor value: no host copy, no sync)."""
+        self._last_used.index_put_((slots,), self._clock.expand(slots.shape))
 
     def clear(self) -> None:
         self.admissions += 1

@@ -75,9 +75,11 @@ class HostKVStore:
         # The device of the banks: given, or that of the first keys appended.
         self.dtype, self.device = dtype, None if device is None else torch.device(device)
         self.storage_dtype = storage_dtype or dtype
-        # Replay each layer's decode append and attention as CUDA graphs on CUDA
-        # (append_step_graph, decode_step_graph, decode_shortcut); off: ordinary launches.
+        # Replay each layer's decode append and attention, and the banks' admissions, as CUDA
+        # graphs on CUDA (append_step_graph, decode_step_graph, decode_shortcut,
+        # admission_graph); off: ordinary launches.
         self.cuda_graphs = cuda_graphs
+        self._admission_pool = None  # one memory pool for every bank's admission graphs
         self.bank_slots = {"attention": max(1, attention_bank_tokens // block_tokens),
                            "pruning": max(1, pruning_bank_tokens // block_tokens)}
         self._check_host_memory(self.host_bytes, "lower max_cache_tokens, use "
@@ -373,14 +375,23 @@ class HostKVStore:
         self._host[layer] = {
             name: self._host_zeros((rows, *shape), pin) for name, shape in shapes.items()
         }
+        pool = self._bank_graph_pool()
         self._banks[layer] = {
             "attention": BlockBank(n_slots=self.bank_slots["attention"], n_blocks=rows,
                                    block_shapes=shapes, dtype=self.storage_dtype,
-                                   device=self.device),
+                                   device=self.device, graph_pool=pool),
             "pruning": BlockBank(n_slots=self.bank_slots["pruning"], n_blocks=rows,
                                  block_shapes={"keys": shapes["keys"]},
-                                 dtype=self.storage_dtype, device=self.device),
+                                 dtype=self.storage_dtype, device=self.device, graph_pool=pool),
         }
+
+    def _bank_graph_pool(self):
+        """The memory pool of the banks' admission graphs; None without CUDA graphs."""
+        if not (self.cuda_graphs and self.device.type == "cuda"):
+            return None
+        if self._admission_pool is None:
+            self._admission_pool = torch.cuda.graph_pool_handle()
+        return self._admission_pool
 
 
 # --- the op layer's registry ---------------------------------------------------------------------

@@ -9,7 +9,8 @@ decodes one warm-up refresh cycle, then ``--cycles`` timed cycles; each step is 
 synchronised), profiled, and filed as cached (no pruning stage ran in any layer) or refresh.
 ``--profiler python``: ``cProfile`` (host time by function; it slows Python about twofold).
 ``--profiler gpu``: ``torch.profiler`` with CUDA activity only, the GPU time of each step's
-kernels and copies (a step whose GPU time is far below its wall time is bound by the host).
+kernels and copies (a step whose GPU time is far below its wall time is bound by the host), and
+each step's kernels of 0.1 ms or more in launch order (which layer and stage a call served).
 ``--profiler none``: step times only (for comparing two versions of the code).
 ``--profiler syncs``: the device-to-host syncs of each step, by call site (CUDA's sync debug
 mode; each one stops the host from queueing work while the GPU drains).
@@ -105,8 +106,11 @@ class PythonProfile:
 class GpuProfile:
     """torch.profiler (CUDA activity) per step: GPU ms of the step, kernel totals per kind."""
 
+    LONG_KERNEL_MS = 0.1
+
     def __init__(self):
         self.kernels: dict[str, dict[str, list[float]]] = {}
+        self.long_kernels: list[list] = []  # per step: [name, ms] in launch order
 
     def step(self, run):
         from torch.profiler import ProfilerActivity, profile
@@ -115,6 +119,10 @@ class GpuProfile:
             run()
         rows = {e.key: [e.count, e.self_device_time_total / 1e3]
                 for e in prof.key_averages() if e.self_device_time_total > 0}
+        long = sorted((e.time_range.start, e.name[:60], round(e.self_device_time_total / 1e3, 3))
+                      for e in prof.events()
+                      if e.self_device_time_total / 1e3 >= self.LONG_KERNEL_MS)
+        self.long_kernels.append([[name, ms] for _, name, ms in long])
         return rows, sum(ms for _, ms in rows.values())
 
     def file(self, kind: str, rows) -> None:
@@ -208,7 +216,7 @@ def main() -> None:
     steps = []
     with torch.no_grad():
         for i in range(cycle + 1 + args.cycles * cycle):
-            runs = _stage_runs(cache)
+            runs, counts_before = _stage_runs(cache), _bank_counts(cache)
             outputs = []
 
             def run():
@@ -225,7 +233,9 @@ def main() -> None:
                 warm_hits = _bank_counts(cache)
                 continue  # warm-up: compilation and the first selection
             kind = "refresh" if _stage_runs(cache) != runs else "cached"
-            steps.append({"ms": ms, "kind": kind})
+            counts = {name: count - counts_before.get(name, 0)
+                      for name, count in _bank_counts(cache).items()}
+            steps.append({"ms": ms, "kind": kind, "bank_counts": counts})
             if measure:
                 steps[-1][measure] = measured
             profiler.file(kind, profile)
@@ -233,6 +243,9 @@ def main() -> None:
     summary = {"context": args.context, "layers": args.layers, "backend": args.backend,
                "cache": args.cache, "profiler": args.profiler, "device": str(device),
                "torch": torch.__version__, "steps": steps}
+    if isinstance(profiler, GpuProfile):
+        for step, long in zip(steps, profiler.long_kernels[-len(steps):]):
+            step["long_kernels"] = long
     for kind in ("cached", "refresh"):
         of_kind = [s for s in steps if s["kind"] == kind]
         summary[f"{kind}_mean_ms"] = (sum(s["ms"] for s in of_kind) / len(of_kind)

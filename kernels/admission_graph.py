@@ -1,0 +1,89 @@
+"""A block bank's admission bookkeeping, replayed as CUDA graphs.
+
+Every read of a bank (``BlockBank.read``) works out on the device which blocks hit, which slots
+the misses take and what they evict: ~35 small torch ops (a sort, a top-k, scans, indexed
+writes) whose launches cost the host far more than their GPU time. At a decode refresh every
+layer reads each of its banks, so those launches held refresh steps back. Their shapes depend
+only on how many blocks a read names, and every value they depend on lives on the device (the
+bank's tables and its read clock), so they are captured once per read size and replayed.
+
+The first read of a size runs the ops as they are (which also sets up their lazy state); the
+second captures them without running them (admission is not idempotent: a warm-up run would
+admit twice) and replays the capture. All captures of one store share a memory pool: they are
+replayed one after another on one stream, and what each returns stays referenced by it.
+
+A capture that fails leaves the bank on ordinary launches, with a warning that says why; inside
+a caller's own capture the ops run as they are (and are captured there).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# plan(block_ids, slots) -> (victim, order): the bank's bookkeeping for one read
+Plan = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class AdmissionGraphs:
+    """Captured admission plans of one bank, one per read size."""
+
+    def __init__(self, plan: Plan, pool):
+        self._plan = plan
+        self._pool = pool  # torch.cuda.graph_pool_handle() shared by a store's banks
+        self._seen: set[int] = set()
+        self._captured: dict[int, tuple] = {}  # n -> (graph, block_ids, slots, outputs)
+        self.failure: str | None = None
+        self.captures = 0
+        self.replays = 0
+
+    def __call__(self, block_ids: torch.Tensor, slots: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``plan(block_ids, slots)``, from a replay where one is captured. The outputs of a
+        replay are rewritten by the next replay of the same size: use them before then."""
+        n = block_ids.numel()
+        if self.failure is not None or torch.cuda.is_current_stream_capturing():
+            return self._plan(block_ids, slots)
+        captured = self._captured.get(n)
+        if captured is None:
+            if n not in self._seen:
+                self._seen.add(n)
+                return self._plan(block_ids, slots)
+            captured = self._capture(block_ids, slots)
+            if captured is None:
+                return self._plan(block_ids, slots)
+        graph, ids_in, slots_in, outputs = captured
+        ids_in.copy_(block_ids)
+        slots_in.copy_(slots)
+        graph.replay()
+        self.replays += 1
+        return outputs
+
+    def _capture(self, block_ids: torch.Tensor, slots: torch.Tensor) -> tuple | None:
+        with torch.inference_mode(False):  # buffers reused across calls, in and out of it
+            ids_in, slots_in = torch.empty_like(block_ids), torch.empty_like(slots)
+        graph = torch.cuda.CUDAGraph()
+        # Captured on a side stream without ``torch.cuda.graph``'s device sync and cache
+        # release: a new read size can come at any decode step, which makes no host sync.
+        side = torch.cuda.Stream(block_ids.device)
+        side.wait_stream(torch.cuda.current_stream(block_ids.device))
+        try:
+            with torch.inference_mode(False), torch.no_grad(), torch.cuda.stream(side):
+                graph.capture_begin(pool=self._pool)
+                try:
+                    outputs = self._plan(ids_in, slots_in)
+                finally:
+                    graph.capture_end()
+        except Exception as error:  # the bank keeps ordinary launches; never silently
+            self.failure = f"{type(error).__name__}: {error}"
+            log.warning("infinitehip: a block bank's admissions stay on ordinary launches, "
+                        "their CUDA graph capture failed: %s", self.failure)
+            return None
+        torch.cuda.current_stream(block_ids.device).wait_stream(side)
+        self._captured[block_ids.numel()] = captured = (graph, ids_in, slots_in, outputs)
+        self.captures += 1
+        return captured
