@@ -7,9 +7,11 @@ layer reads each of its banks, so those launches held refresh steps back. Their 
 only on how many blocks a read names, and every value they depend on lives on the device (the
 bank's tables and its read clock), so they are captured once per read size and replayed.
 
-The first read of a size runs the ops as they are (which also sets up their lazy state); the
-second captures them without running them (admission is not idempotent: a warm-up run would
-admit twice) and replays the capture. All captures of one store share a memory pool: they are
+Sizes are rounded up to a multiple of ``SIZE_STEP`` blocks, the extra entries naming no block:
+a decode read's size moves with its window (which widens by a block every few steps until stage
+0 runs again), and one capture then serves them all. The first read of a size runs the ops as
+they are (which also sets up their lazy state); the second captures them without running them
+(admission is not idempotent: a warm-up run would admit twice) and replays the capture. All captures of one store share a memory pool: they are
 replayed one after another on one stream, and what each returns stays referenced by it.
 
 A capture that fails leaves the bank on ordinary launches, with a warning that says why; inside
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 Plan = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+SIZE_STEP = 64
+
+
 class AdmissionGraphs:
     """Captured admission plans of one bank, one per read size."""
 
@@ -36,7 +41,7 @@ class AdmissionGraphs:
         self._plan = plan
         self._pool = pool  # torch.cuda.graph_pool_handle() shared by a store's banks
         self._seen: set[int] = set()
-        self._captured: dict[int, tuple] = {}  # n -> (graph, block_ids, slots, outputs)
+        self._captured: dict[int, tuple] = {}  # size -> (graph, block_ids, slots, outputs)
         self.failure: str | None = None
         self.captures = 0
         self.replays = 0
@@ -44,28 +49,35 @@ class AdmissionGraphs:
     def __call__(self, block_ids: torch.Tensor, slots: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """``plan(block_ids, slots)``, from a replay where one is captured. The outputs of a
-        replay are rewritten by the next replay of the same size: use them before then."""
+        replay are rewritten by the next replay of the same size: use them before then. A
+        replay's entries past the read's own name no block; their ``order`` points at its last
+        entry and their ``victim`` is the spare slot, so the data copy that follows is unchanged."""
         n = block_ids.numel()
+        size = -(-n // SIZE_STEP) * SIZE_STEP
         if self.failure is not None or torch.cuda.is_current_stream_capturing():
             return self._plan(block_ids, slots)
-        captured = self._captured.get(n)
+        captured = self._captured.get(size)
         if captured is None:
-            if n not in self._seen:
-                self._seen.add(n)
+            if size not in self._seen:
+                self._seen.add(size)
                 return self._plan(block_ids, slots)
-            captured = self._capture(block_ids, slots)
+            captured = self._capture(size, block_ids)
             if captured is None:
                 return self._plan(block_ids, slots)
-        graph, ids_in, slots_in, outputs = captured
-        ids_in.copy_(block_ids)
-        slots_in.copy_(slots)
+        graph, ids_in, slots_in, (victim, order) = captured
+        ids_in[:n].copy_(block_ids)
+        slots_in[:n].copy_(slots)
+        if n < size:
+            ids_in[n:].fill_(-1)
+            slots_in[n:].fill_(-1)
         graph.replay()
         self.replays += 1
-        return outputs
+        return victim, order.clamp(max=n - 1)
 
-    def _capture(self, block_ids: torch.Tensor, slots: torch.Tensor) -> tuple | None:
+    def _capture(self, size: int, block_ids: torch.Tensor) -> tuple | None:
         with torch.inference_mode(False):  # buffers reused across calls, in and out of it
-            ids_in, slots_in = torch.empty_like(block_ids), torch.empty_like(slots)
+            ids_in = torch.full((size,), -1, dtype=torch.int64, device=block_ids.device)
+            slots_in = torch.full((size,), -1, dtype=torch.int64, device=block_ids.device)
         graph = torch.cuda.CUDAGraph()
         # Captured on a side stream without ``torch.cuda.graph``'s device sync and cache
         # release: a new read size can come at any decode step, which makes no host sync.
@@ -84,6 +96,6 @@ class AdmissionGraphs:
                         "their CUDA graph capture failed: %s", self.failure)
             return None
         torch.cuda.current_stream(block_ids.device).wait_stream(side)
-        self._captured[block_ids.numel()] = captured = (graph, ids_in, slots_in, outputs)
+        self._captured[size] = captured = (graph, ids_in, slots_in, outputs)
         self.captures += 1
         return captured

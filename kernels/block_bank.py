@@ -174,8 +174,9 @@ class BlockBank:
         self._read_counts += torch.stack([n_hit, n_miss])
         # Touched slots carry the newest clock value, so they sort after every other slot.
         self._touch(torch.where(hit, slots, self.n_slots))
-        n = block_ids.numel()
-        victims = torch.topk(self.last_used, min(n, self.n_slots), largest=False).indices
+        # Least recently used first, equals by slot index: the same victims whatever the read's
+        # size (a captured read is padded, admission_graph).
+        victims = torch.sort(self.last_used, stable=True).indices
         n_admit = torch.minimum(n_miss, self.n_slots - n_hit)
         from_last = n_miss - torch.cumsum(miss.long(), 0)  # 0 for the last miss, 1 before it...
         admit = miss & (from_last < n_admit)

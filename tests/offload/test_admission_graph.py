@@ -1,13 +1,14 @@
 """A bank whose admissions replay as CUDA graphs against one that launches them (CUDA only).
 
 The two banks get the same random reads, with repeated read sizes so that most reads replay a
-capture; after every read their tables, clocks, counts and contents must be equal, and so must
+capture (sizes padded to one capture's size among them); after every read their tables, clocks, counts and contents must be equal, and so must
 what each read returned.
 """
 
 import pytest
 import torch
 
+from ihip_compile.kernels.admission_graph import SIZE_STEP
 from ihip_compile.kernels.block_bank import BlockBank
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,7 +32,9 @@ def test_graphed_admissions_equal_launched_ones(n_slots):
     graphed = _bank(n_slots, torch.cuda.graph_pool_handle())
     launched = _bank(n_slots, None)
     g = torch.Generator().manual_seed(n_slots)
-    sizes = [1, n_slots, 2 * n_slots + 1]  # fewer, as many and more blocks than slots
+    # Fewer, as many and more blocks than slots (one padded size), and two larger sizes.
+    sizes = [1, n_slots, 2 * n_slots + 1, SIZE_STEP + 6, 2 * SIZE_STEP + 2]
+    padded = {-(-n // SIZE_STEP) for n in sizes}
     for step in range(40):
         n = sizes[step % len(sizes)]
         ids = torch.randint(-1, N_BLOCKS, (n,), generator=g).cuda()
@@ -43,5 +46,5 @@ def test_graphed_admissions_equal_launched_ones(n_slots):
     assert (graphed.hits, graphed.misses) == (launched.hits, launched.misses)
     graphs = graphed._plan_admission
     assert graphs.failure is None
-    assert graphs.captures == len(sizes)
-    assert graphs.replays == 40 - len(sizes)  # each size's first read runs the ops as they are
+    assert graphs.captures == len(padded)
+    assert graphs.replays == 40 - len(padded)  # each size's first read runs the ops as they are
