@@ -28,6 +28,10 @@ class BlockMajorKeys:
     # The dtype scores are computed in, when ``blocks`` store narrower keys (float8_e4m3fn):
     # the kernel widens each key it reads, ``as_tensor`` widens its copy.
     compute_dtype: torch.dtype | None = None
+    # A device copy of the keys at positions j * probe_stride + probe_stride // 2 ([B, H_KV, N,
+    # D], ``probe_key_copy``): a stage whose first step probes those reads them there instead.
+    probe_copy: torch.Tensor | None = None
+    probe_stride: int = 0
 
     def __post_init__(self):
         if self.blocks.dim() != 4 or self.blocks.shape[0] % self.batch:
@@ -52,7 +56,8 @@ class BlockMajorKeys:
     def fold(self, groups: int) -> "BlockMajorKeys":
         """The keys as ``groups`` selection sequences per row (``selection_scope.fold_heads``)."""
         return BlockMajorKeys(self.blocks, self.batch, self.length, self.device,
-                              self.groups * groups, self.compute_dtype)
+                              self.groups * groups, self.compute_dtype, self.probe_copy,
+                              self.probe_stride)
 
     def addressing(self) -> dict[str, int]:
         """Element strides of sequence, head, block and key within a block; keys per block."""
@@ -62,6 +67,14 @@ class BlockMajorKeys:
         sequence = row if self.groups == 1 else (heads // self.groups) * s_head
         return {"stride_b": sequence, "stride_h": s_head, "stride_blk": self.blocks.stride(0),
                 "stride_s": self.blocks.stride(2), "keys_per_block": block}
+
+    def copy_addressing(self) -> dict[str, int]:
+        """Element strides of sequence, head and entry in ``probe_copy``; its entry count."""
+        copy = self.probe_copy
+        heads = copy.shape[1] // self.groups
+        sequence = copy.stride(0) if self.groups == 1 else heads * copy.stride(1)
+        return {"stride_b": sequence, "stride_h": copy.stride(1), "stride_j": copy.stride(2),
+                "entries": copy.shape[2]}
 
     def as_tensor(self) -> torch.Tensor:
         """The keys as a plain [B * groups, H_KV / groups, S, D] tensor on ``device`` (a copy).

@@ -35,6 +35,7 @@ from ihip_compile.kernels.block_bank import (
 from ihip_compile.kernels.block_cache_ref import as_bits
 from ihip_compile.kernels.decode_selection_cache import SelectionStates
 from ihip_compile.kernels.host_keys import BlockMajorKeys
+from ihip_compile.kernels.probe_key_copy import ProbeKeyCopy
 from ihip_compile.kernels.resident_blocks import ResidentBlocks
 from ihip_compile.kernels.token_append import append_tokens
 
@@ -95,6 +96,7 @@ class HostKVStore:
         self.step_graphs: dict[int, DecodeStepGraph] = {}  # layer -> its decode attention graph
         self.armed_steps: dict[int, ArmedStep] = {}  # layer -> the step decode_shortcut continues
         self.append_graphs: dict[int, AppendStepGraph] = {}  # layer -> its decode append graph
+        self.probe_copies: dict[int, ProbeKeyCopy] = {}  # layer -> stage 0's first probes
 
     # --- sizes ---------------------------------------------------------------------------------
     @property
@@ -106,8 +108,9 @@ class HostKVStore:
 
     @property
     def gpu_bytes(self) -> int:
-        """Device bytes the banks of the layers allocated so far take."""
-        return sum(b.nbytes for banks in self._banks if banks for b in banks.values())
+        """Device bytes the banks and probe copies of the layers allocated so far take."""
+        return (sum(b.nbytes for banks in self._banks if banks for b in banks.values())
+                + sum(copy.nbytes for copy in self.probe_copies.values()))
 
     def _check_host_memory(self, needed: int, advice: str) -> None:
         available = available_host_bytes()
@@ -189,6 +192,7 @@ class HostKVStore:
         self.lengths[layer] = 0
         self.selection_states.forget(layer)
         self.resident_plans.pop(layer, None)
+        self.probe_copies.pop(layer, None)
         for bank in (self._banks[layer] or {}).values():
             bank.clear()
 
@@ -197,6 +201,7 @@ class HostKVStore:
         self.lengths = [0] * self.num_layers
         self.selection_states = SelectionStates()
         self.resident_plans.clear()
+        self.probe_copies.clear()
         for banks in self._banks:
             for bank in (banks or {}).values():
                 bank.clear()
@@ -229,16 +234,26 @@ class HostKVStore:
                 piece = piece.view(self.storage_dtype).to(out.dtype)
                 out[:, :, lo * bk: hi * bk] = piece.permute(0, 2, 1, 3, 4).flatten(2, 3)
 
-    def keys_in_place(self, layer: int, per_kv_head: bool) -> BlockMajorKeys | None:
+    def keys_in_place(self, layer: int, per_kv_head: bool,
+                      probe_stride: int = 0) -> BlockMajorKeys | None:
         """The layer's keys for the stage kernel to read where they lie (``host_keys``; FP8
         storage widened as read), or None where it cannot: not on CUDA, or one selection per KV
-        head for several rows (not one stride apart). The caller then streams them."""
+        head for several rows (not one stride apart). The caller then streams them. With
+        ``probe_stride``, the keys a stage with first-step parts of that many keys probes first
+        are also kept on the device (``probe_key_copy``) and come along."""
         host = self._layer_host(layer)["keys"]
         if (self.device.type != "cuda" or (per_kv_head and self.batch > 1)
                 or host.data_ptr() not in self._pinned):
             return None
         self.in_place_scans[layer] += 1
-        return BlockMajorKeys(host, self.batch, self.lengths[layer], self.device, 1, self.dtype)
+        length, copy = self.lengths[layer], None
+        if probe_stride > 0:
+            probes = self.probe_copies.get(layer)
+            if probes is None or probes.stride != probe_stride:
+                probes = self.probe_copies[layer] = ProbeKeyCopy(probe_stride)
+            copy = probes.update(host, self.batch, length, self.capacity_tokens, self.device)
+        return BlockMajorKeys(host, self.batch, length, self.device, 1, self.dtype, copy,
+                              probe_stride)
 
     def copy_blocks_into(self, layer: int, block_ids: torch.Tensor,
                          dst: dict[str, torch.Tensor]) -> None:

@@ -6,6 +6,8 @@ each of FIRST_PROBES parts, then halving steps probing the middle key of both ha
 KV head (keys gathered, never expanded for GQA; the query rows of a KV head are its GROUP query
 heads times NPQ pooled queries, one tensor-core product). Programs of few chunks (decode) gather
 FIRST_GROUP parts of each chunk, and both halves, as one tile: fewer dependent loads in a row.
+Keys in host memory (``host_keys``) may come with a device copy of the first step's probes
+(``probe_key_copy``): COPY reads those there, the rest where the keys lie.
 
 Changes vs hip-attention: one stage kernel reused for every stage (stages are data), scores are
 the max over the heads of the sequence it is given (the op gives one KV head and its query heads
@@ -35,19 +37,34 @@ from ihip_compile.kernels.prune_stage_ref import (
 @triton.jit
 def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos, s_k,
                  n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
-                 head_dim, KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr,
+                 head_dim, c_ptr, n_copy, stride_c_h, stride_c_j, KB: tl.constexpr,
+                 H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr,
                  QROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                  ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
-                 FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Max over heads and pooled queries of <q, key at probe> for a tile of probes -> [TILE]."""
+                 FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr, COPY: tl.constexpr,
+                 PART: tl.constexpr):
+    """Max over heads and pooled queries of <q, key at probe> for a tile of probes -> [TILE].
+    COPY: probes at the middle of a PART-key part among the first ``n_copy`` are read in the
+    device copy at ``c_ptr`` (entry = probe // PART), the others where the keys lie."""
     probe = tl.minimum(tl.maximum(probe, vlo), vhi - 1)
     probe = tl.minimum(tl.maximum(probe, 0), s_k - 1)
     delta = probe_delta(probe, block_pos, n_chunks, window_tokens, CHUNK, ROPE_MODE)
     # Keys come in blocks of KB (1: a plain [S, D] row per key; the host store: BLOCK keys).
     key_offset = (probe // KB).to(tl.int64) * stride_k_blk + (probe % KB) * stride_k_s
-    return max_over_heads(k_ptr, q_ptr, key_offset, usable, stride_k_h, stride_q_h, head_dim,
-                          delta, inv_freq_ptr, H_KV, GROUP, NPQ, QROWS, BLOCK_D, ROPE_MODE != 0,
-                          ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
+    host_ok = usable
+    if COPY:
+        in_copy = (probe % PART == PART // 2) & (probe // PART < n_copy)
+        host_ok = usable & ~in_copy
+    score = max_over_heads(k_ptr, q_ptr, key_offset, host_ok, stride_k_h, stride_q_h, head_dim,
+                           delta, inv_freq_ptr, H_KV, GROUP, NPQ, QROWS, BLOCK_D,
+                           ROPE_MODE != 0, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
+    if COPY:  # masked loads of the lanes the other source serves move no bytes
+        copied = max_over_heads(c_ptr, q_ptr, (probe // PART).to(tl.int64) * stride_c_j,
+                                usable & in_copy, stride_c_h, stride_q_h, head_dim, delta,
+                                inv_freq_ptr, H_KV, GROUP, NPQ, QROWS, BLOCK_D, ROPE_MODE != 0,
+                                ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
+        score = tl.where(in_copy, copied, score)
+    return score
 
 
 @triton.jit
@@ -59,11 +76,13 @@ def _flat(x, TILE: tl.constexpr, WIDTH: tl.constexpr):
 @triton.jit
 def _probe_grid(q_base, k_base, inv_freq_ptr, probe, usable, vlo, vhi, block_pos, s_k,
                 n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
-                head_dim, KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
+                head_dim, c_base, n_copy, stride_c_h, stride_c_j, KB: tl.constexpr,
+                H_KV: tl.constexpr, GROUP: tl.constexpr,
                 NPQ: tl.constexpr, QROWS: tl.constexpr, CHUNK: tl.constexpr,
                 BLOCK_D: tl.constexpr, ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr,
                 LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                TILE: tl.constexpr, WIDTH: tl.constexpr):
+                TILE: tl.constexpr, WIDTH: tl.constexpr, COPY: tl.constexpr,
+                PART: tl.constexpr):
     """Scores [TILE, WIDTH] of WIDTH probes per chunk (``probe`` [TILE, WIDTH]; the chunk's
     ``usable``, ``vlo``, ``vhi`` [TILE]), all gathered as one tile of keys per head: one
     dependent load per head for the lot instead of one per probe."""
@@ -71,18 +90,19 @@ def _probe_grid(q_base, k_base, inv_freq_ptr, probe, usable, vlo, vhi, block_pos
                           _flat(usable[:, None], TILE, WIDTH), _flat(vlo[:, None], TILE, WIDTH),
                           _flat(vhi[:, None], TILE, WIDTH), block_pos, s_k, n_chunks,
                           window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
-                          head_dim, KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
-                          ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
+                          head_dim, c_base, n_copy, stride_c_h, stride_c_j, KB, H_KV, GROUP,
+                          NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG,
+                          DOT_PRECISION, COPY, PART)
     return tl.reshape(scores, (TILE, WIDTH))
 
 
 @triton.jit
 def _score_chunks_kernel(
-    q_ptr, k_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr,
-    n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim,
+    q_ptr, k_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr, copy_ptr,
+    n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim, n_copy,
     stride_q_b, stride_q_h, stride_q_blk, stride_k_b, stride_k_h, stride_k_blk, stride_k_s,
-    stride_c_b, stride_c_blk,
-    KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
+    stride_c_b, stride_c_blk, stride_copy_b, stride_copy_h, stride_copy_j,
+    COPY: tl.constexpr, KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
     CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, FIRST_PROBES: tl.constexpr,
     LOG2_FIRST: tl.constexpr, FIRST_GROUP: tl.constexpr, PAIR_HALVES: tl.constexpr,
     CHUNK_TILE: tl.constexpr,
@@ -101,13 +121,15 @@ def _score_chunks_kernel(
     usable = n_ok & (starts >= 0) & (vlo < vhi)
     q_base = q_ptr + b * stride_q_b + blk * stride_q_blk
     k_base = k_ptr + b * stride_k_b
+    copy_base = copy_ptr + b * stride_copy_b
     lo = starts
     best = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
     if LOG2_CHUNK == 0:
         best = _probe_score(q_base, k_base, inv_freq_ptr, lo, usable, vlo, vhi, block_pos, s_k,
                             n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s,
-                            stride_q_h, head_dim, KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
-                            ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
+                            stride_q_h, head_dim, copy_base, 0, 0, 0, KB, H_KV, GROUP, NPQ,
+                            QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG,
+                            DOT_PRECISION, False, 1)
     else:
         PART: tl.constexpr = CHUNK // FIRST_PROBES
         pick = tl.zeros((CHUNK_TILE,), tl.int32)
@@ -119,9 +141,10 @@ def _score_chunks_kernel(
             s_parts = _probe_grid(q_base, k_base, inv_freq_ptr,
                                   lo[:, None] + (parts * PART + PART // 2)[None, :], usable, vlo,
                                   vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
-                                  stride_k_blk, stride_k_s, stride_q_h, head_dim, KB, H_KV, GROUP,
+                                  stride_k_blk, stride_k_s, stride_q_h, head_dim, copy_base,
+                                  n_copy, stride_copy_h, stride_copy_j, KB, H_KV, GROUP,
                                   NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT,
-                                  FAST_TRIG, DOT_PRECISION, CHUNK_TILE, FIRST_GROUP)
+                                  FAST_TRIG, DOT_PRECISION, CHUNK_TILE, FIRST_GROUP, COPY, PART)
             s_group = tl.max(s_parts, 1)
             # Strict, and the group's first maximum: ties keep the earliest part.
             pick = tl.where(s_group > best, first + tl.argmax(s_parts, 1, tie_break_left=True),
@@ -134,21 +157,24 @@ def _score_chunks_kernel(
                 sides = lo[:, None] + (tl.arange(0, 2) * half + half // 2)[None, :]
                 s_sides = _probe_grid(q_base, k_base, inv_freq_ptr, sides, usable, vlo, vhi,
                                       block_pos, s_k, n_chunks, window_tokens, stride_k_h,
-                                      stride_k_blk, stride_k_s, stride_q_h, head_dim, KB, H_KV,
-                                      GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM,
-                                      LAYOUT, FAST_TRIG, DOT_PRECISION, CHUNK_TILE, 2)
+                                      stride_k_blk, stride_k_s, stride_q_h, head_dim, copy_base,
+                                      0, 0, 0, KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
+                                      ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION,
+                                      CHUNK_TILE, 2, False, 1)
                 s_left, s_right = tl.split(s_sides)
             else:
                 s_left = _probe_score(q_base, k_base, inv_freq_ptr, lo + half // 2, usable, vlo,
                                       vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
-                                      stride_k_blk, stride_k_s, stride_q_h, head_dim, KB, H_KV,
-                                      GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM,
-                                      LAYOUT, FAST_TRIG, DOT_PRECISION)
+                                      stride_k_blk, stride_k_s, stride_q_h, head_dim, copy_base,
+                                      0, 0, 0, KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
+                                      ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION,
+                                      False, 1)
                 s_right = _probe_score(q_base, k_base, inv_freq_ptr, lo + half + half // 2,
                                        usable, vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
                                        stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
-                                       KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE,
-                                       ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
+                                       copy_base, 0, 0, 0, KB, H_KV, GROUP, NPQ, QROWS, CHUNK,
+                                       BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG,
+                                       DOT_PRECISION, False, 1)
             best = tl.maximum(best, tl.maximum(s_left, s_right))
             lo = tl.where(s_right > s_left, lo + half, lo)
     best = tl.where(usable, best, float("-inf"))
@@ -177,6 +203,8 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
     rope = rope_mode in (PRUNE_ROPE_RELATIVE, PRUNE_ROPE_CHUNK_INDEXED) and rope_layout != 0
     q_pooled = q_pooled.to(k.dtype).contiguous()
     in_host_blocks = isinstance(k, BlockMajorKeys)
+    parts = first_probe_count(first_probes, chunk_size) if chunk_size > 1 else 1
+    copy, copied = _first_probe_copy(k, chunk_size // parts)
     k, addressing = _key_addressing(k)
     starts = chunk_starts.to(torch.int32)
     if starts.stride(-1) != 1:
@@ -186,7 +214,6 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
     if n_cand == 0:
         return out
     group = h // h_kv
-    parts = first_probe_count(first_probes, chunk_size) if chunk_size > 1 else 1
     few_chunks = b * nqb * n_cand < 16 * 4096  # a decode step, a short prompt
     # Every key probed: stream the chunks where that was measured faster (H200, 1M keys): long
     # chunks (256 keys, one decode query block: 0.50 vs 1.15 ms unrotated) and few chunks (stage
@@ -210,11 +237,12 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
     grid = (nqb, triton.cdiv(n_cand, tile), b)
     _score_chunks_kernel[grid](
         q_pooled, k, starts, key_hi.to(torch.int32).contiguous(),
-        block_pos.to(torch.int32).contiguous(), inv, out,
-        n_cand, nqb, s_k, key_lo, -(-s_k // chunk_size), window_tokens, d,
+        block_pos.to(torch.int32).contiguous(), inv, out, k if copy is None else copy,
+        n_cand, nqb, s_k, key_lo, -(-s_k // chunk_size), window_tokens, d, copied["entries"],
         q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
         addressing["stride_b"], addressing["stride_h"], addressing["stride_blk"],
-        addressing["stride_s"], starts.stride(0), starts.stride(1),
+        addressing["stride_s"], starts.stride(0), starts.stride(1), copied["stride_b"],
+        copied["stride_h"], copied["stride_j"], COPY=copy is not None,
         KB=addressing["keys_per_block"], H_KV=h_kv, GROUP=group, NPQ=npq,
         QROWS=query_rows,
         CHUNK=chunk_size, LOG2_CHUNK=chunk_size.bit_length() - 1, FIRST_PROBES=parts,
@@ -293,6 +321,16 @@ def _multiprocessors(device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _first_probe_copy(k, part: int) -> tuple[torch.Tensor | None, dict[str, int]]:
+    """The device copy of the keys this stage's first step probes (``probe_key_copy``, for
+    keys in host memory whose copy has parts of ``part`` keys) and its addressing; else
+    None and an addressing with no entries."""
+    if (isinstance(k, BlockMajorKeys) and k.probe_copy is not None and k.probe_stride == part
+            and k.probe_copy.shape[2] > 0):
+        return k.probe_copy, k.copy_addressing()
+    return None, {"stride_b": 0, "stride_h": 0, "stride_j": 0, "entries": 0}
 
 
 def _key_addressing(k) -> tuple[torch.Tensor, dict[str, int]]:

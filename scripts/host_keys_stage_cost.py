@@ -8,6 +8,7 @@ Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d 128, bf16), one decode q
 256-key chunks over every key, the relative pruning RoPE rotating every probe in the kernel, 8
 first-step parts (keys in host memory take no decode probe floor). Keys are stored block-major
 [N_BLOCKS, H_KV, BLOCK, D] in pinned memory; ms per call, mean of 10 after a warm-up.
+Also timed: the same with the first step's probes read in a device copy (``probe_key_copy``).
 ``--launches`` also times the given launches (chunks per program, first-step parts per load,
 warps; ``prune_stage.score_chunks``' tuning arguments), each checked to give the default's
 scores: the default launch was tuned with the keys in device memory.
@@ -23,6 +24,7 @@ from triton.runtime.errors import OutOfResources
 from ihip_compile.bench import print_and_save, start_gpu_script
 from ihip_compile.bench.attention import HEAD_DIM, HEADS, KV_HEADS, time_eager
 from ihip_compile.kernels.host_keys import BlockMajorKeys
+from ihip_compile.kernels.probe_key_copy import ProbeKeyCopy
 from ihip_compile.kernels.prune_stage import score_chunks
 
 BLOCK, CHUNK, SINKS, WINDOW = 8, 256, 256, 1024  # BLOCK: the store's block_size_k
@@ -48,6 +50,13 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "context": s_k, "stage_0_host_keys_ms": round(ms, 3)}
     expected = score_chunks(q, keys, starts, key_hi, pos, **kw)
+    stride = CHUNK // kw["first_probes"]
+    copy = ProbeKeyCopy(stride).update(keys.blocks, 1, s_k, s_k, keys.device)
+    with_copy = BlockMajorKeys(keys.blocks, 1, s_k, keys.device, 1, None, copy, stride)
+    result["stage_0_first_probes_on_device_ms"] = round(
+        time_eager(lambda: score_chunks(q, with_copy, starts, key_hi, pos, **kw), 10), 3)
+    result["first_probes_on_device_same_scores"] = torch.equal(
+        score_chunks(q, with_copy, starts, key_hi, pos, **kw), expected)
     for launch in args.launches:
         tile, group, warps = (int(x) for x in launch.split(","))
         tuned = dict(kw, chunk_tile=tile, first_group=group, num_warps=warps)

@@ -392,6 +392,7 @@ def _dense_ttft_estimate(args, model, context, chunk, device, dtype) -> dict:
 def capacity_section(args, model, device, dtype) -> dict:
     """Largest context for the full 32-layer model: dense on this GPU, ours from host memory."""
     from ihip_compile.kernels.kv_store import available_host_bytes
+    from ihip_compile.kernels.prune_stage_ref import first_probe_count
 
     heads, dim = kv_shape(model)
     item = torch.empty((), dtype=dtype).element_size()
@@ -420,16 +421,26 @@ def capacity_section(args, model, device, dtype) -> dict:
     # One layer's scratch at the full context: keys while decoding (values are attended in the
     # bank's slots), keys and values during a prefill chunk.
     decode_scratch = ours_tokens * heads * dim * item
+    # Every layer's device copy of the keys stage 0 probes first (probe_key_copy).
+    first = args.config.stages[0].chunk_size
+    stride = first // first_probe_count(args.config.first_probe_parts, first)
+
+    def probe_copies(tokens):
+        return FULL_LAYERS * (tokens // stride) * heads * dim * store_item
+
+    fixed = banks + probe_copies(ours_tokens)
     out.update(host_available_bytes=host, ours_max_tokens=ours_tokens,
-               ours_gpu_kv_bytes_at_max=banks + 2 * decode_scratch, ours_gpu_bank_bytes=banks,
+               ours_gpu_kv_bytes_at_max=fixed + 2 * decode_scratch, ours_gpu_bank_bytes=banks,
+               ours_gpu_probe_copy_bytes_at_max=probe_copies(ours_tokens),
                ours_gpu_scratch_bytes_at_max=2 * decode_scratch,
-               ours_gpu_decode_kv_bytes_at_max=banks + decode_scratch)
+               ours_gpu_decode_kv_bytes_at_max=fixed + decode_scratch)
     if "dense_max_tokens" in out:
         out["capacity_ratio"] = ours_tokens / max(out["dense_max_tokens"], 1)
         dense_kv = max(out["dense_max_tokens"] * per_token_gpu, 1)
         layer_kv = out["dense_max_tokens"] * heads * dim * item  # one layer's keys
-        out["ours_gpu_kv_fraction_of_dense_at_dense_max"] = (banks + 2 * layer_kv) / dense_kv
-        out["ours_gpu_decode_kv_fraction_of_dense_at_dense_max"] = (banks + layer_kv) / dense_kv
+        fixed = banks + probe_copies(out["dense_max_tokens"])
+        out["ours_gpu_kv_fraction_of_dense_at_dense_max"] = (fixed + 2 * layer_kv) / dense_kv
+        out["ours_gpu_decode_kv_fraction_of_dense_at_dense_max"] = (fixed + layer_kv) / dense_kv
     return out
 
 

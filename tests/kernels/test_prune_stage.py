@@ -275,3 +275,39 @@ def test_fp8_block_major_keys_score_like_the_widened_tensor(dtype, layout):
     finally:
         if k8.is_cuda:
             torch.cuda.cudart().cudaHostUnregister(blocks.data_ptr())
+
+
+@pytest.mark.parametrize("batch,groups,copied_keys", [(1, 1, 203), (2, 1, 150), (1, 2, 203)])
+def test_first_probes_read_in_a_device_copy_score_like_the_host_keys(batch, groups, copied_keys):
+    # Keys in host memory with a device copy of those the first step probes (``probe_key_copy``,
+    # here of the first ``copied_keys`` keys only): the same scores, and the copy is what the
+    # first step reads (altering it changes them).
+    from ihip_compile.kernels.host_keys import BlockMajorKeys
+    from ihip_compile.kernels.probe_key_copy import ProbeKeyCopy
+    from ihip_compile.kernels.prune_stage import score_chunks
+
+    gen = torch.Generator().manual_seed(batch + 3 * groups)
+    keys, d, chunk, parts = 203, 32, 32, 4
+    q = torch.randn(batch * groups, 4 // groups, 1, 2, d, generator=gen).to(DEVICE)
+    k = torch.randn(batch, 2, keys, d, generator=gen).to(DEVICE)
+    starts = torch.arange(0, keys, chunk, dtype=torch.int32).expand(batch * groups, 1, -1)
+    key_hi = torch.full((batch * groups, 1), keys - 4, dtype=torch.int32)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    kw = dict(key_lo=3, chunk_size=chunk, rope_mode=1, inv_freq=inv_freq.to(DEVICE),
+              rotary_dim=d, rope_layout=1, window_tokens=8, first_probes=parts)
+    args = (starts.to(DEVICE), key_hi.to(DEVICE), (key_hi + 3).to(DEVICE))
+    blocks = _block_major(k, 8)
+    try:
+        stride = chunk // parts
+        copy = ProbeKeyCopy(stride).update(blocks, batch, copied_keys, keys, q.device)
+        positions = torch.arange(copy.shape[2]) * stride + stride // 2
+        assert torch.equal(copy, k[:, :, positions.to(DEVICE)])
+        in_host = BlockMajorKeys(blocks, batch, keys, q.device).fold(groups)
+        with_copy = BlockMajorKeys(blocks, batch, keys, q.device, 1, None, copy, stride)
+        want = score_chunks(q, in_host, *args, **kw)
+        assert torch.equal(score_chunks(q, with_copy.fold(groups), *args, **kw), want)
+        altered = BlockMajorKeys(blocks, batch, keys, q.device, 1, None, copy * 100, stride)
+        assert not torch.equal(score_chunks(q, altered.fold(groups), *args, **kw), want)
+    finally:
+        if k.is_cuda:
+            torch.cuda.cudart().cudaHostUnregister(blocks.data_ptr())
