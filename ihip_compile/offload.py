@@ -139,7 +139,8 @@ class OffloadedCache(Cache):
 
     @property
     def gpu_bytes(self) -> int:
-        """Device memory of the block banks allocated so far (scratch buffers not included)."""
+        """Device memory of the block banks and stage 0's probe copies allocated so far (scratch
+        buffers not included)."""
         return self.store.gpu_bytes
 
 

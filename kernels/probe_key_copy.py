@@ -41,8 +41,10 @@ class ProbeKeyCopy:
         blocks_per_row, heads, block, dim = host_keys.shape[0] // batch, *host_keys.shape[1:]
         want = self.entries_for(length)
         if self.keys is None or self.keys.shape[2] < want:
-            self._make_room(batch, heads, max(want, self.entries_for(capacity)), dim,
-                            host_keys.dtype, device)
+            # Room for what the store holds and an eighth more, not for its whole capacity: a
+            # cache made for 4M tokens that holds 100k should not take a 4M copy.
+            room = min(max(want + want // 8, _FILL_ENTRIES), self.entries_for(capacity))
+            self._make_room(batch, heads, max(room, want), dim, host_keys.dtype, device)
         for lo in range(self.filled, want, _FILL_ENTRIES):
             hi = min(want, lo + _FILL_ENTRIES)
             positions = torch.arange(lo, hi, device=device) * self.stride + self.stride // 2

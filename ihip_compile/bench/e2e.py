@@ -219,7 +219,7 @@ def decode_section(args, model, ours, device, dtype, on_row=lambda rows: None) -
             row["between_refreshes"] = per_step.between_refreshes()
             row["blocks_streamed"] = after["streamed_blocks"] - before["streamed_blocks"]
             row["in_place_scans"] = after["in_place_scans"] - before["in_place_scans"]
-            row["ours_gpu_bank_bytes"] = cache.gpu_bytes
+            row["ours_gpu_bank_and_probe_copy_bytes"] = cache.gpu_bytes
             if device.type == "cuda":
                 row["ours_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
             del cache

@@ -214,7 +214,7 @@ def decode_section(model, args, device, dtype) -> list[dict]:
                      "tokens_per_s": 1e3 / ms, "first_step_s": warm_times[0],
                      "tokens": warm_tokens + tokens,
                      "hit_ratio": _hit_ratios(counts_before, cache.hit_counts()),
-                     "gpu_bank_bytes": cache.gpu_bytes, "host_bytes": cache.host_bytes})
+                     "gpu_bank_and_probe_copy_bytes": cache.gpu_bytes, "host_bytes": cache.host_bytes})
         del cache
         if device.type == "cuda":
             torch.cuda.empty_cache()

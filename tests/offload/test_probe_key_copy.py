@@ -27,3 +27,10 @@ def test_copy_grown_step_by_step_holds_every_probed_key(stride):
         assert bool((positions < length).all())
         assert copy.entries_for(length) * stride + stride // 2 >= length  # no key left out
         assert torch.equal(got, k[:, :, positions])
+
+
+def test_copy_takes_room_for_what_the_store_holds_not_its_capacity():
+    k, host = _host(1, 64)
+    copy = ProbeKeyCopy(8)
+    copy.update(host, 1, 64, 1 << 24, torch.device("cpu"))  # a cache made for 16M tokens
+    assert copy.keys.shape[2] < (1 << 24) // 8 // 100
