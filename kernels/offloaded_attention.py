@@ -32,7 +32,7 @@ from ihip_compile.kernels.decode_shortcut import op_signature
 from ihip_compile.kernels.decode_step_graph import DecodeStepGraph
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
 from ihip_compile.kernels.padding_check import hides_nothing
-from ihip_compile.kernels.prune_stage_ref import first_probe_count
+from ihip_compile.kernels.probe_key_copy import copy_stride
 from ihip_compile.kernels.resident_blocks import record, window_first_key
 from ihip_compile.kernels.sparse_attention import (
     attend_selected_blocks, sparse_attention, sparse_kwargs,
@@ -181,8 +181,9 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
 
     def keys_for_stage(start: int, candidates: torch.Tensor | None):
         if start == 0:
-            in_place = store.keys_in_place(layer, args["per_kv_head"], probe_stride=chunks[0]
-                                           // first_probe_count(sparse["first_probes"], chunks[0]))
+            in_place = store.keys_in_place(
+                layer, args["per_kv_head"],
+                probe_stride=copy_stride(chunks[0], sparse["first_probes"]))
             if in_place is not None:
                 return in_place
             store.stream_into(layer, {"keys": keys})

@@ -17,8 +17,19 @@ from __future__ import annotations
 import torch
 
 from ihip_compile.kernels.block_bank import host_blocks
+from ihip_compile.kernels.prune_stage_ref import first_probe_count
 
 _FILL_ENTRIES = 4096  # entries gathered per copy: bounds the transient device buffer
+# The sparsest first step worth a copy: 1 key in 16 is 3% of the KV cache on the device. A
+# first step that probes denser (more parts, as for exact chunk maxima) keeps no copy.
+MIN_STRIDE = 16
+
+
+def copy_stride(chunk_size: int, first_probes: int) -> int:
+    """Keys per copied probe for a stage 0 of ``chunk_size``-key chunks whose first step probes
+    ``first_probes`` parts; 0 where no copy is kept (probes denser than ``MIN_STRIDE``)."""
+    stride = chunk_size // first_probe_count(first_probes, chunk_size)
+    return stride if stride >= MIN_STRIDE else 0
 
 
 class ProbeKeyCopy:

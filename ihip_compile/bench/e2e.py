@@ -392,7 +392,7 @@ def _dense_ttft_estimate(args, model, context, chunk, device, dtype) -> dict:
 def capacity_section(args, model, device, dtype) -> dict:
     """Largest context for the full 32-layer model: dense on this GPU, ours from host memory."""
     from ihip_compile.kernels.kv_store import available_host_bytes
-    from ihip_compile.kernels.prune_stage_ref import first_probe_count
+    from ihip_compile.kernels.probe_key_copy import copy_stride
 
     heads, dim = kv_shape(model)
     item = torch.empty((), dtype=dtype).element_size()
@@ -422,11 +422,10 @@ def capacity_section(args, model, device, dtype) -> dict:
     # bank's slots), keys and values during a prefill chunk.
     decode_scratch = ours_tokens * heads * dim * item
     # Every layer's device copy of the keys stage 0 probes first (probe_key_copy).
-    first = args.config.stages[0].chunk_size
-    stride = first // first_probe_count(args.config.first_probe_parts, first)
+    stride = copy_stride(args.config.stages[0].chunk_size, args.config.first_probe_parts)
 
     def probe_copies(tokens):
-        return FULL_LAYERS * (tokens // stride) * heads * dim * store_item
+        return FULL_LAYERS * (tokens // stride) * heads * dim * store_item if stride else 0
 
     fixed = banks + probe_copies(ours_tokens)
     out.update(host_available_bytes=host, ours_max_tokens=ours_tokens,

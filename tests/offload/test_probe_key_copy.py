@@ -34,3 +34,12 @@ def test_copy_takes_room_for_what_the_store_holds_not_its_capacity():
     copy = ProbeKeyCopy(8)
     copy.update(host, 1, 64, 1 << 24, torch.device("cpu"))  # a cache made for 16M tokens
     assert copy.keys.shape[2] < (1 << 24) // 8 // 100
+
+
+def test_only_sparse_first_steps_keep_a_copy():
+    from ihip_compile.kernels.probe_key_copy import MIN_STRIDE, copy_stride
+
+    assert copy_stride(256, 8) == 32  # the default first stage
+    assert copy_stride(256, 16) == MIN_STRIDE
+    assert copy_stride(256, 256) == 0  # every key probed: a copy would be the whole cache
+    assert copy_stride(1, 8) == 0
