@@ -285,6 +285,7 @@ def test_first_probes_read_in_a_device_copy_score_like_the_host_keys(batch, grou
     from ihip_compile.kernels.host_keys import BlockMajorKeys
     from ihip_compile.kernels.probe_key_copy import ProbeKeyCopy
     from ihip_compile.kernels.prune_stage import score_chunks
+    from ihip_compile.kernels.selection_scope import fold_heads
 
     gen = torch.Generator().manual_seed(batch + 3 * groups)
     keys, d, chunk, parts = 203, 32, 32, 4
@@ -305,7 +306,9 @@ def test_first_probes_read_in_a_device_copy_score_like_the_host_keys(batch, grou
         in_host = BlockMajorKeys(blocks, batch, keys, q.device).fold(groups)
         with_copy = BlockMajorKeys(blocks, batch, keys, q.device, 1, None, copy, stride)
         want = score_chunks(q, in_host, *args, **kw)
-        assert torch.equal(score_chunks(q, with_copy.fold(groups), *args, **kw), want)
+        got = score_chunks(q, with_copy.fold(groups), *args, **kw)
+        assert torch.equal(got, want)
+        assert_matches_reference(got, score_chunks_ref, q, fold_heads(k, groups), *args, **kw)
         altered = BlockMajorKeys(blocks, batch, keys, q.device, 1, None, copy * 100, stride)
         assert not torch.equal(score_chunks(q, altered.fold(groups), *args, **kw), want)
     finally:
