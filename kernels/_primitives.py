@@ -12,6 +12,16 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 
+def jit_growing(*names: str):
+    """``triton.jit`` for a kernel whose int arguments ``names`` are lengths or positions that
+    move as a sequence grows. Triton specialises int arguments on being 1 or a multiple of 16
+    and compiles a variant for each combination the first time it comes; a kernel that runs
+    only at decode refreshes, whose lengths advance by 8 to 32 between calls, can meet a new
+    combination hundreds of steps in: a compile in the middle of a generation. These are not
+    specialised on (they bound loops and masks, not vectorised addresses)."""
+    return triton.jit(do_not_specialize=list(names))
+
+
 @triton.jit
 def rope_pairing(cols, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr):
     """Per column: partner column, sign, frequency index, and whether the column rotates."""

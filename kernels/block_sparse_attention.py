@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ihip_compile.kernels._primitives import (
-    approximate_trig, fold_slot_tile, fold_slot_tile_halves,
+    approximate_trig, fold_slot_tile, fold_slot_tile_halves, jit_growing,
 )
 from ihip_compile.kernels.rope_delta_ref import ROPE_ROTATE_HALF
 from ihip_compile.kernels.block_sparse_attention_ref import attention_block_plan
@@ -46,7 +46,7 @@ def default_heads_per_program(group: int, block_q: int, head_dim: int) -> int:
     return math.gcd(group, SHARED_HEADS, max(1, rows_fit))
 
 
-@triton.jit
+@jit_growing("s_k")
 def _block_sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, blocks_ptr, win_lo_ptr, win_len_ptr, n_valid_ptr,
     inv_freq_ptr, out_ptr,

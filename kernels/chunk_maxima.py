@@ -19,11 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import approximate_trig
+from ihip_compile.kernels._primitives import approximate_trig, jit_growing
 from ihip_compile.kernels.probe_scores import max_over_heads, probe_delta, probes_per_load
 
 
-@triton.jit
+@jit_growing("s_k", "n_chunks", "window_tokens")
 def _chunk_maxima_kernel(
     q_ptr, k_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr,
     n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim,

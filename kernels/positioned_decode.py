@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ihip_compile.kernels._primitives import (
     approximate_trig, decode_window, load_rows, load_rows_moved, online_softmax_update, soft_cap,
+    jit_growing,
 )
 from ihip_compile.kernels.positioned_decode_ref import check_positioned_decode_inputs
 from ihip_compile.kernels.positioned_kv_ref import PositionedKV
@@ -39,7 +40,7 @@ def _slot_rows(fixed_base, cache_base, slot, win_key, is_fixed, is_win, stride_f
     return tl.load(ptrs, mask=(is_fixed | is_win)[:, None] & col_ok[None, :], other=0.0)
 
 
-@triton.jit
+@jit_growing("s_k", "window")
 def _positioned_split_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, keys_ptr, win_lo_ref_ptr, pos_ptr, inv_freq_ptr,
     acc_ptr, max_ptr, sum_ptr,

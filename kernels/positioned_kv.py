@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ihip_compile.kernels._primitives import (
     approximate_trig, attended_slots, count_valid_blocks, decode_window, load_rows,
-    load_rows_moved,
+    load_rows_moved, jit_growing,
 )
 from ihip_compile.kernels.positioned_kv_ref import PositionedKV, check_positioning_inputs
 
@@ -25,7 +25,7 @@ def _store_rows(base_ptr, rows, row_ok, stride_row, cols, col_ok, x):
     tl.store(ptrs, x, mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@jit_growing("s_k", "window")
 def _position_kernel(
     k_ptr, v_ptr, pos_ptr, blocks_ptr, inv_freq_ptr, out_k_ptr, out_v_ptr, keys_ptr, win_lo_ptr,
     s_k, topk, sink, sink_tokens, window, head_dim, n_slots,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ihip_compile.kernels._primitives import approximate_trig
+from ihip_compile.kernels._primitives import approximate_trig, jit_growing
 from ihip_compile.kernels.chunk_maxima import score_chunk_maxima
 from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.probe_scores import max_over_heads, probe_delta, probes_per_load
@@ -96,7 +96,7 @@ def _probe_grid(q_base, k_base, inv_freq_ptr, probe, usable, vlo, vhi, block_pos
     return tl.reshape(scores, (TILE, WIDTH))
 
 
-@triton.jit
+@jit_growing("s_k", "n_chunks", "window_tokens", "n_copy")
 def _score_chunks_kernel(
     q_ptr, k_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr, copy_ptr,
     n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim, n_copy,

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ihip_compile.kernels._primitives import (
-    approximate_trig, count_valid_blocks, decode_window, fold_slot_tile, load_rows,
+    approximate_trig, count_valid_blocks, decode_window, fold_slot_tile, load_rows, jit_growing,
 )
 from ihip_compile.kernels.bank_kv import decode_addressing
 
@@ -60,7 +60,7 @@ def store_split_partial(acc_ptr, max_ptr, sum_ptr, split, b, heads, row_ok, cols
     tl.store(sum_ptr + part, running_sum, mask=row_ok)
 
 
-@triton.jit
+@jit_growing("s_k", "window")
 def _sparse_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, blocks_ptr, inv_freq_ptr, acc_ptr, max_ptr, sum_ptr,
     page_table_ptr, window_start_ptr, s_k, topk, sink, sink_tokens, window, head_dim, scale,

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ihip_compile.kernels._primitives import jit_growing
 from ihip_compile.kernels.block_cache_ref import as_bits
 from ihip_compile.kernels.token_append_ref import append_tokens_ref
 
@@ -54,7 +55,7 @@ def _append_rows(
                  mask=ok & (slot[:, None] >= 0))
 
 
-@triton.jit
+@jit_growing("start")
 def _append_tokens_kernel(
     src0, host0, slots0a, bank0a, slots0b, bank0b, src1, host1, slots1a, bank1a, slots1b, bank1b,
     start, start_ptr, s_new, blocks_per_row, dim0, dim1,
