@@ -20,8 +20,8 @@ from ihip_compile.kernels.block_bank import host_blocks
 from ihip_compile.kernels.prune_stage_ref import first_probe_count
 
 _FILL_ENTRIES = 4096  # entries gathered per copy: bounds the transient device buffer
-# The sparsest first step worth a copy: 1 key in 16 is 3% of the KV cache on the device. A
-# first step that probes denser (more parts, as for exact chunk maxima) keeps no copy.
+# The densest first step that still gets a copy: 1 key in 16 is 3% of the KV cache on the
+# device. A first step that probes denser (more parts, as for exact chunk maxima) gets none.
 MIN_STRIDE = 16
 
 
