@@ -141,6 +141,7 @@ def select_blocks(
     first_probes: int = DEFAULT_FIRST_PROBES,
     exact_probe_blocks: int = 0,
     start_stage: int = 0,
+    end_stage: int | None = None,
     candidates: torch.Tensor | None = None,
     return_stages: bool = False,
     use_triton: bool | None = None,
@@ -150,6 +151,8 @@ def select_blocks(
     With ``return_stages=True`` returns ``(block_indices, stages)``: the kept chunk starts of each
     stage run, ``stages[j]`` for stage ``start_stage + j`` ([B, NQB, keep / chunk] int32, sorted,
     -1 last). ``candidates`` for ``start_stage=i`` is such an output of stage i - 1.
+    ``end_stage`` (default: all stages) stops before that stage: the first value returned is
+    then the next stage's chunk starts, not blocks.
     With at most ``exact_probe_blocks`` query blocks (a decode step, a short prompt), each stage
     scores every key of its chunks (exact chunk maxima) instead of the ``first_probes`` search,
     unless the keys lie in host memory (``BlockMajorKeys``: it would read them all over PCIe).
@@ -164,6 +167,11 @@ def select_blocks(
     _check_stages(stage_chunks, stage_keeps, selected_tokens)
     if not 0 <= start_stage < len(stage_chunks):
         raise ValueError(f"start_stage must be in [0, {len(stage_chunks)}), got {start_stage}")
+    if end_stage is None:
+        end_stage = len(stage_chunks)
+    if not start_stage < end_stage <= len(stage_chunks):
+        raise ValueError(f"end_stage must be in ({start_stage}, {len(stage_chunks)}], "
+                         f"got {end_stage}")
     if (start_stage > 0) != (candidates is not None):
         raise ValueError("candidates (stage start_stage - 1's output) is needed iff start_stage > 0")
     b, s_k = q.shape[0], k.shape[2]
@@ -202,7 +210,7 @@ def select_blocks(
     decode = n_blocks == 1 and not keys_in_host
     probe_floor = stage_chunks[0] // DECODE_KEYS_PER_PROBE if decode else 0
     stages = []
-    for i in range(start_stage, len(stage_chunks)):
+    for i in range(start_stage, end_stage):
         chunk = stage_chunks[i]
         probes = chunk if exact else max(first_probes, min(chunk, probe_floor))
         view_q, view_pos, view_hi = first_view if i == 0 else (q_pooled, pos_max, key_hi)

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from ihip_compile.kernels.block_selection import select_blocks
+from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.positioned_decode_ref import positioned_decode_ref
 from ihip_compile.kernels.positioned_kv_ref import PositionedKV, position_selected_kv_ref
 from ihip_compile.kernels.selection_scope import fold_heads, fold_inputs, per_group, unfold_heads
@@ -187,8 +188,18 @@ def cached_decode_blocks(q, k, q_positions, *, layer: int, refresh_intervals, wi
     """
     def run_stages(start, candidates):
         keys = k if keys_for_stage is None else keys_for_stage(start, candidates)
+        if isinstance(keys, BlockMajorKeys) and start + 1 < len(refresh_intervals):
+            # Keys read in host memory serve only this stage. The later stages' candidates are
+            # then asked for through ``keys_for_stage`` (the offloaded cache's pruning bank),
+            # where their own refreshes will find them again instead of reading host memory.
+            _, first = select_blocks(q, keys, q_positions, window_tokens=window_tokens,
+                                     start_stage=start, end_stage=start + 1,
+                                     candidates=candidates, return_stages=True, **select_args)
+            blocks, later = run_stages(start + 1, first[0])
+            return blocks, first + later
         return select_blocks(q, keys, q_positions, window_tokens=window_tokens, start_stage=start,
                              candidates=candidates, return_stages=True, **select_args)
+
 
     # Keys in memory have no owner object: the first key tells one sequence from another (one
     # small comparison per step). The offloaded store is itself the owner of one sequence batch.

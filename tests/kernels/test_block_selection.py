@@ -95,6 +95,9 @@ def test_restart_from_cached_stage_equals_full_run():
         again, tail = select_blocks(q, k, pos, start_stage=start, candidates=stages[start - 1],
                                     return_stages=True, **kw)
         assert torch.equal(again, full) and len(tail) == 3 - start
+    # Stopping early gives the same stages so far; their last output restarts the rest.
+    _, head = select_blocks(q, k, pos, end_stage=2, return_stages=True, **kw)
+    assert len(head) == 2 and all(torch.equal(a, b) for a, b in zip(head, stages))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -103,6 +106,8 @@ def test_restart_from_cached_stage_equals_full_run():
     (dict(stage_chunks=(32,), stage_keeps=(64, 32)), "same non-zero length"),
     (dict(selected_tokens=12), "selected_tokens"),
     (dict(start_stage=1), "candidates"),
+    (dict(end_stage=0), "end_stage"),
+    (dict(end_stage=4), "end_stage"),
 ])
 def test_bad_stage_arguments_are_rejected(bad, match):
     q, k, pos = _qk(2, 1, 1, 100)

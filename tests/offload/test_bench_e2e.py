@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+import torch
+
 from ihip_compile.bench import e2e
+from ihip_compile.kernels import kv_store
 
 SPARSE_TINY = ('{"dense_below_tokens": 64, "sink_tokens": 8, "sliding_window_tokens": 16, '
                '"selected_tokens": 32, "stages": [[32, 64], [16, 32], [8, 32]]}')
@@ -34,3 +38,33 @@ def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     assert result["capacity"]["ours_max_tokens"] > 0
     table = (tmp_path / "e2e.md").read_text()
     assert "## Decode" in table and "ours tok/s (static cache on the GPU)" in table
+
+
+def test_max_context_is_the_longest_the_host_memory_holds(monkeypatch):
+    model = e2e.build_model(2, torch.device("cpu"), torch.float32, tiny=True)
+    heads, dim = e2e.kv_shape(model)
+    per_token = 2 * heads * 2 * dim * 4  # 2 layers, K and V, fp32
+    room = 100
+
+    def holding(tokens):
+        free = e2e.HOST_HEADROOM_BYTES + per_token * tokens
+        monkeypatch.setattr(kv_store, "available_host_bytes", lambda: free)
+
+    holding(3 * 65536 + room)
+    assert e2e.largest_offloaded_context(model, torch.float32, room) == 3 * 65536
+    assert e2e.largest_offloaded_context(model, torch.float8_e4m3fn, room) == 12 * 65536
+    holding(3 * 65536 + room - 1)
+    assert e2e.largest_offloaded_context(model, torch.float32, room) == 2 * 65536
+    holding(65535 + room)
+    with pytest.raises(ValueError, match="fewer than one 64k piece"):
+        e2e.largest_offloaded_context(model, torch.float32, room)
+    assert e2e.parse_args(["--contexts", "max,4096"]).contexts == ["max", 4096]
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--contexts", "1M"])
+
+
+def test_a_gpu_cache_that_does_not_fit_is_a_result_not_a_failure():
+    assert not e2e._failed({"dense_error": f"{e2e.GPU_OOM}: tried to allocate 16 GiB",
+                            "ours_gpu_kv_error": f"{e2e.GPU_OOM}: tried to allocate 16 GiB"})
+    assert e2e._failed({"dense_error": "RuntimeError: something else"})
+    assert e2e._failed({"ours_error": f"{e2e.GPU_OOM}: ours must run"})

@@ -327,3 +327,34 @@ def test_offloaded_decode_of_two_rows_through_small_banks_matches_the_in_memory_
         assert torch.equal(got, want), f"step {step}"
     counts = cache.hit_counts()[0]
     assert counts["attention_misses"] > 0 and counts["pruning_misses"] > 0
+
+
+def test_a_stage_zero_refresh_in_host_memory_admits_the_later_stages_candidates(monkeypatch):
+    """Keys read where they lie (as on CUDA) serve stage 0 only: stage 1 of the same refresh
+    asks for its candidates through the pruning bank, so stage 1's own refresh finds them
+    there. The output stays that of the in-memory op."""
+    from ihip_compile.kernels.host_keys import BlockMajorKeys
+
+    prompt = 300
+    keys, values, cache = _cached_prompt(prompt, capacity=400, bank_tokens=256, seed=5)
+    store = cache.store
+
+    def in_place(layer, per_kv_head, probe_stride=0):
+        return BlockMajorKeys(store._layer_host(layer)["keys"], store.batch,
+                              store.lengths[layer], store.device)
+
+    monkeypatch.setattr(store, "keys_in_place", in_place)
+    pruning = []
+    for step in range(4):  # stage 0 at step 0, stage 1 again at step 2
+        q, k_new, v_new = _decode_inputs(prompt + step, seed=40 + step)
+        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
+        k_proxy, v_proxy = cache.update(k_new, v_new, 0)
+        pos = torch.tensor([keys.shape[2] - 1])
+        args = dict(layer=0, scale=0.25, refresh_intervals=[4, 2], **OP_ARGS)
+        got = torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, **args)
+        want = torch.ops.ihip.attention(q, keys, values, pos, None, None, **args)
+        assert torch.equal(got, want), f"step {step}"
+        counts = cache.hit_counts()[0]
+        pruning.append((counts["pruning_hits"], counts["pruning_misses"]))
+    assert pruning[0] == (0, 8)  # stage 0 keeps 2 chunks of 32 keys: 8 blocks, admitted
+    assert pruning[2] == (8, 8)  # stage 1's refresh: the same 8 blocks, all hits
