@@ -34,8 +34,9 @@ from ihip_compile.kernels.stage_handoff_ref import stage_handoff_ref
 # smaller chunks of later stages are then scored exactly. A run of 8 or more high-scoring keys is
 # always probed. H200 at 1M keys (reports/bench/decode_probes/): isolated 8-key needles 10/10
 # instead of 2/10, decode over a 32/16/8 cycle 25.9x dense instead of 27.6x. Prefill keeps
-# ``first_probes`` (its stage 0 runs for every query block), and so do keys in host memory (each
-# probe there is a read over PCIe).
+# ``first_probes`` (its stage 0 runs for every query block) except in a prompt's last block,
+# where a question usually ends, and so do keys in host memory (each probe there is a read over
+# PCIe).
 DECODE_KEYS_PER_PROBE = 8
 
 
@@ -157,13 +158,16 @@ def select_blocks(
     scores every key of its chunks (exact chunk maxima) instead of the ``first_probes`` search,
     unless the keys lie in host memory (``BlockMajorKeys``: it would read them all over PCIe).
     A single query block probes at least one key in ``DECODE_KEYS_PER_PROBE`` of the first
-    stage's chunks (same exception).
+    stage's chunks (same exception), and so do the blocks holding the last ``block_size_q``
+    queries of a whole run with several (a prompt's end): each is selected again on its own.
     ``first_stage_blocks`` neighbouring query blocks (a power of two) share the first of several
     stages: scored as one block of their queries, pooled ``first_stage_blocks`` times more (as
     many pooled queries as one block has), then every block runs the later stages on its own
     copy of the kept chunks. A prefill's first stage, which probes the whole cache for each
     query block, costs that many times less.
     """
+    options = {name: value for name, value in locals().items()
+               if name not in ("q", "k", "q_positions")}
     _check_stages(stage_chunks, stage_keeps, selected_tokens)
     if not 0 <= start_stage < len(stage_chunks):
         raise ValueError(f"start_stage must be in [0, {len(stage_chunks)}), got {start_stage}")
@@ -231,4 +235,21 @@ def select_blocks(
             kept, starts = (t.repeat_interleave(share, dim=1)[:, :n_blocks]
                             for t in (kept, starts))
         stages.append(kept)
+    whole_run = start_stage == 0 and end_stage == len(stage_chunks) and not return_stages
+    if n_blocks > 1 and whole_run and not keys_in_host:
+        starts = _reselect_last_queries(q, k, positions, starts, block_q, options)
     return (starts, stages) if return_stages else starts
+
+
+def _reselect_last_queries(q, k, positions, starts, block_q: int, options: dict):
+    """``starts`` [B, NQB, TOPK] with the blocks holding a call's last ``block_q`` queries (the
+    last block, and the one before it when the last is partial) selected each on its own, as a
+    single block is: with the probe floor. A prompt's question usually ends there, and the
+    answer's evidence is what those queries find (SmolLM2's pass keys at 64k, CPU: 6 of 10 found
+    instead of 1 of 10, reports/eval/question_blocks.md; no gain at 1M)."""
+    s_q, n_blocks = q.shape[2], starts.shape[1]
+    first = n_blocks - (1 if s_q % block_q == 0 else 2)
+    single = {**options, "first_stage_blocks": 1}
+    parts = [select_blocks(q[:, :, lo: lo + block_q], k, positions[..., lo: lo + block_q],
+                           **single) for lo in range(first * block_q, s_q, block_q)]
+    return torch.cat([starts[:, :first], *parts], dim=1)

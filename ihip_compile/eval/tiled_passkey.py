@@ -10,7 +10,8 @@ repeats the model's keys and values for it settle into a steady period. The cach
     needle   the key sentence and two filler sentences, run by the model after the same filler
              context and re-rotated to its place: right after the head, or at ``needle_at``
              (snapped to the filler period) inside the body;
-    tail     the question, run by the model (dense or through the op) against that cache.
+    tail     the question (after ``--question-lead`` filler periods), run by the model (dense
+             or through the op) against that cache.
 Key positions run 0..S_K-1 and keys are rotated exactly as a transformers cache holds them; only
 the body's and the needle's hidden states are approximated (computed in a ~500-token context).
 
@@ -52,15 +53,17 @@ class TiledPasskey:
 
 @torch.no_grad()
 def tiled_passkey_cache(model, tokenizer, total_tokens: int, seed: int,
-                        needle_at: int | None = None) -> TiledPasskey:
-    """A ~``total_tokens`` cache with the needle right after the head, or at ``needle_at``."""
+                        needle_at: int | None = None, question_lead: int = 0) -> TiledPasskey:
+    """A ~``total_tokens`` cache with the needle right after the head, or at ``needle_at``;
+    ``question_lead`` filler periods go before the question into the tail, so that it ends a
+    call of several query blocks, as it ends a real prompt."""
     ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     key = str(random.Random(seed).randint(10000, 99999))
     filler = ids(PASSKEY_FILLER)
     period = len(filler)
     head = ids(PASSKEY_INTRO) + filler * 2
     needle = ids(f"The pass key is {key}. Remember it. {key} is the pass key. ") + filler * 2
-    question = ids(PASSKEY_QUESTION)
+    question = filler * question_lead + ids(PASSKEY_QUESTION)
     copies = (total_tokens - len(head) - len(needle) - len(question)) // period
     if copies <= WARMUP_PERIODS:
         raise ValueError(f"total_tokens {total_tokens} leaves no room for tiled filler")
@@ -189,6 +192,9 @@ def _parse(argv):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="write the rows as JSON to this file")
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
+    p.add_argument("--question-lead", type=int, default=0,
+                   help="filler periods run before the question in its call, so that the "
+                        "question ends a call of several query blocks, as in a real prompt")
     p.add_argument("--attend-needle", action="store_true",
                    help="add the key sentence's blocks to every selection (tells selection "
                         "misses from other misses)")
@@ -213,7 +219,8 @@ def main(argv=None) -> int:
     runner = ModelRunner(model, config, path="interface")
     rows = []
     for position in args.needle_at:
-        tiled = tiled_passkey_cache(model, tokenizer, args.context, args.seed, position)
+        tiled = tiled_passkey_cache(model, tokenizer, args.context, args.seed, position,
+                                    args.question_lead)
         context = tiled.cache.get_seq_length()
         block = config.stages[-1].chunk_size
         needle = _needle_blocks(tiled, block) if args.attend_needle else None
@@ -232,6 +239,7 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump({"command": "python -m ihip_compile.eval.tiled_passkey", "argv": argv,
                        "device": args.device, "attend_needle": args.attend_needle,
+                       "question_lead": args.question_lead,
                        "options": args.options, "rows": rows}, f,
                       indent=2)
     return 0

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from ihip_compile.eval.tiled_passkey import main, tiled_passkey_cache
 
@@ -16,6 +17,11 @@ def test_needle_lands_where_asked_and_the_cache_has_the_length(smollm2):
     assert 3000 - 40 < total <= 3000
     with pytest.raises(ValueError, match="outside the filler"):
         tiled_passkey_cache(model, tokenizer, 3000, seed=2, needle_at=5000)
+    # A question led by filler periods ends a longer call; the total length stays the same.
+    led = tiled_passkey_cache(model, tokenizer, 3000, seed=2, needle_at=1500, question_lead=3)
+    assert led.question.shape[1] > 64 + tiled.question.shape[1] // 2
+    assert torch.equal(led.question[0, -tiled.question.shape[1]:], tiled.question[0])
+    assert 3000 - 40 < led.cache.get_seq_length() + led.question.shape[1] <= 3000
 
 
 @pytest.mark.slow
@@ -30,8 +36,6 @@ def test_command_writes_one_row_per_needle(tmp_path):
 
 
 def test_forced_blocks_join_every_selection_keeping_order_and_width():
-    import torch
-
     from ihip_compile.eval.tiled_passkey import _with_blocks
 
     blocks = torch.tensor([[[3, 9, 20, -1], [1, 2, 5, 7]]], dtype=torch.int32)

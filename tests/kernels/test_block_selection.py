@@ -100,6 +100,27 @@ def test_restart_from_cached_stage_equals_full_run():
     assert len(head) == 2 and all(torch.equal(a, b) for a, b in zip(head, stages))
 
 
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_a_prompts_last_query_block_is_selected_as_a_single_block(use_triton):
+    # 128-key first chunks: a single block probes 16 keys of each (the probe floor), a block
+    # of a longer call 8. The queries that end a prompt (its question) get the floor too.
+    q, k, pos = _qk(4, 2, 150, 2000, seed=11)
+    kw = dict(block_size_q=64, sink_tokens=4, window_tokens=16, use_triton=use_triton,
+              stage_chunks=(128, 16, 8), stage_keeps=(256, 64, 32), selected_tokens=32)
+    whole = select_blocks(q, k, pos, **kw)
+    assert whole.shape[1] == 3
+    # The last block holds 22 queries: it and the block before it hold the last 64.
+    for lo, hi in ((64, 128), (128, 150)):
+        alone = select_blocks(q[:, :, lo:hi], k, pos[lo:hi], **kw)
+        assert torch.equal(whole[:, lo // 64: lo // 64 + 1], alone)
+    # The first block keeps its own selection: the first two blocks' run (whole blocks)
+    # re-selects only its last one.
+    first_two = select_blocks(q[:, :, :128], k, pos[:128], **kw)
+    assert torch.equal(whole[:, :1], first_two[:, :1])
+    _, stages = select_blocks(q, k, pos, return_stages=True, **kw)
+    assert stages[-1].shape[1] == 3  # the cached-stage path is unchanged
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(stage_chunks=(32, 12), stage_keeps=(64, 48)), "power of two"),
     (dict(stage_chunks=(8, 32), stage_keeps=(64, 64)), "shrink"),
