@@ -87,11 +87,13 @@ class IHipConfig:
     # Parts of each chunk probed in a stage's first step (2: the paper's plain halving). More parts
     # find isolated needles more often but make stage recomputation slower. A decode step probes
     # at least one key in 8 of the first stage's chunks whatever this says
-    # (kernels/block_selection.DECODE_KEYS_PER_PROBE), unless its keys are in host memory.
+    # (kernels/block_selection.DECODE_KEYS_PER_PROBE), unless its keys are in host memory; so do
+    # the blocks holding a prompt's last queries, each selected again on its own.
     first_probe_parts: int = 8
-    # Selections for at most this many query blocks (decode steps, short prompts) score every key
-    # of each candidate chunk (exact chunk maxima) where the keys are in device memory: isolated
-    # needles are found far more often, for a dearer decode refresh. 0: never.
+    # Selections for at most this many query blocks (decode steps, short prompts, the blocks of
+    # a prompt's last queries selected again) score every key of each candidate chunk (exact
+    # chunk maxima) where the keys are in device memory: isolated needles are found far more
+    # often, for a dearer decode refresh. 0: never.
     exact_probe_query_blocks: int = 0
     # Neighbouring query blocks of a prefill that share the first pruning stage (one probe search
     # of the whole cache for all of them, their queries pooled as many times more); each block
