@@ -6,10 +6,11 @@ Random weights (speed and memory only, never accuracy), bf16, batch 1, Llama-3.1
 (hidden 4096, 32 query / 8 KV heads, head dim 128, MLP 14336, vocabulary 128256) with
 ``--layers`` decoder layers so that the whole run fits one call. Same process, same inputs:
   decode     tokens/s at each context (``max``: the longest the available host memory holds
-             for the offloaded cache; a GPU cache that does not fit is recorded as such). Ours: the model compiled with the infinitehip backend,
-             KV in host memory (``OffloadedCache``), decode steps timed over a whole refresh cycle
-             of the mask cache after two (the CUDA graphs' captures). Dense: the same model, uncompiled, transformers' SDPA over a
-             ``DynamicCache`` on the GPU. Both caches hold the same random K/V (written directly:
+             for the offloaded cache; a GPU cache that does not fit is recorded as such).
+             Ours: the model compiled with the infinitehip backend, KV in host memory
+             (``OffloadedCache``), decode steps timed over a whole refresh cycle of the mask
+             cache after two (the CUDA graphs' captures). Dense: the same model, uncompiled,
+             transformers' SDPA over a ``DynamicCache`` on the GPU. Both caches hold the same random K/V (written directly:
              K/V contents only steer which blocks are selected, not the speed). Also ours over
              that ``DynamicCache`` (``ours_gpu_kv``: the KV on the GPU, for contexts that fit
              there), same model and cycles; and ours and dense over transformers'
