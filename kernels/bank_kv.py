@@ -1,4 +1,4 @@
-"""Keys or values attended where they lie: the slots of a layer's attention bank.
+"""Keys or values read where they lie: the slots of a layer's attention or pruning bank.
 
 Between selection refreshes a decode step attends blocks that all sit in the layer's attention
 bank (``resident_blocks``). Copying them into a full-length scratch first, so that the decode
@@ -8,6 +8,10 @@ row b lies in slot ``slot_of_block[b * BLOCKS_PER_ROW + s // PAGE]`` at row ``s 
 (``decode_addressing``). This class stands in for the [B, H_KV, S_K, D] tensor the kernel
 otherwise gets; ``as_tensor`` is that tensor, and the reference reads the rows it attends from
 the slots (``rows_at``: only those, so the CPU path stays proportional to the attended keys).
+
+A decode refresh of the later pruning stages scores keys of the chunks stage 0 kept, and those
+sit in the pruning bank: the stage kernels read them in its slots too (``addressing``), so no
+[B, H_KV, S_K, D] key scratch is needed for them either.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ class BankKV:
     blocks_per_row: int
     length: int  # S: keys per row
     groups: int = 1  # selection sequences per row (``selection_scope``)
+    # The dtype scores are computed in, when ``slots`` store narrower keys (float8_e4m3fn); the
+    # kernels widen each key they read. None: the slots' dtype.
+    compute_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if self.slots.dim() != 4 or self.slots.stride(-1) != 1:
@@ -52,7 +59,7 @@ class BankKV:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.slots.dtype
+        return self.compute_dtype or self.slots.dtype
 
     @property
     def device(self) -> torch.device:
@@ -68,7 +75,18 @@ class BankKV:
     def fold(self, groups: int) -> "BankKV":
         """The slots as ``groups`` selection sequences per row (``selection_scope.fold_heads``)."""
         return BankKV(self.slots, self.slot_of_block, self.batch, self.blocks_per_row,
-                      self.length, self.groups * groups)
+                      self.length, self.groups * groups, self.compute_dtype)
+
+    def addressing(self) -> dict:
+        """How the stage kernels find key s of head h of sequence b: sequence b reads the page
+        table row ``b // fold`` (``table``, ``blocks_per_row`` entries a row) and starts
+        ``b % fold`` sequences (``stride_b`` elements) into a slot; key s is at row ``s % PAGE``
+        of slot ``table[s // PAGE]`` (``stride_blk``, ``stride_s``)."""
+        heads = self.shape[1]
+        return {"stride_b": heads * self.slots.stride(1), "stride_h": self.slots.stride(1),
+                "stride_blk": self.slots.stride(0), "stride_s": self.slots.stride(2),
+                "keys_per_block": self.page_tokens, "table": self.slot_of_block,
+                "blocks_per_row": self.blocks_per_row, "fold": self.groups}
 
     def as_tensor(self) -> torch.Tensor:
         """The [B * groups, H_KV / groups, S, D] tensor these slots stand for (a copy); keys of
@@ -77,7 +95,7 @@ class BankKV:
         per_row = self.slot_of_block[: self.batch * self.blocks_per_row].view(self.batch, -1)
         slots = per_row[:, :n_blocks].reshape(-1)
         held = (slots >= 0).view(-1, 1, 1, 1)
-        rows = torch.where(held, self.slots[slots.clamp(min=0)], 0)
+        rows = torch.where(held, self.slots[slots.clamp(min=0)].to(self.dtype), 0)
         rows = rows.view(self.batch, n_blocks, *self.slots.shape[1:])
         plain = rows.permute(0, 2, 1, 3, 4).reshape(self.batch, self.slots.shape[1], -1,
                                                       self.slots.shape[3])

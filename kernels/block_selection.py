@@ -187,7 +187,7 @@ def select_blocks(
         from ihip_compile.kernels.stage_handoff import stage_handoff as handoff
     else:
         score_chunks, handoff = score_chunks_ref, stage_handoff_ref
-        if keys_in_host:  # the reference reads plain tensors only
+        if not isinstance(k, torch.Tensor):  # the reference reads plain tensors only
             k = k.as_tensor()
     positions = q_positions.to(q.device)
     window = dict(sink_tokens=sink_tokens, window_tokens=window_tokens, s_k=s_k)

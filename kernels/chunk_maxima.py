@@ -20,15 +20,17 @@ import triton
 import triton.language as tl
 
 from ihip_compile.kernels._primitives import approximate_trig, jit_growing
-from ihip_compile.kernels.probe_scores import max_over_heads, probe_delta, probes_per_load
+from ihip_compile.kernels.probe_scores import (
+    key_addressing, key_bases, key_offsets, max_over_heads, probe_delta, probes_per_load,
+)
 
 
 @jit_growing("s_k", "n_chunks", "window_tokens")
 def _chunk_maxima_kernel(
-    q_ptr, k_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr,
-    n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim,
-    stride_q_b, stride_q_h, stride_q_blk, stride_k_b, stride_k_h, stride_k_s,
-    stride_c_b, stride_c_blk,
+    q_ptr, k_ptr, table_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr,
+    n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim, blocks_per_row, fold,
+    stride_q_b, stride_q_h, stride_q_blk, stride_k_b, stride_k_h, stride_k_blk, stride_k_s,
+    stride_c_b, stride_c_blk, KB: tl.constexpr, PAGED: tl.constexpr,
     H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
     CHUNK: tl.constexpr, CHUNKS: tl.constexpr, STEP_KEYS: tl.constexpr, BLOCK_D: tl.constexpr,
     ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
@@ -45,7 +47,7 @@ def _chunk_maxima_kernel(
     vhi = tl.minimum(tl.minimum(start + CHUNK, key_hi), s_k)
     usable = n_ok & (start >= 0) & (vlo < vhi)
     q_base = q_ptr + b * stride_q_b + blk * stride_q_blk
-    k_base = k_ptr + b * stride_k_b
+    k_base, table_base = key_bases(k_ptr, table_ptr, b, stride_k_b, blocks_per_row, fold, PAGED)
     best = tl.full((CHUNKS,), float("-inf"), tl.float32)
     if tl.max(usable.to(tl.int32), 0) != 0:
         for sub in range(0, CHUNK, STEP_KEYS):
@@ -54,10 +56,12 @@ def _chunk_maxima_kernel(
             keys_at = tl.reshape(at, (CHUNKS * STEP_KEYS,))
             ok_flat = tl.reshape(ok, (CHUNKS * STEP_KEYS,))
             delta = probe_delta(keys_at, block_pos, n_chunks, window_tokens, CHUNK, ROPE_MODE)
-            scores = max_over_heads(k_base, q_base, keys_at.to(tl.int64) * stride_k_s, ok_flat,
-                                    stride_k_h, stride_q_h, head_dim, delta, inv_freq_ptr, H_KV,
-                                    GROUP, NPQ, QROWS, BLOCK_D, ROPE_MODE != 0, ROTARY_DIM,
-                                    LAYOUT, FAST_TRIG, DOT_PRECISION)
+            offsets, readable = key_offsets(keys_at, ok_flat, table_base, stride_k_blk,
+                                            stride_k_s, KB, PAGED)
+            scores = max_over_heads(k_base, q_base, offsets, readable, stride_k_h, stride_q_h,
+                                    head_dim, delta, inv_freq_ptr, H_KV, GROUP, NPQ, QROWS,
+                                    BLOCK_D, ROPE_MODE != 0, ROTARY_DIM, LAYOUT, FAST_TRIG,
+                                    DOT_PRECISION)
             per_chunk = tl.reshape(tl.where(ok_flat, scores, float("-inf")), (CHUNKS, STEP_KEYS))
             best = tl.maximum(best, tl.max(per_chunk, 1))
     tl.store(out_ptr + (b * n_blocks + blk) * n_cand + n, best, mask=n_ok)
@@ -68,8 +72,9 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
                        window_tokens: int, rope: bool, block_keys: int | None = None,
                        num_warps: int | None = None) -> torch.Tensor:
     """Exact chunk scores [B, NQB, N] (fp32). Inputs as ``prune_stage.score_chunks`` prepares
-    them: q_pooled contiguous in k's dtype, k a [B, H_KV, S_K, D] tensor with unit last stride,
-    starts int32 with unit last stride; ``rope`` whether the pruning RoPE applies.
+    them: q_pooled contiguous in k's dtype, k a [B, H_KV, S_K, D] tensor or bank slots
+    (``bank_kv.BankKV``: keys of blocks not in the bank read as zeros), starts int32 with unit
+    last stride; ``rope`` whether the pruning RoPE applies.
     ``block_keys`` (keys a program scores per step: a power of two >= 16; chunks shorter than
     that share a program; default 64, or 2 chunks' worth below 64-key chunks) and
     ``num_warps`` tune the launch, not the result."""
@@ -97,17 +102,20 @@ def score_chunk_maxima(q_pooled, k, starts, key_hi, block_pos, *, key_lo: int, c
         raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
     step_keys = min(block_keys, triton.next_power_of_2(chunk_size))
     chunks = block_keys // step_keys
+    memory, where = key_addressing(k)
     _chunk_maxima_kernel[(triton.cdiv(n_cand, chunks), nqb, b)](
-        q_pooled, k, starts, key_hi.to(torch.int32).contiguous(),
+        q_pooled, memory, where["table"], starts, key_hi.to(torch.int32).contiguous(),
         block_pos.to(torch.int32).contiguous(), inv_freq.float().contiguous() if rope else out,
         out, n_cand, nqb, s_k, key_lo, -(-s_k // chunk_size), window_tokens, d,
-        q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
-        k.stride(0), k.stride(1), k.stride(2), starts.stride(0), starts.stride(1),
-        H_KV=h_kv, GROUP=group, NPQ=npq, QROWS=query_rows,
+        where["blocks_per_row"], where["fold"],
+        q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2), where["stride_b"],
+        where["stride_h"], where["stride_blk"], where["stride_s"], starts.stride(0),
+        starts.stride(1), KB=where["keys_per_block"], PAGED=where["paged"], H_KV=h_kv, GROUP=group, NPQ=npq, QROWS=query_rows,
         CHUNK=chunk_size, CHUNKS=chunks, STEP_KEYS=step_keys,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         ROPE_MODE=rope_mode if rope else 0, ROTARY_DIM=max(rotary_dim, 2),
-        LAYOUT=rope_layout if rope else 1, FAST_TRIG=rope and approximate_trig(k),
-        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        LAYOUT=rope_layout if rope else 1, FAST_TRIG=rope and approximate_trig(q_pooled),
+        DOT_PRECISION="ieee" if q_pooled.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
     )
     return out

@@ -303,6 +303,18 @@ class HostKVStore:
         self._layer_host(layer)
         return self._banks[layer]["attention"]
 
+    def pruning_bank(self, layer: int):
+        """The layer's pruning bank (allocated with the layer's host copies)."""
+        self._layer_host(layer)
+        return self._banks[layer]["pruning"]
+
+    def pruning_bank_keys(self, layer: int) -> BankKV:
+        """The layer's pruning bank as keys the stage kernels score in its slots (``bank_kv``),
+        over the layer's tokens; FP8 storage is widened to the model dtype as read."""
+        bank = self.pruning_bank(layer)
+        return BankKV(bank.tensors["keys"], bank.slot_of_block, self.batch, self.blocks_per_row,
+                      self.lengths[layer], compute_dtype=self.dtype)
+
     def attention_bank_kv(self, layer: int) -> tuple[BankKV, BankKV]:
         """The layer's attention bank as the keys and values a decode kernel reads in its slots
         (``bank_kv``), over the layer's tokens; FP8 storage is widened as the kernel reads it."""

@@ -9,13 +9,18 @@ shared by all layers, grown on demand) in which exactly the keys a computation r
                               of the sinks, the selected blocks and the chunk's window only
     decode, stage 0 refresh   none on CUDA: the stage kernel reads the probed keys in pinned
                               host memory (``host_keys``); elsewhere every key, streamed
-    decode, stage i > 0       keys of stage i - 1's kept chunks, through the pruning bank
+    decode, stage i > 0       none: keys of stage i - 1's kept chunks go through the pruning
+                              bank and are scored in its slots (``bank_kv``); placed in the
+                              scratch only when they do not all fit the bank
     decode attention          none: sinks + selected blocks + widened window go through the
                               attention bank and are attended in its slots (``bank_kv``; on
                               CUDA by a replayed graph, ``decode_step_graph``, and between
                               refreshes with no other work, ``decode_shortcut``); copied into
                               the scratch pair only when they do not all fit the bank
 Other positions hold stale data from another layer; the block plan guarantees nothing reads them.
+So on CUDA a decode step needs no scratch at all: the first step that attends in the bank's
+slots gives the scratch a prefill left back to the allocator, and the GPU's share of the KV is
+the two banks and stage 0's probe copy.
 Selections are cached across decode steps (``decode_selection_cache``), per store and layer, so
 between refreshes a decode step reads only the ~3.3k attended keys, nearly all bank hits.
 """
@@ -63,12 +68,17 @@ def release_scratch(name: str | None = None, store: HostKVStore | None = None) -
         _SCRATCH.pop((name, store.device, store.dtype), None)
 
 
-def fill_blocks(store: HostKVStore, layer: int, block_ids: torch.Tensor, kind: str,
-                dst: dict[str, torch.Tensor]) -> None:
-    """Copy blocks ``block_ids`` [B, N] (distinct per row, valid) through the ``kind`` bank."""
-    if block_ids.shape[1] == 0:
-        return
-    place_blocks(store.read_bank_blocks(layer, block_ids, kind), block_ids, dst)
+def pruning_keys(store: HostKVStore, layer: int, block_ids: torch.Tensor, keys):
+    """Keys of blocks ``block_ids`` [B, N] (distinct per row, -1: none) for a later pruning
+    stage to score, read through the layer's pruning bank: scored in the bank's slots
+    (``bank_kv``) when they all fit there, else placed at their positions in the key scratch
+    ``keys()`` ([B, H_KV, S, D], its last block spare) and scored there."""
+    got = store.read_bank_blocks(layer, block_ids, "pruning")
+    if store.pruning_bank(layer).last_read_resident:
+        return store.pruning_bank_keys(layer)
+    all_keys = keys()
+    place_blocks(got, block_ids, {"keys": all_keys})
+    return all_keys[:, :, :store.lengths[layer]]
 
 
 def attended_kv(store: HostKVStore, layer: int, selection: torch.Tensor,
@@ -88,8 +98,9 @@ def attended_kv(store: HostKVStore, layer: int, selection: torch.Tensor,
     plan = record(selection, window_blocks, block_ids, bank)
     store.resident_plans[layer] = plan
     if plan is not None:
-        # Decode attends in the slots from now on: the value scratch a prefill left goes back
-        # to the allocator, leaving the banks and the key scratch as the GPU's share of the KV.
+        # Decode reads keys and values where they lie from now on: the scratch a prefill left
+        # goes back to the allocator, leaving the banks as the GPU's share of the KV.
+        release_scratch("keys", store)
         release_scratch("values", store)
         return store.attention_bank_kv(layer)
     place_blocks(got, block_ids, dst())
@@ -155,27 +166,30 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     bk = store.block_tokens
     padded = (-(-s_k // bk) + 1) * bk  # whole blocks and a spare one (``place_blocks``)
     b, h_kv = k.shape[:2]
-    keys = scratch("keys", store, (b, h_kv, padded, k.shape[-1]))
+    # Scratch only where keys or values are copied: decode reads them in place (module doc).
+    def keys():
+        return scratch("keys", store, (b, h_kv, padded, k.shape[-1]))
 
-    def values():  # only where the values are copied: decode attends them in the bank's slots
+    def values():
         return scratch("values", store, (b, h_kv, padded, v.shape[-1]))
 
     if s_q > 1 or not sparse_path:
         store.resident_plans.pop(layer, None)
     if not sparse_path:
         store.selection_states.forget(layer)
-        all_values = values()
-        store.stream_into(layer, {"keys": keys, "values": all_values})
+        all_keys, all_values = keys(), values()
+        store.stream_into(layer, {"keys": all_keys, "values": all_values})
         scalars = {n: a for n, a in args.items() if n != "sparse_path"}
-        return attend(q, keys[:, :, :s_k], all_values[:, :, :s_k], q_positions, kv_valid,
+        return attend(q, all_keys[:, :, :s_k], all_values[:, :, :s_k], q_positions, kv_valid,
                       inv_freq, **scalars)
     kv_for_attention = _attended_kv_filler(store, layer, q_positions, keys, values, s_k,
                                            args["sink_tokens"])
     sparse = sparse_kwargs(args, s_k, use_triton=q.is_cuda)
     if s_q > 1:
         store.selection_states.forget(layer)
-        store.stream_into(layer, {"keys": keys})
-        return sparse_attention(q, keys[:, :, :s_k], v, q_positions,
+        all_keys = keys()
+        store.stream_into(layer, {"keys": all_keys})
+        return sparse_attention(q, all_keys[:, :, :s_k], v, q_positions,
                                 inv_freq=inv_freq, kv_for_attention=kv_for_attention, **sparse)
     chunks = list(args["stage_chunks"])
 
@@ -186,16 +200,16 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
                 probe_stride=copy_stride(chunks[0], sparse["first_probes"]))
             if in_place is not None:
                 return in_place
-            store.stream_into(layer, {"keys": keys})
-        else:
-            needed = _distinct_blocks([chunk_blocks(candidates, chunks[start - 1], bk)])
-            fill_blocks(store, layer, needed, "pruning", {"keys": keys})
-        return keys[:, :, :s_k]
+            all_keys = keys()
+            store.stream_into(layer, {"keys": all_keys})
+            return all_keys[:, :, :s_k]
+        needed = _distinct_blocks([chunk_blocks(candidates, chunks[start - 1], bk)])
+        return pruning_keys(store, layer, needed, keys)
 
     in_graph, replayed = (_graph_attender(store, layer, q, q_positions, args["block_size_q"])
                           if in_graphs else (None, {}))
-    out = cached_sparse_decode(
-        q, keys[:, :, :s_k], v, q_positions, inv_freq=inv_freq, layer=layer,
+    out = cached_sparse_decode(  # k, v: the proxies; keys and values come through the callbacks
+        q, k, v, q_positions, inv_freq=inv_freq, layer=layer,
         refresh_intervals=args.get("refresh_intervals") or [1] * len(chunks),
         states=store.selection_states, keys_for_stage=keys_for_stage,
         kv_for_attention=lambda blocks, window: kv_for_attention(blocks, window, "attention"),
@@ -235,9 +249,9 @@ def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, value
     attention bank (decode: the same blocks again next step; ``attended_kv``) or straight from
     host memory into the scratch pair (``through="host"``: a prefill chunk's blocks, read once;
     its keys are already in the scratch, streamed for scoring). Returns the (keys, values) to
-    attend: the bank's slots, or views of the scratch pair (``values()`` gives its values)."""
+    attend: the bank's slots, or views of the scratch pair (``keys()``, ``values()``)."""
     bk = store.block_tokens
-    b = keys.shape[0]
+    b, device = store.batch, store.device
 
     def fill(blocks: torch.Tensor, window: int, through: str = "host"):
         if q_positions.shape[-1] == 1:
@@ -252,19 +266,19 @@ def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, value
 
         def needed():
             return _distinct_blocks([
-                torch.arange(-(-sink // bk), device=keys.device).expand(b, -1),
+                torch.arange(-(-sink // bk), device=device).expand(b, -1),
                 blocks.flatten(1).long(),
-                torch.arange(win_lo // bk, last // bk + 1, device=keys.device).expand(b, -1),
+                torch.arange(win_lo // bk, last // bk + 1, device=device).expand(b, -1),
             ])
 
         if through == "attention":
             in_slots = attended_kv(store, layer, blocks, (win_lo // bk, last // bk), needed,
-                                   lambda: {"keys": keys, "values": values()})
+                                   lambda: {"keys": keys(), "values": values()})
             if in_slots is not None:
                 return in_slots
         else:
             store.copy_blocks_into(layer, needed(), {"values": values()})
-        return keys[:, :, :s_k], values()[:, :, :s_k]
+        return keys()[:, :, :s_k], values()[:, :, :s_k]
 
     return fill
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ihip_compile.kernels.bank_kv import BankKV
 from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.prune_stage_ref import (
     PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE, PRUNE_ROPE_TRUE, RELATIVE_QUERY_DISTANCE,
@@ -56,8 +57,10 @@ def probes_per_chunk(chunk_size: int, first_probes: int) -> int:
 
 def worth_positioning(rope_mode: int, rope_layout: int, keys, n_probed: int) -> bool:
     """Whether moving every key once beats rotating ``n_probed`` probes (counted for one KV head,
-    over all batch rows and query blocks)."""
-    if rope_mode == PRUNE_ROPE_TRUE or not rope_layout or keys.dtype not in _MOVABLE_DTYPES:
+    over all batch rows and query blocks). Never for keys in bank slots (``bank_kv``): the bank
+    holds only the keys a stage probes, and a moved copy would take all of them."""
+    if (rope_mode == PRUNE_ROPE_TRUE or not rope_layout or keys.dtype not in _MOVABLE_DTYPES
+            or isinstance(keys, BankKV)):
         return False
     b, _, s_k, _ = keys.shape
     return n_probed > _PROBES_PER_KEY_TO_MOVE * b * s_k

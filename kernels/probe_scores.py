@@ -1,15 +1,19 @@
 """``@triton.jit`` helpers shared by the kernels that score chunks (``prune_stage``: the probe
-search; ``chunk_maxima``: every key): a probed key's pruning RoPE and its score over the heads.
+search; ``chunk_maxima``: every key): where a probed key lies, its pruning RoPE and its score
+over the heads.
 
 Spec: ``prune_stage_ref`` (``probe_key_delta`` for the rotation, ``score`` for the products).
 """
 
+import torch
 import triton
 import triton.language as tl
 
 from ihip_compile.kernels._primitives import (
     load_rows, rotation_cos_sin, row_rotation, turn_halves, turn_rows,
 )
+from ihip_compile.kernels.bank_kv import BankKV
+from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.prune_stage_ref import RELATIVE_QUERY_DISTANCE
 
 # jit code reads module globals only as tl.constexpr.
@@ -30,6 +34,46 @@ def probes_per_load(query_rows: int, rotating: bool) -> int:
     if query_rows <= _MEASURED_QUERY_ROWS:
         return _NO_LIMIT
     return max(1, _ROW_PROBES // (2 if rotating else 1) // query_rows)
+
+
+def key_addressing(k) -> tuple[torch.Tensor, dict]:
+    """The memory a scoring kernel reads for keys ``k`` (a [B, H_KV, S_K, D] tensor, host keys
+    read in place, ``host_keys.BlockMajorKeys``, or bank slots, ``bank_kv.BankKV``) and how key
+    s of head h of sequence b is found in it (``key_bases``, ``key_offsets``): element strides,
+    keys per block and, for bank slots, the page table (``paged``; else ``table`` is the memory
+    itself, never read)."""
+    if isinstance(k, BankKV):
+        return k.slots, {**k.addressing(), "paged": True}
+    unpaged = {"blocks_per_row": 0, "fold": 1, "paged": False}
+    if isinstance(k, BlockMajorKeys):
+        return k.blocks, {**k.addressing(), "table": k.blocks, **unpaged}
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    return k, {"stride_b": k.stride(0), "stride_h": k.stride(1), "stride_blk": k.stride(2),
+               "stride_s": k.stride(2), "keys_per_block": 1, "table": k, **unpaged}
+
+
+@triton.jit
+def key_bases(k_ptr, table_ptr, b, stride_k_b, blocks_per_row, fold, PAGED: tl.constexpr):
+    """Where sequence ``b``'s keys start and, PAGED, its row of the page table: ``fold``
+    sequences share a row of bank slots, ``stride_k_b`` elements apart within a slot."""
+    if PAGED:
+        return k_ptr + (b % fold) * stride_k_b, table_ptr + (b // fold) * blocks_per_row
+    return k_ptr + b * stride_k_b, table_ptr
+
+
+@triton.jit
+def key_offsets(keys_at, ok, table_base, stride_blk, stride_s, KB: tl.constexpr,
+                PAGED: tl.constexpr):
+    """Element offsets [N] of the keys at indices ``keys_at`` [N] and which of them can be read.
+    Keys lie in blocks of KB keys, ``stride_blk`` elements apart, ``stride_s`` between the keys of
+    a block (KB 1: plain rows ``stride_blk`` apart); PAGED: block j is the bank slot
+    ``table_base[j]`` (-1: not in the bank, not read: zeros, as ``BankKV.as_tensor`` has it)."""
+    block = keys_at // KB
+    if PAGED:
+        block = tl.load(table_base + block, mask=ok, other=-1)
+        ok = ok & (block >= 0)
+    return block.to(tl.int64) * stride_blk + (keys_at % KB) * stride_s, ok
 
 
 @triton.jit

@@ -28,30 +28,33 @@ import triton.language as tl
 from ihip_compile.kernels._primitives import approximate_trig, jit_growing
 from ihip_compile.kernels.chunk_maxima import score_chunk_maxima
 from ihip_compile.kernels.host_keys import BlockMajorKeys
-from ihip_compile.kernels.probe_scores import max_over_heads, probe_delta, probes_per_load
+from ihip_compile.kernels.probe_scores import (
+    key_addressing, key_bases, key_offsets, max_over_heads, probe_delta, probes_per_load,
+)
 from ihip_compile.kernels.prune_stage_ref import (
     DEFAULT_FIRST_PROBES, PRUNE_ROPE_CHUNK_INDEXED, PRUNE_ROPE_RELATIVE, first_probe_count,
 )
 
 
 @triton.jit
-def _probe_score(q_ptr, k_ptr, inv_freq_ptr, probe, usable, vlo, vhi, block_pos, s_k,
-                 n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
+def _probe_score(q_ptr, k_ptr, table_base, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
+                 s_k, n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
                  head_dim, c_ptr, n_copy, stride_c_h, stride_c_j, KB: tl.constexpr,
-                 H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr,
-                 QROWS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                 ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr, LAYOUT: tl.constexpr,
-                 FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr, COPY: tl.constexpr,
-                 PART: tl.constexpr):
+                 PAGED: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
+                 NPQ: tl.constexpr, QROWS: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK_D: tl.constexpr, ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr,
+                 LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 COPY: tl.constexpr, PART: tl.constexpr):
     """Max over heads and pooled queries of <q, key at probe> for a tile of probes -> [TILE].
     COPY: probes at the middle of a PART-key part among the first ``n_copy`` are read in the
     device copy at ``c_ptr`` (entry = probe // PART), the others where the keys lie."""
     probe = tl.minimum(tl.maximum(probe, vlo), vhi - 1)
     probe = tl.minimum(tl.maximum(probe, 0), s_k - 1)
     delta = probe_delta(probe, block_pos, n_chunks, window_tokens, CHUNK, ROPE_MODE)
-    # Keys come in blocks of KB (1: a plain [S, D] row per key; the host store: BLOCK keys).
-    key_offset = (probe // KB).to(tl.int64) * stride_k_blk + (probe % KB) * stride_k_s
-    host_ok = usable
+    # Keys come in blocks of KB (1: a plain [S, D] row per key; the host store and the banks:
+    # BLOCK keys, the banks' through a page table).
+    key_offset, host_ok = key_offsets(probe, usable, table_base, stride_k_blk, stride_k_s, KB,
+                                      PAGED)
     if COPY:
         in_copy = (probe % PART == PART // 2) & (probe // PART < n_copy)
         host_ok = usable & ~in_copy
@@ -74,10 +77,10 @@ def _flat(x, TILE: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _probe_grid(q_base, k_base, inv_freq_ptr, probe, usable, vlo, vhi, block_pos, s_k,
-                n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
+def _probe_grid(q_base, k_base, table_base, inv_freq_ptr, probe, usable, vlo, vhi, block_pos,
+                s_k, n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
                 head_dim, c_base, n_copy, stride_c_h, stride_c_j, KB: tl.constexpr,
-                H_KV: tl.constexpr, GROUP: tl.constexpr,
+                PAGED: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
                 NPQ: tl.constexpr, QROWS: tl.constexpr, CHUNK: tl.constexpr,
                 BLOCK_D: tl.constexpr, ROPE_MODE: tl.constexpr, ROTARY_DIM: tl.constexpr,
                 LAYOUT: tl.constexpr, FAST_TRIG: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -86,11 +89,11 @@ def _probe_grid(q_base, k_base, inv_freq_ptr, probe, usable, vlo, vhi, block_pos
     """Scores [TILE, WIDTH] of WIDTH probes per chunk (``probe`` [TILE, WIDTH]; the chunk's
     ``usable``, ``vlo``, ``vhi`` [TILE]), all gathered as one tile of keys per head: one
     dependent load per head for the lot instead of one per probe."""
-    scores = _probe_score(q_base, k_base, inv_freq_ptr, _flat(probe, TILE, WIDTH),
+    scores = _probe_score(q_base, k_base, table_base, inv_freq_ptr, _flat(probe, TILE, WIDTH),
                           _flat(usable[:, None], TILE, WIDTH), _flat(vlo[:, None], TILE, WIDTH),
                           _flat(vhi[:, None], TILE, WIDTH), block_pos, s_k, n_chunks,
                           window_tokens, stride_k_h, stride_k_blk, stride_k_s, stride_q_h,
-                          head_dim, c_base, n_copy, stride_c_h, stride_c_j, KB, H_KV, GROUP,
+                          head_dim, c_base, n_copy, stride_c_h, stride_c_j, KB, PAGED, H_KV, GROUP,
                           NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG,
                           DOT_PRECISION, COPY, PART)
     return tl.reshape(scores, (TILE, WIDTH))
@@ -98,11 +101,12 @@ def _probe_grid(q_base, k_base, inv_freq_ptr, probe, usable, vlo, vhi, block_pos
 
 @jit_growing("s_k", "n_chunks", "window_tokens", "n_copy")
 def _score_chunks_kernel(
-    q_ptr, k_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr, copy_ptr,
-    n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim, n_copy,
+    q_ptr, k_ptr, table_ptr, starts_ptr, key_hi_ptr, block_pos_ptr, inv_freq_ptr, out_ptr,
+    copy_ptr, n_cand, n_blocks, s_k, key_lo, n_chunks, window_tokens, head_dim, n_copy,
+    blocks_per_row, fold,
     stride_q_b, stride_q_h, stride_q_blk, stride_k_b, stride_k_h, stride_k_blk, stride_k_s,
     stride_c_b, stride_c_blk, stride_copy_b, stride_copy_h, stride_copy_j,
-    COPY: tl.constexpr, KB: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
+    COPY: tl.constexpr, KB: tl.constexpr, PAGED: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr, NPQ: tl.constexpr, QROWS: tl.constexpr,
     CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, FIRST_PROBES: tl.constexpr,
     LOG2_FIRST: tl.constexpr, FIRST_GROUP: tl.constexpr, PAIR_HALVES: tl.constexpr,
     CHUNK_TILE: tl.constexpr,
@@ -120,14 +124,15 @@ def _score_chunks_kernel(
     vhi = tl.minimum(starts + CHUNK, key_hi)
     usable = n_ok & (starts >= 0) & (vlo < vhi)
     q_base = q_ptr + b * stride_q_b + blk * stride_q_blk
-    k_base = k_ptr + b * stride_k_b
+    k_base, table_base = key_bases(k_ptr, table_ptr, b, stride_k_b, blocks_per_row, fold, PAGED)
     copy_base = copy_ptr + b * stride_copy_b
     lo = starts
     best = tl.full((CHUNK_TILE,), float("-inf"), tl.float32)
     if LOG2_CHUNK == 0:
-        best = _probe_score(q_base, k_base, inv_freq_ptr, lo, usable, vlo, vhi, block_pos, s_k,
-                            n_chunks, window_tokens, stride_k_h, stride_k_blk, stride_k_s,
-                            stride_q_h, head_dim, copy_base, 0, 0, 0, KB, H_KV, GROUP, NPQ,
+        best = _probe_score(q_base, k_base, table_base, inv_freq_ptr, lo, usable, vlo, vhi,
+                            block_pos, s_k, n_chunks, window_tokens, stride_k_h, stride_k_blk,
+                            stride_k_s, stride_q_h, head_dim, copy_base, 0, 0, 0, KB, PAGED,
+                            H_KV, GROUP, NPQ,
                             QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG,
                             DOT_PRECISION, False, 1)
     else:
@@ -138,11 +143,11 @@ def _score_chunks_kernel(
         # First step: the middle key of each part, FIRST_GROUP parts of every chunk per load.
         for first in range(0, FIRST_PROBES, FIRST_GROUP):
             parts = first + tl.arange(0, FIRST_GROUP)
-            s_parts = _probe_grid(q_base, k_base, inv_freq_ptr,
+            s_parts = _probe_grid(q_base, k_base, table_base, inv_freq_ptr,
                                   lo[:, None] + (parts * PART + PART // 2)[None, :], usable, vlo,
                                   vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
                                   stride_k_blk, stride_k_s, stride_q_h, head_dim, copy_base,
-                                  n_copy, stride_copy_h, stride_copy_j, KB, H_KV, GROUP,
+                                  n_copy, stride_copy_h, stride_copy_j, KB, PAGED, H_KV, GROUP,
                                   NPQ, QROWS, CHUNK, BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT,
                                   FAST_TRIG, DOT_PRECISION, CHUNK_TILE, FIRST_GROUP, COPY, PART)
             s_group = tl.max(s_parts, 1)
@@ -155,24 +160,25 @@ def _score_chunks_kernel(
             half = PART >> (step + 1)
             if PAIR_HALVES:  # both halves' middle keys in one load: [CHUNK_TILE, 2]
                 sides = lo[:, None] + (tl.arange(0, 2) * half + half // 2)[None, :]
-                s_sides = _probe_grid(q_base, k_base, inv_freq_ptr, sides, usable, vlo, vhi,
-                                      block_pos, s_k, n_chunks, window_tokens, stride_k_h,
-                                      stride_k_blk, stride_k_s, stride_q_h, head_dim, copy_base,
-                                      0, 0, 0, KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
+                s_sides = _probe_grid(q_base, k_base, table_base, inv_freq_ptr, sides, usable,
+                                      vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
+                                      stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
+                                      copy_base, 0, 0, 0, KB, PAGED, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
                                       ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION,
                                       CHUNK_TILE, 2, False, 1)
                 s_left, s_right = tl.split(s_sides)
             else:
-                s_left = _probe_score(q_base, k_base, inv_freq_ptr, lo + half // 2, usable, vlo,
-                                      vhi, block_pos, s_k, n_chunks, window_tokens, stride_k_h,
-                                      stride_k_blk, stride_k_s, stride_q_h, head_dim, copy_base,
-                                      0, 0, 0, KB, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
+                s_left = _probe_score(q_base, k_base, table_base, inv_freq_ptr, lo + half // 2,
+                                      usable, vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
+                                      stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
+                                      copy_base, 0, 0, 0, KB, PAGED, H_KV, GROUP, NPQ, QROWS, CHUNK, BLOCK_D,
                                       ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION,
                                       False, 1)
-                s_right = _probe_score(q_base, k_base, inv_freq_ptr, lo + half + half // 2,
-                                       usable, vlo, vhi, block_pos, s_k, n_chunks, window_tokens,
-                                       stride_k_h, stride_k_blk, stride_k_s, stride_q_h, head_dim,
-                                       copy_base, 0, 0, 0, KB, H_KV, GROUP, NPQ, QROWS, CHUNK,
+                s_right = _probe_score(q_base, k_base, table_base, inv_freq_ptr,
+                                       lo + half + half // 2, usable, vlo, vhi, block_pos, s_k,
+                                       n_chunks, window_tokens, stride_k_h, stride_k_blk,
+                                       stride_k_s, stride_q_h, head_dim, copy_base, 0, 0, 0, KB,
+                                       PAGED, H_KV, GROUP, NPQ, QROWS, CHUNK,
                                        BLOCK_D, ROPE_MODE, ROTARY_DIM, LAYOUT, FAST_TRIG,
                                        DOT_PRECISION, False, 1)
             best = tl.maximum(best, tl.maximum(s_left, s_right))
@@ -188,7 +194,8 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
                  first_group: int | None = None, num_stages: int | None = None,
                  max_registers: int | None = None):
     """Triton twin of ``score_chunks_ref`` (same arguments, shapes and result). ``k`` may also be
-    ``host_keys.BlockMajorKeys``: keys read in place from the offloaded store's host copy.
+    ``host_keys.BlockMajorKeys``: keys read in place from the offloaded store's host copy; or
+    ``bank_kv.BankKV``: keys read in the slots of the offloaded store's pruning bank.
     ``chunk_tile`` (chunks per program), ``num_warps``, ``first_group`` (first-step parts of
     each chunk gathered per load), ``num_stages`` (Triton's software pipelining of the loads)
     and ``max_registers`` (per thread) tune the launch, not the result."""
@@ -205,7 +212,7 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
     in_host_blocks = isinstance(k, BlockMajorKeys)
     parts = first_probe_count(first_probes, chunk_size) if chunk_size > 1 else 1
     copy, copied = _first_probe_copy(k, chunk_size // parts)
-    k, addressing = _key_addressing(k)
+    memory, addressing = key_addressing(k)
     starts = chunk_starts.to(torch.int32)
     if starts.stride(-1) != 1:
         starts = starts.contiguous()
@@ -226,7 +233,7 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
             rope_mode=rope_mode, inv_freq=inv_freq, rotary_dim=rotary_dim,
             rope_layout=rope_layout, window_tokens=window_tokens, rope=rope)
     wide = (chunk_tile or 0) > 16 or not few_chunks
-    launch = wide_launch(rope, k.element_size()) if wide else few_chunk_launch(
+    launch = wide_launch(rope, memory.element_size()) if wide else few_chunk_launch(
         b * nqb * n_cand, q_pooled.device)
     query_rows = max(16, triton.next_power_of_2(group * npq))
     launch = fit_query_rows(launch, query_rows, rope)
@@ -236,14 +243,14 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
     inv = inv_freq.float().contiguous() if rope else out
     grid = (nqb, triton.cdiv(n_cand, tile), b)
     _score_chunks_kernel[grid](
-        q_pooled, k, starts, key_hi.to(torch.int32).contiguous(),
-        block_pos.to(torch.int32).contiguous(), inv, out, k if copy is None else copy,
+        q_pooled, memory, addressing["table"], starts, key_hi.to(torch.int32).contiguous(),
+        block_pos.to(torch.int32).contiguous(), inv, out, memory if copy is None else copy,
         n_cand, nqb, s_k, key_lo, -(-s_k // chunk_size), window_tokens, d, copied["entries"],
-        q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
+        addressing["blocks_per_row"], addressing["fold"], q_pooled.stride(0), q_pooled.stride(1), q_pooled.stride(2),
         addressing["stride_b"], addressing["stride_h"], addressing["stride_blk"],
         addressing["stride_s"], starts.stride(0), starts.stride(1), copied["stride_b"],
         copied["stride_h"], copied["stride_j"], COPY=copy is not None,
-        KB=addressing["keys_per_block"], H_KV=h_kv, GROUP=group, NPQ=npq,
+        KB=addressing["keys_per_block"], PAGED=addressing["paged"], H_KV=h_kv, GROUP=group, NPQ=npq,
         QROWS=query_rows,
         CHUNK=chunk_size, LOG2_CHUNK=chunk_size.bit_length() - 1, FIRST_PROBES=parts,
         LOG2_FIRST=parts.bit_length() - 1, FIRST_GROUP=first_group,
@@ -331,13 +338,3 @@ def _first_probe_copy(k, part: int) -> tuple[torch.Tensor | None, dict[str, int]
             and k.probe_copy.shape[2] > 0):
         return k.probe_copy, k.copy_addressing()
     return None, {"stride_b": 0, "stride_h": 0, "stride_j": 0, "entries": 0}
-
-
-def _key_addressing(k) -> tuple[torch.Tensor, dict[str, int]]:
-    """The memory the kernel reads and how key s of head h of sequence b is found in it."""
-    if isinstance(k, BlockMajorKeys):
-        return k.blocks, k.addressing()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    return k, {"stride_b": k.stride(0), "stride_h": k.stride(1), "stride_blk": k.stride(2),
-               "stride_s": k.stride(2), "keys_per_block": 1}

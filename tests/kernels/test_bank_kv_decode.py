@@ -9,29 +9,10 @@ from ihip_compile.kernels.block_selection import select_blocks
 from ihip_compile.kernels.selection_scope import fold_heads
 from ihip_compile.kernels.sparse_decode_ref import sparse_decode_ref
 from tests.helpers import assert_matches_reference
+from tests.kernels.bank_slots import PAGE, scatter_into_bank
 from tests.kernels.conftest import DEVICE
 
 SMALL = dict(stage_chunks=(32, 16, 8), stage_keeps=(64, 32, 32), selected_tokens=32)
-PAGE = 8
-
-
-def _bank(keys: torch.Tensor, blocks_per_row: int, spare_slots: int, seed: int):
-    """``keys`` [B, H_KV, S, D] scattered block by block over shuffled slots of a bank with
-    ``spare_slots`` more slots holding NaN (read by nothing); returns (slots, slot_of_block)."""
-    b, h_kv, s, d = keys.shape
-    n_blocks = -(-s // PAGE)
-    padded = torch.zeros(b, h_kv, n_blocks * PAGE, d, dtype=keys.dtype, device=keys.device)
-    padded[:, :, :s] = keys
-    by_block = padded.view(b, h_kv, n_blocks, PAGE, d).permute(0, 2, 1, 3, 4).reshape(-1, h_kv,
-                                                                                    PAGE, d)
-    n_slots = b * n_blocks + spare_slots
-    order = torch.randperm(n_slots, generator=torch.Generator().manual_seed(seed))[: b * n_blocks]
-    slots = torch.full((n_slots, h_kv, PAGE, d), float("nan"), dtype=keys.dtype,
-                       device=keys.device)
-    slots[order.to(keys.device)] = by_block
-    table = torch.full((b, blocks_per_row), -1, dtype=torch.int64)
-    table[:, :n_blocks] = order.view(b, n_blocks)
-    return slots, table.view(-1).to(keys.device)
 
 
 def _inputs(b, heads, kv_heads, s_k, dtype, seed, d=32):
@@ -45,8 +26,8 @@ def _inputs(b, heads, kv_heads, s_k, dtype, seed, d=32):
 def _paged(k, v, seed, blocks_per_row=None):
     b, _, s_k, _ = k.shape
     blocks_per_row = blocks_per_row or -(-s_k // PAGE) + 3
-    k_slots, table = _bank(k, blocks_per_row, spare_slots=5, seed=seed)
-    v_slots, _ = _bank(v, blocks_per_row, spare_slots=5, seed=seed)
+    k_slots, table = scatter_into_bank(k, blocks_per_row, spare_slots=5, seed=seed)
+    v_slots, _ = scatter_into_bank(v, blocks_per_row, spare_slots=5, seed=seed)
     return (BankKV(k_slots, table, b, blocks_per_row, s_k),
             BankKV(v_slots, table, b, blocks_per_row, s_k))
 

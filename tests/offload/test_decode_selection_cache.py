@@ -329,14 +329,15 @@ def test_offloaded_decode_of_two_rows_through_small_banks_matches_the_in_memory_
     assert counts["attention_misses"] > 0 and counts["pruning_misses"] > 0
 
 
-def test_a_stage_zero_refresh_in_host_memory_admits_the_later_stages_candidates(monkeypatch):
-    """Keys read where they lie (as on CUDA) serve stage 0 only: stage 1 of the same refresh
-    asks for its candidates through the pruning bank, so stage 1's own refresh finds them
-    there. The output stays that of the in-memory op."""
+def _decode_with_keys_in_place(monkeypatch, seed: int, steps: int):
+    """Decode steps over a 300-token prompt in an OffloadedCache whose stage 0 reads the host
+    keys where they lie (as on CUDA), refreshing stage 0 every 4 steps and stage 1 every 2.
+    Yields (step, cache) after each step's offloaded op, then checks its output against the
+    in-memory op."""
     from ihip_compile.kernels.host_keys import BlockMajorKeys
 
     prompt = 300
-    keys, values, cache = _cached_prompt(prompt, capacity=400, bank_tokens=256, seed=5)
+    keys, values, cache = _cached_prompt(prompt, capacity=400, bank_tokens=256, seed=seed)
     store = cache.store
 
     def in_place(layer, per_kv_head, probe_stride=0):
@@ -344,17 +345,46 @@ def test_a_stage_zero_refresh_in_host_memory_admits_the_later_stages_candidates(
                               store.lengths[layer], store.device)
 
     monkeypatch.setattr(store, "keys_in_place", in_place)
-    pruning = []
-    for step in range(4):  # stage 0 at step 0, stage 1 again at step 2
-        q, k_new, v_new = _decode_inputs(prompt + step, seed=40 + step)
+    args = dict(layer=0, scale=0.25, refresh_intervals=[4, 2], **OP_ARGS)
+    for step in range(steps):
+        q, k_new, v_new = _decode_inputs(prompt + step, seed=10 * seed + step)
         keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
         k_proxy, v_proxy = cache.update(k_new, v_new, 0)
         pos = torch.tensor([keys.shape[2] - 1])
-        args = dict(layer=0, scale=0.25, refresh_intervals=[4, 2], **OP_ARGS)
         got = torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, **args)
+        yield step, cache
         want = torch.ops.ihip.attention(q, keys, values, pos, None, None, **args)
         assert torch.equal(got, want), f"step {step}"
+
+
+def test_a_stage_zero_refresh_in_host_memory_admits_the_later_stages_candidates(monkeypatch):
+    """Keys read where they lie (as on CUDA) serve stage 0 only: stage 1 of the same refresh
+    asks for its candidates through the pruning bank, so stage 1's own refresh finds them
+    there."""
+    pruning = []
+    for _, cache in _decode_with_keys_in_place(monkeypatch, seed=5, steps=4):
         counts = cache.hit_counts()[0]
         pruning.append((counts["pruning_hits"], counts["pruning_misses"]))
     assert pruning[0] == (0, 8)  # stage 0 keeps 2 chunks of 32 keys: 8 blocks, admitted
-    assert pruning[2] == (8, 8)  # stage 1's refresh: the same 8 blocks, all hits
+    assert pruning[2] == (8, 8)  # stage 1's refresh (step 2): the same 8 blocks, all hits
+
+
+def test_decode_with_host_keys_in_place_needs_no_scratch(monkeypatch):
+    """Stage 0 reading host keys in place, the later stages scoring the pruning bank's slots
+    and attention reading the attention bank's: no decode step asks for a [B, H_KV, S_K, D]
+    scratch, and the one a prefill left is given back."""
+    from ihip_compile.kernels import offloaded_attention
+
+    asked = []
+    real_scratch = offloaded_attention.scratch
+    monkeypatch.setattr(offloaded_attention, "scratch",
+                        lambda name, *a: asked.append(name) or real_scratch(name, *a))
+    steps = _decode_with_keys_in_place(monkeypatch, seed=6, steps=5)
+    for step, cache in steps:  # stage 0 at steps 0 and 4, stage 1 at 0, 2 and 4
+        if step == 0:
+            assert asked == []
+            real_scratch("keys", cache.store, (1, 2, 512, 16))  # as a prefill leaves it
+        assert asked == [], f"step {step}"
+    store = cache.store
+    assert ("keys", store.device, store.dtype) not in offloaded_attention._SCRATCH
+    assert cache.hit_counts()[0]["pruning_hits"] > 0
