@@ -116,8 +116,11 @@ class IHipConfig:
     # --- offload ------------------------------------------------------------------------------
     offload_kv: bool = False
     # Tokens per layer held on the GPU: the attention bank (K and V of recently attended
-    # blocks) and the pruning bank (keys the later pruning stages score; None: the same size).
-    gpu_cache_tokens: int = 65536
+    # blocks) and the pruning bank (keys the later pruning stages score; None: twice the
+    # attention bank's). A decode step attends ~3.4k tokens; a refresh's stage 1 scores the
+    # 32768 that stage 0 keeps, in the pruning bank's slots when they all fit, and room for two
+    # refreshes' worth lets the next one find most of them there (reports/bench/bank_key_scoring/).
+    gpu_cache_tokens: int = 32768
     pruning_cache_tokens: int | None = None
     # --- pipeline and reports -----------------------------------------------------------------
     passes: tuple[str, ...] = ALL_PASSES
@@ -186,6 +189,11 @@ class IHipConfig:
                 raise ValueError(f"{name} must hold layer indices >= 0, got {getattr(self, name)}")
 
     # --- derived values -----------------------------------------------------------------------
+    def pruning_bank_tokens(self, attention_bank_tokens: int | None = None) -> int:
+        """Tokens per layer of the pruning bank: ``pruning_cache_tokens``, else twice the
+        attention bank's (``attention_bank_tokens``, by default ``gpu_cache_tokens``)."""
+        return self.pruning_cache_tokens or 2 * (attention_bank_tokens or self.gpu_cache_tokens)
+
     @property
     def block_size_k(self) -> int:
         """Tokens per final selected block: the last stage's chunk size."""

@@ -74,8 +74,8 @@ class OffloadedCache(Cache):
 
     Shapes come from ``model_config`` (a transformers config) unless given. ``gpu_cache_tokens``
     sizes each layer's attention bank and ``pruning_cache_tokens`` its pruning bank (defaults:
-    ``IHipConfig.gpu_cache_tokens`` and ``pruning_cache_tokens``, the latter by default the
-    former);
+    ``IHipConfig.gpu_cache_tokens`` and ``IHipConfig.pruning_bank_tokens``: by default twice
+    the attention bank's);
     ``storage_dtype=torch.float8_e4m3fn`` halves host memory and PCIe traffic (lossy).
     ``cuda_graphs`` (default: ``IHipConfig.decode_cuda_graphs``) replays each layer's decode
     append and attention as CUDA graphs on CUDA.
@@ -106,8 +106,8 @@ class OffloadedCache(Cache):
             value_dim=head_dim, capacity_tokens=max_cache_tokens,
             block_tokens=ihip_config.block_size_k, dtype=dtype, device=device,
             storage_dtype=storage_dtype, attention_bank_tokens=gpu_cache_tokens,
-            pruning_bank_tokens=(pruning_cache_tokens or ihip_config.pruning_cache_tokens
-                                 or gpu_cache_tokens),
+            pruning_bank_tokens=(pruning_cache_tokens
+                                 or ihip_config.pruning_bank_tokens(gpu_cache_tokens)),
             cuda_graphs=(ihip_config.decode_cuda_graphs if cuda_graphs is None
                          else cuda_graphs),
         )

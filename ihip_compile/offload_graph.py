@@ -57,7 +57,7 @@ def offload_cache_concats(gm: fx.GraphModule, config: IHipConfig) -> dict[str, i
                 {"layer": layer, "num_layers": num_layers, "is_value": is_value,
                  "block_tokens": config.block_size_k,
                  "gpu_cache_tokens": config.gpu_cache_tokens,
-                 "pruning_cache_tokens": config.pruning_cache_tokens or config.gpu_cache_tokens,
+                 "pruning_cache_tokens": config.pruning_bank_tokens(),
                  "cuda_graphs": config.decode_cuda_graphs},
             )
         replacement.meta.update({k: v for k, v in node.meta.items()

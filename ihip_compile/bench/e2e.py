@@ -443,12 +443,11 @@ def capacity_section(args, model, device, dtype) -> dict:
                             f" bench process had {in_use} bytes allocated, {free} free")
     host = available_host_bytes()
     ours_tokens = host // per_token_host
-    attention, pruning = args.config.gpu_cache_tokens, (args.config.pruning_cache_tokens
-                                                         or args.config.gpu_cache_tokens)
+    attention, pruning = args.config.gpu_cache_tokens, args.config.pruning_bank_tokens()
     banks = FULL_LAYERS * (2 * attention + pruning) * heads * dim * item  # attention K+V, keys
-    # One layer's scratch at the full context: keys while decoding (values are attended in the
-    # bank's slots), keys and values during a prefill chunk.
-    decode_scratch = ours_tokens * heads * dim * item
+    # One layer's keys and values at the full context: the scratch a prefill chunk fills. A
+    # decode step on CUDA reads keys and values where they lie and gives it back.
+    prefill_scratch = 2 * ours_tokens * heads * dim * item
     # Every layer's device copy of the keys stage 0 probes first (probe_key_copy).
     stride = copy_stride(args.config.stages[0].chunk_size, args.config.first_probe_parts)
 
@@ -457,17 +456,17 @@ def capacity_section(args, model, device, dtype) -> dict:
 
     fixed = banks + probe_copies(ours_tokens)
     out.update(host_available_bytes=host, ours_max_tokens=ours_tokens,
-               ours_gpu_kv_bytes_at_max=fixed + 2 * decode_scratch, ours_gpu_bank_bytes=banks,
+               ours_gpu_kv_bytes_at_max=fixed + prefill_scratch, ours_gpu_bank_bytes=banks,
                ours_gpu_probe_copy_bytes_at_max=probe_copies(ours_tokens),
-               ours_gpu_scratch_bytes_at_max=2 * decode_scratch,
-               ours_gpu_decode_kv_bytes_at_max=fixed + decode_scratch)
+               ours_gpu_prefill_scratch_bytes_at_max=prefill_scratch,
+               ours_gpu_decode_kv_bytes_at_max=fixed)
     if "dense_max_tokens" in out:
         out["capacity_ratio"] = ours_tokens / max(out["dense_max_tokens"], 1)
         dense_kv = max(out["dense_max_tokens"] * per_token_gpu, 1)
         layer_kv = out["dense_max_tokens"] * heads * dim * item  # one layer's keys
         fixed = banks + probe_copies(out["dense_max_tokens"])
         out["ours_gpu_kv_fraction_of_dense_at_dense_max"] = (fixed + 2 * layer_kv) / dense_kv
-        out["ours_gpu_decode_kv_fraction_of_dense_at_dense_max"] = (fixed + layer_kv) / dense_kv
+        out["ours_gpu_decode_kv_fraction_of_dense_at_dense_max"] = fixed / dense_kv
     return out
 
 
@@ -542,7 +541,7 @@ def parse_args(argv):
     p.add_argument("--chunk-tokens", type=int, default=32768)
     p.add_argument("--refresh", default="default",
                    help=f"refresh preset {sorted(REFRESH_PRESETS)} or comma-separated steps")
-    p.add_argument("--gpu-cache-tokens", type=int, default=65536)
+    p.add_argument("--gpu-cache-tokens", type=int, default=IHipConfig.gpu_cache_tokens)
     p.add_argument("--fp8", action="store_true", help="store K/V as float8_e4m3fn in host memory")
     p.add_argument("--dense-steps", type=int, default=16)
     p.add_argument("--activation-reserve-gib", type=float, default=8.0)

@@ -82,7 +82,8 @@ def test_bank_sizes_come_from_the_config_or_the_arguments(model):
     cache = OffloadedCache(model.config, max_cache_tokens=16, ihip_config=config)
     assert cache.store.bank_slots == {"attention": 64 // 8, "pruning": 256 // 8}
     cache = OffloadedCache(model.config, max_cache_tokens=16, gpu_cache_tokens=32)
-    assert cache.store.bank_slots == {"attention": 32 // 8, "pruning": 32 // 8}
+    assert cache.store.bank_slots == {"attention": 32 // 8, "pruning": 2 * 32 // 8}
+    assert IHipConfig().pruning_bank_tokens() == 2 * IHipConfig().gpu_cache_tokens
     with pytest.raises(ValueError, match="pruning_cache_tokens"):
         IHipConfig(pruning_cache_tokens=0)
 
