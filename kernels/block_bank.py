@@ -144,6 +144,12 @@ class BlockBank:
         """Count ``n`` blocks read in their slots (``bank_kv``), known to be there: hits."""
         self._resident_hits += n
 
+    def count_held(self, block_ids: torch.Tensor) -> None:
+        """Count blocks ``block_ids`` (distinct; -1: none) read in their slots, known to be
+        there, as hits: counted on the device, as a read counts them (no host sync)."""
+        held = (block_ids.to(self._read_counts.device) >= 0).sum()
+        self._read_counts[0] += held
+
     def _admit(self, block_ids: torch.Tensor, slots: torch.Tensor,
                fetched: dict[str, torch.Tensor]) -> None:
         """Count this read's distinct hits and misses and move the missed blocks (``fetched``,

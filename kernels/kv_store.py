@@ -97,6 +97,9 @@ class HostKVStore:
         self.armed_steps: dict[int, ArmedStep] = {}  # layer -> the step decode_shortcut continues
         self.append_graphs: dict[int, AppendStepGraph] = {}  # layer -> its decode append graph
         self.probe_copies: dict[int, ProbeKeyCopy] = {}  # layer -> stage 0's first probes
+        # layer -> the pruning bank's read count after a read that left every block it named
+        # there (``offloaded_attention.pruning_keys``)
+        self.held_pruning_reads: dict[int, int] = {}
 
     # --- sizes ---------------------------------------------------------------------------------
     @property

@@ -68,14 +68,25 @@ def release_scratch(name: str | None = None, store: HostKVStore | None = None) -
         _SCRATCH.pop((name, store.device, store.dtype), None)
 
 
-def pruning_keys(store: HostKVStore, layer: int, block_ids: torch.Tensor, keys):
-    """Keys of blocks ``block_ids`` [B, N] (distinct per row, -1: none) for a later pruning
-    stage to score, read through the layer's pruning bank: scored in the bank's slots
+def pruning_keys(store: HostKVStore, layer: int, block_ids: torch.Tensor, keys,
+                 stage: int):
+    """Keys of blocks ``block_ids`` [B, N] (distinct per row, -1: none) for pruning stage
+    ``stage`` (> 0) to score, read through the layer's pruning bank: scored in the bank's slots
     (``bank_kv``) when they all fit there, else placed at their positions in the key scratch
-    ``keys()`` ([B, H_KV, S, D], its last block spare) and scored there."""
-    got = store.read_bank_blocks(layer, block_ids, "pruning")
-    if store.pruning_bank(layer).last_read_resident:
+    ``keys()`` ([B, H_KV, S, D], its last block spare) and scored there.
+
+    Stage i > 1 scores chunks stage 1 kept, inside the blocks stage 1's own read left in the
+    bank: when no read of the bank came since (``held_pruning_reads``), they are still there,
+    and nothing is read (a stage 2 refresh, every 8 steps by default, then only counts them)."""
+    bank = store.pruning_bank(layer)
+    if stage > 1 and store.held_pruning_reads.get(layer) == bank.admissions:
+        bank.count_held(block_ids)
         return store.pruning_bank_keys(layer)
+    got = store.read_bank_blocks(layer, block_ids, "pruning")
+    if bank.last_read_resident:
+        store.held_pruning_reads[layer] = bank.admissions
+        return store.pruning_bank_keys(layer)
+    store.held_pruning_reads.pop(layer, None)
     all_keys = keys()
     place_blocks(got, block_ids, {"keys": all_keys})
     return all_keys[:, :, :store.lengths[layer]]
@@ -204,7 +215,7 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
             store.stream_into(layer, {"keys": all_keys})
             return all_keys[:, :, :s_k]
         needed = _distinct_blocks([chunk_blocks(candidates, chunks[start - 1], bk)])
-        return pruning_keys(store, layer, needed, keys)
+        return pruning_keys(store, layer, needed, keys, start)
 
     in_graph, replayed = (_graph_attender(store, layer, q, q_positions, args["block_size_q"])
                           if in_graphs else (None, {}))

@@ -388,3 +388,34 @@ def test_decode_with_host_keys_in_place_needs_no_scratch(monkeypatch):
     store = cache.store
     assert ("keys", store.device, store.dtype) not in offloaded_attention._SCRATCH
     assert cache.hit_counts()[0]["pruning_hits"] > 0
+
+
+def test_a_later_stage_refresh_scores_the_blocks_stage_one_left_without_reading(monkeypatch):
+    """Stage 2 scores chunks of blocks stage 1's read left in the pruning bank: while no read of
+    the bank came since, its refresh reads nothing, counts them as hits, and the output stays
+    that of the in-memory op. Stage 1's own refresh reads again."""
+    three_stages = dict(OP_ARGS, stage_chunks=[64, 16, 8], stage_keeps=[128, 64, 32])
+    prompt = 400
+    keys, values, cache = _cached_prompt(prompt, capacity=512, bank_tokens=256, seed=8)
+    store = cache.store
+    reads = []
+    real_read = store.read_bank_blocks
+    monkeypatch.setattr(store, "read_bank_blocks",
+                        lambda layer, ids, kind="attention": (reads.append(kind), real_read(
+                            layer, ids, kind))[1])
+    args = dict(layer=0, scale=0.25, refresh_intervals=[8, 4, 2], **three_stages)
+    pruning_reads, pruning_hits = [], []
+    for step in range(8):  # stage 0 at 0; stage 1 at 0 and 4; stage 2 at 0, 2, 4 and 6
+        q, k_new, v_new = _decode_inputs(prompt + step, seed=80 + step)
+        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
+        k_proxy, v_proxy = cache.update(k_new, v_new, 0)
+        pos = torch.tensor([keys.shape[2] - 1])
+        reads.clear()
+        got = torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, **args)
+        pruning_reads.append(reads.count("pruning"))
+        pruning_hits.append(cache.hit_counts()[0]["pruning_hits"])
+        want = torch.ops.ihip.attention(q, keys, values, pos, None, None, **args)
+        assert torch.equal(got, want), f"step {step}"
+    # Step 0 streams the keys for all stages (off CUDA); step 2 finds no read to rely on.
+    assert pruning_reads == [0, 0, 1, 0, 1, 0, 0, 0]
+    assert pruning_hits[6] > pruning_hits[5]
