@@ -75,9 +75,10 @@ def pruning_keys(store: HostKVStore, layer: int, block_ids: torch.Tensor, keys,
     (``bank_kv``) when they all fit there, else placed at their positions in the key scratch
     ``keys()`` ([B, H_KV, S, D], its last block spare) and scored there.
 
-    Stage i > 1 scores chunks stage 1 kept, inside the blocks stage 1's own read left in the
-    bank: when no read of the bank came since (``held_pruning_reads``), they are still there,
-    and nothing is read (a stage 2 refresh, every 8 steps by default, then only counts them)."""
+    Stage i > 1 scores chunks stage 1 kept, inside the blocks an earlier read of this
+    selection (stage 1's, or stage i's) left in the bank: when no read of the bank and no new
+    stage 0 came since (``held_pruning_reads``), they are still there, and nothing is read (a
+    stage 2 refresh, every 8 steps by default, then only counts them)."""
     bank = store.pruning_bank(layer)
     if stage > 1 and store.held_pruning_reads.get(layer) == bank.admissions:
         bank.count_held(block_ids)
@@ -206,6 +207,9 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
 
     def keys_for_stage(start: int, candidates: torch.Tensor | None):
         if start == 0:
+            # A new stage 0 makes new candidates, maybe all scored on these keys (streamed):
+            # what an earlier read left in the pruning bank no longer covers them.
+            store.held_pruning_reads.pop(layer, None)
             in_place = store.keys_in_place(
                 layer, args["per_kv_head"],
                 probe_stride=copy_stride(chunks[0], sparse["first_probes"]))
