@@ -100,6 +100,7 @@ class HostKVStore:
         # layer -> the pruning bank's read count after a read that left every block it named
         # there (``offloaded_attention.pruning_keys``)
         self.held_pruning_reads: dict[int, int] = {}
+        self.bank_overflows: set[str] = set()  # banks a decode read did not fit (warned once)
 
     # --- sizes ---------------------------------------------------------------------------------
     @property

@@ -27,6 +27,8 @@ between refreshes a decode step reads only the ~3.3k attended keys, nearly all b
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ihip_compile.kernels import decode_shortcut
@@ -42,6 +44,8 @@ from ihip_compile.kernels.resident_blocks import record, window_first_key
 from ihip_compile.kernels.sparse_attention import (
     attend_selected_blocks, sparse_attention, sparse_kwargs,
 )
+
+log = logging.getLogger(__name__)
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
@@ -88,6 +92,7 @@ def pruning_keys(store: HostKVStore, layer: int, block_ids: torch.Tensor, keys,
         store.held_pruning_reads[layer] = bank.admissions
         return store.pruning_bank_keys(layer)
     store.held_pruning_reads.pop(layer, None)
+    warn_bank_overflow(store, "pruning", block_ids)
     all_keys = keys()
     place_blocks(got, block_ids, {"keys": all_keys})
     return all_keys[:, :, :store.lengths[layer]]
@@ -115,8 +120,26 @@ def attended_kv(store: HostKVStore, layer: int, selection: torch.Tensor,
         release_scratch("keys", store)
         release_scratch("values", store)
         return store.attention_bank_kv(layer)
+    warn_bank_overflow(store, "attention", block_ids)
     place_blocks(got, block_ids, dst())
     return None
+
+
+def warn_bank_overflow(store: HostKVStore, kind: str, block_ids: torch.Tensor) -> None:
+    """Say, once per store and bank, that a decode read names more blocks (``block_ids``
+    [B, N]) than the ``kind`` bank holds: its blocks then go through a full-length scratch
+    instead of being read in the bank's slots (the same result, for GPU memory and host reads
+    the bank exists to save), and which option would hold them."""
+    if kind in store.bank_overflows:
+        return
+    store.bank_overflows.add(kind)
+    option = "gpu_cache_tokens" if kind == "attention" else "pruning_cache_tokens"
+    tokens = block_ids.numel() * store.block_tokens
+    log.warning("infinitehip: a decode step reads up to %d tokens through a layer's %s bank, "
+                "which holds %d; such steps copy them into a full-length scratch instead of "
+                "reading them in the bank (same result, more GPU memory and host reads). "
+                "%s >= %d holds them.", tokens, kind,
+                store.bank_slots[kind] * store.block_tokens, option, tokens)
 
 
 def place_blocks(got: dict[str, torch.Tensor], block_ids: torch.Tensor,

@@ -303,9 +303,11 @@ def test_a_prefill_ends_the_decode_states_of_its_layer():
 
 
 @pytest.mark.parametrize("per_kv_head", [False, True])
-def test_offloaded_decode_of_two_rows_through_small_banks_matches_the_in_memory_op(per_kv_head):
+def test_offloaded_decode_of_two_rows_through_small_banks_matches_the_in_memory_op(per_kv_head,
+                                                                                   caplog):
     # Two rows share each bank (their blocks follow one another), and banks smaller than one
-    # step's reads keep evicting: every step must still equal the op over K/V in memory.
+    # step's reads keep evicting: every step must still equal the op over K/V in memory, and
+    # each bank says once that it is too small, and which option would hold its reads.
     g = torch.Generator().manual_seed(3)
     prompt, batch = 150, 2
     keys = torch.randn(batch, 2, prompt, 16, generator=g)
@@ -327,6 +329,10 @@ def test_offloaded_decode_of_two_rows_through_small_banks_matches_the_in_memory_
         assert torch.equal(got, want), f"step {step}"
     counts = cache.hit_counts()[0]
     assert counts["attention_misses"] > 0 and counts["pruning_misses"] > 0
+    warnings = [r.getMessage() for r in caplog.records if "full-length scratch" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "attention bank, which holds 40" in warnings[0] + warnings[1]
+    assert "pruning_cache_tokens >= " in warnings[0] + warnings[1]
 
 
 def _decode_with_keys_in_place(monkeypatch, seed: int, steps: int):
