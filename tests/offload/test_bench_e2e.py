@@ -14,7 +14,8 @@ SPARSE_TINY = ('{"dense_below_tokens": 64, "sink_tokens": 8, "sliding_window_tok
 
 def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     argv = ["--tiny", "--layers", "1", "--contexts", "96", "--ttft-context", "70",
-            "--chunk-tokens", "32", "--backend", "infinitehip_eager", "--refresh", "4,4,2",
+            "--chunk-tokens", "32", "--dense-chunk-tokens", "16", "--backend",
+            "infinitehip_eager", "--refresh", "4,4,2",
             "--gpu-cache-tokens", "512", "--dense-steps", "1",
             "--sections", "decode,ttft,capacity", "--options", SPARSE_TINY,
             "--out", str(tmp_path)]
@@ -35,6 +36,9 @@ def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     assert between["steps"] == 2 and between["attention_hits"] > 0
     assert between["attention_misses"] <= between["steps"]
     assert result["ttft"]["ours_s"] > 0 and "dense_estimate_s" in result["ttft"]
+    # Dense's own chunk: 70 tokens in chunks of 16 are 5 chunks, the last one sampled.
+    assert result["ttft"]["dense_chunk_tokens"] == 16
+    assert max(s["chunk_index"] for s in result["ttft"]["dense_chunk_samples"]) == 4
     assert result["capacity"]["ours_max_tokens"] > 0
     table = (tmp_path / "e2e.md").read_text()
     assert "## Decode" in table and "ours tok/s (static cache on the GPU)" in table
