@@ -57,7 +57,7 @@ def _probe_score(q_ptr, k_ptr, table_base, inv_freq_ptr, probe, usable, vlo, vhi
                                       PAGED)
     if COPY:
         in_copy = (probe % PART == PART // 2) & (probe // PART < n_copy)
-        host_ok = usable & ~in_copy
+        host_ok = host_ok & ~in_copy
     score = max_over_heads(k_ptr, q_ptr, key_offset, host_ok, stride_k_h, stride_q_h, head_dim,
                            delta, inv_freq_ptr, H_KV, GROUP, NPQ, QROWS, BLOCK_D,
                            ROPE_MODE != 0, ROTARY_DIM, LAYOUT, FAST_TRIG, DOT_PRECISION)
