@@ -18,6 +18,8 @@ def test_offload_kv_option_moves_dynamic_cache_to_host_and_matches():
     assert torch.equal(out.sequences, want)
     (store,) = cache_concat_offload._STORES.values()
     assert store.lengths == [41, 41]
+    # The option's banks: the configured attention bank, a pruning bank twice its size.
+    assert store.bank_slots["pruning"] == 2 * store.bank_slots["attention"]
     keys = out.past_key_values.layers[0].keys
     assert keys.untyped_storage().nbytes() == keys.element_size()  # the cache holds a proxy
     assert store.selection_states.steps == {0: 5, 1: 5}
