@@ -120,6 +120,11 @@ class OffloadedCache(Cache):
         for layer in self.layers:
             layer.reset()
 
+    def allocate(self) -> None:
+        """Allocate (and on CUDA pin) the host memory of every layer now, at full capacity;
+        otherwise each layer allocates at its first token, inside the first prompt's time."""
+        self.store.allocate()
+
     def hit_counts(self) -> list[dict[str, int]]:
         """Per layer: hits/misses of the attention and pruning banks, blocks streamed past them."""
         return self.store.hit_counts()

@@ -210,6 +210,15 @@ class HostKVStore:
             for bank in (banks or {}).values():
                 bank.clear()
 
+    def allocate(self) -> None:
+        """Allocate (and on CUDA pin) every layer's host memory now, not at each layer's first
+        token: a server that makes its cache once and ``reset()``s it between prompts then pays
+        for it before its first prompt instead of during it."""
+        if self.device is None:
+            raise ValueError("allocate() needs the store's device: pass device= when making it")
+        for layer in range(self.num_layers):
+            self._layer_host(layer)
+
     # --- reading -------------------------------------------------------------------------------
     def read_tokens(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every key and value of a layer, [B, H_KV, S_K, D] on the device, from host memory."""

@@ -19,7 +19,6 @@ Differences vs the reference: probes that tie exactly (s_right == s_left) keep t
 both; fp32 inputs use IEEE products so that ties are as rare as in the reference.
 """
 
-import functools
 
 import torch
 import triton
@@ -236,8 +235,7 @@ def score_chunks(q_pooled, k, chunk_starts, key_hi, block_pos, *, key_lo: int, c
             rope_mode=rope_mode, inv_freq=inv_freq, rotary_dim=rotary_dim,
             rope_layout=rope_layout, window_tokens=window_tokens, rope=rope)
     wide = (chunk_tile or 0) > 16 or not few_chunks
-    launch = wide_launch(rope, memory.element_size()) if wide else few_chunk_launch(
-        b * nqb * n_cand, q_pooled.device)
+    launch = wide_launch(rope, memory.element_size()) if wide else FEW_CHUNK_LAUNCH
     query_rows = max(16, triton.next_power_of_2(group * npq))
     launch = fit_query_rows(launch, query_rows, rope)
     tile = chunk_tile or launch[0]
@@ -290,23 +288,16 @@ def wide_launch(rotating: bool, key_bytes: int) -> tuple[int, int, int]:
     return (128, 1, 8) if key_bytes <= 2 else (64, 1, 4)
 
 
-def few_chunk_launch(chunks: int, device) -> tuple[int, int, int]:
-    """(chunks per program, first-step parts gathered per load, warps) for a stage of few chunks
-    (a decode step, a short prompt): both halves' probes in one load too (``PAIR_HALVES``).
-
-    Enough programs for two per multiprocessor, up to 16 chunks each. While they fit one wave,
-    a program's chain of dependent gathers sets the time: 64 probes per load, 4 warps. Past one
-    wave the gathers' throughput does: 32 probes per load, 2 warps. Stage 0 of a decode step
-    (256-key chunks, 32 parts, RoPE in the kernel) on an H200 against the earlier fixed 16
-    chunks, 4 parts, 4 warps (``reports/bench/stage0_launch/``): 128k keys 0.111 -> 0.036 ms
-    (4 chunks, 16 parts, 4 warps), 1M 0.155 -> 0.144 (8, 4, 2), 4M 0.602 -> 0.538 (16, 2, 2).
-    """
-    sms = _multiprocessors(device)
-    per_two_waves = max(1, chunks // (2 * sms))
-    tile = min(16, max(4, 1 << (per_two_waves.bit_length() - 1)))
-    if chunks <= sms * tile:
-        return tile, 64 // tile, 4
-    return tile, 32 // tile, 2
+# (chunks per program, first-step parts gathered per load, warps) for a stage of few chunks (a
+# decode step, a short prompt's last query block): both halves' probes in one load too
+# (``PAIR_HALVES``). One shape for every length: Triton compiles the kernel per shape, and a
+# shape picked by the number of chunks compiled a new variant (about 3 s on an H200) whenever a
+# sequence grew into the next range, in the middle of a prompt or of a generation. Stage 0 of a
+# decode step (256-key chunks, 32 parts, RoPE in the kernel) on an H200, this shape against the
+# fastest of seven per length (reports/bench/prefill_timeline/stage0_launch.json): 128k keys
+# 0.058 against 0.032 ms, 1M 0.099 (the fastest), 2M 0.188 against 0.176, 4M 0.363 against
+# 0.340; once per layer per stage 0 refresh.
+FEW_CHUNK_LAUNCH = (8, 4, 2)
 
 
 def fit_query_rows(launch: tuple[int, int, int], query_rows: int,
@@ -324,15 +315,6 @@ def fit_query_rows(launch: tuple[int, int, int], query_rows: int,
     while tile > 1 and tile * max(group, 2 if tile <= 16 else 1) > most:
         tile //= 2
     return tile, group, warps
-
-
-@functools.cache
-def _multiprocessors(device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter's launch shape
-    changes no score)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _first_probe_copy(k, part: int) -> tuple[torch.Tensor | None, dict[str, int]]:

@@ -17,7 +17,8 @@ Random weights (speed and memory only, never accuracy), bf16, batch 1, Llama-3.1
              ``StaticCache`` (``ours_static_kv``, ``dense_static_kv``: no concatenation per
              step; each step passes the 2-D mask of the slots in use).
   ttft       time to first token of a ``--ttft-context`` prompt: ours runs the whole chunked
-             prefill; dense is timed on single chunks (``--dense-chunk-tokens``, whose mask
+             prefill, as the first prompt of a new cache (``ours_first_prompt_s``) and as a
+             later prompt on the same cache after ``reset()`` (``ours_s``); dense is timed on single chunks (``--dense-chunk-tokens``, whose mask
              must fit the GPU) at a few positions and integrated over the prompt (an estimate,
              labelled as such; the per-chunk rates are in the JSON).
   capacity   largest context on this GPU for the full 32-layer model: dense from free GPU memory,
@@ -346,29 +347,26 @@ def _with_cudnn_sdpa(enabled: bool, run):
 
 
 def ttft_section(args, model, ours, device, dtype) -> dict:
-    from ihip_compile.chunked_prefill import chunked_prefill
     from ihip_compile.offload import OffloadedCache
 
     context, chunk = args.ttft_context, args.chunk_tokens
-    vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (1, context), generator=torch.Generator().manual_seed(2))
-    ids = ids.to(device)
     result = {"context": context, "chunk_tokens": chunk}
     # Warm-up on a short prompt: compiles the prefill graphs (first chunk, then dynamic S_K).
     warm = OffloadedCache(model.config, max_cache_tokens=3 * chunk, dtype=dtype, device=device,
                           ihip_config=args.config, storage_dtype=args.storage_dtype)
-    chunked_prefill(ours, ids[:, : 3 * chunk], warm, chunk_tokens=chunk, leave_last=False,
-                    progress=False)
+    _timed_prefill(ours, _prompt(model, 3 * chunk, 2, device), warm, chunk, device, False)
     del warm
     cache = OffloadedCache(model.config, max_cache_tokens=context + 8, dtype=dtype,
                            device=device, ihip_config=args.config,
                            storage_dtype=args.storage_dtype)
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = chunked_prefill(ours, ids, cache, chunk_tokens=chunk, leave_last=False,
-                             progress=args.progress)
-    logits.argmax(-1).item()
-    result["ours_s"] = time.perf_counter() - t0
+    # The first prompt allocates and pins the cache's host memory as its layers fill, and
+    # compiles the kernels' variants for lengths the warm-up did not reach; a later prompt on
+    # the same cache (a server's next request, after ``reset()``) does neither.
+    result["ours_first_prompt_s"] = _timed_prefill(
+        ours, _prompt(model, context, 2, device), cache, chunk, device, args.progress)
+    cache.reset()
+    result["ours_s"] = _timed_prefill(ours, _prompt(model, context, 3, device), cache, chunk,
+                                      device, args.progress)
     del cache
     # Dense may need shorter chunks than ours: transformers' SDPA builds a [chunk, past + chunk]
     # mask, which for a 32k chunk past 768k keys is larger than the GPU's free memory.
@@ -376,8 +374,27 @@ def ttft_section(args, model, ours, device, dtype) -> dict:
     result["dense_chunk_tokens"] = dense_chunk
     result.update(_dense_ttft_estimate(args, model, context, dense_chunk, device, dtype))
     if "dense_estimate_s" in result:
-        result["ratio_ours_over_dense"] = result["ours_s"] / result["dense_estimate_s"]
+        for ours_key, ratio_key in (("ours_s", "ratio_ours_over_dense"),
+                                    ("ours_first_prompt_s", "ratio_first_prompt_over_dense")):
+            result[ratio_key] = result[ours_key] / result["dense_estimate_s"]
     return result
+
+
+def _prompt(model, tokens: int, seed: int, device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (1, tokens), generator=generator).to(device)
+
+
+def _timed_prefill(ours, ids, cache, chunk: int, device, progress: bool) -> float:
+    """Seconds from the prompt to its last token's greedy choice on the host."""
+    from ihip_compile.chunked_prefill import chunked_prefill
+
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = chunked_prefill(ours, ids, cache, chunk_tokens=chunk, leave_last=False,
+                             progress=progress)
+    logits.argmax(-1).item()
+    return time.perf_counter() - t0
 
 
 def _dense_ttft_estimate(args, model, context, chunk, device, dtype) -> dict:

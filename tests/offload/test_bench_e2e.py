@@ -36,6 +36,8 @@ def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     assert between["steps"] == 2 and between["attention_hits"] > 0
     assert between["attention_misses"] <= between["steps"]
     assert result["ttft"]["ours_s"] > 0 and "dense_estimate_s" in result["ttft"]
+    ttft = result["ttft"]
+    assert ttft["ours_first_prompt_s"] > 0 and ttft["ratio_first_prompt_over_dense"] > 0
     # Dense's own chunk: 70 tokens in chunks of 16 are 5 chunks, the last one sampled.
     assert result["ttft"]["dense_chunk_tokens"] == 16
     assert max(s["chunk_index"] for s in result["ttft"]["dense_chunk_samples"]) == 4

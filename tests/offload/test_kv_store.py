@@ -140,3 +140,15 @@ def test_a_block_named_twice_is_counted_and_admitted_once():
     bank = store._banks[0]["attention"]
     assert (bank.hits, bank.misses) == (0, 3)
     assert int((bank.block_of_slot >= 0).sum()) == 3
+
+
+def test_allocating_up_front_keeps_every_token_the_same():
+    with pytest.raises(ValueError, match="device"):
+        _store().allocate()
+    lazy, eager = _store(device="cpu"), _store(device="cpu")
+    eager.allocate()
+    assert all(host is not None for host in eager._host)
+    assert all(host is None for host in lazy._host)
+    for store in (lazy, eager):
+        keys, values = _fill(store, 1, [40, 3])
+        assert all(torch.equal(a, b) for a, b in zip(store.read_tokens(1), (keys, values)))
