@@ -33,6 +33,7 @@ the command exits non-zero after writing what it has.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -305,18 +306,21 @@ def _dense_decode(args, model, context, device, dtype, static=False) -> dict:
     (``dense_static_kv``: attention over every slot, the unused ones masked)."""
     name, out = ("dense_static_kv" if static else "dense"), {}
     try:
-        room = 2 * (args.dense_steps + 2) + 2  # both SDPA settings decode into the one cache
+        # every setting decodes into the one cache
+        room = 2 * len(_dense_forwards(args, model)) * (args.dense_steps + 2) + 2
         cache, inputs = _gpu_cache(model, context, room, device, dtype, static)
         out[f"{name}_kv_bytes"] = sum(t.numel() * t.element_size() for layer in cache.layers
                                       for t in (layer.keys, layer.values))
 
-        def run():
-            return time_decode(model, cache, args.dense_steps, 2, device,
-                               model.config.vocab_size, step_inputs=inputs)
+        def run(forward):
+            return lambda: time_decode(forward, cache, args.dense_steps, 2, device,
+                                       model.config.vocab_size, step_inputs=inputs)
 
-        out[f"{name}_by_sdpa"] = {setting: _with_cudnn_sdpa(enabled, run)
-                                  for setting, enabled in _dense_sdpa_settings(device)}
-        # The baseline is the faster setting: a user can switch cuDNN's SDPA off.
+        out[f"{name}_by_sdpa"] = {
+            f"{setting}{suffix}": _with_cudnn_sdpa(enabled, run(forward))
+            for suffix, forward in _dense_forwards(args, model).items()
+            for setting, enabled in _dense_sdpa_settings(device)}
+        # The baseline is the fastest setting: a user can switch cuDNN's SDPA off, or compile.
         out[name] = min(out[f"{name}_by_sdpa"].values(), key=lambda r: r["ms_per_token"])
         cache = None  # released before the allocator's cache is emptied
     except torch.OutOfMemoryError as e:
@@ -326,6 +330,17 @@ def _dense_decode(args, model, context, device, dtype, static=False) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def _dense_forwards(args, model) -> dict:
+    """The dense model as timed: uncompiled, and with ``--dense-inductor`` also compiled by
+    torch.compile's default backend (a copy, so that its compiled frames never mix with ours)."""
+    forwards = {"": model}
+    if args.dense_inductor:
+        if not hasattr(args, "_dense_compiled"):
+            args._dense_compiled = torch.compile(copy.deepcopy(model))
+        forwards["_inductor"] = args._dense_compiled
+    return forwards
 
 
 def _dense_sdpa_settings(device) -> list[tuple[str, bool]]:
@@ -569,6 +584,9 @@ def parse_args(argv):
     p.add_argument("--gpu-cache-tokens", type=int, default=IHipConfig.gpu_cache_tokens)
     p.add_argument("--fp8", action="store_true", help="store K/V as float8_e4m3fn in host memory")
     p.add_argument("--dense-steps", type=int, default=16)
+    p.add_argument("--dense-inductor", action="store_true",
+                   help="also time dense decode compiled by torch.compile's default backend "
+                        "(the baseline is the fastest dense setting)")
     p.add_argument("--activation-reserve-gib", type=float, default=8.0)
     p.add_argument("--sections", default="decode,ttft,capacity,passkey")
     p.add_argument("--passkey-context", type=int, default=1 << 20)

@@ -46,6 +46,17 @@ def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     assert "## Decode" in table and "ours tok/s (static cache on the GPU)" in table
 
 
+def test_dense_compiled_is_timed_too_and_the_fastest_dense_is_the_baseline(tmp_path):
+    argv = ["--tiny", "--layers", "1", "--contexts", "96", "--backend", "infinitehip_eager",
+            "--refresh", "4,4,2", "--dense-steps", "1", "--dense-inductor",
+            "--sections", "decode", "--options", SPARSE_TINY, "--out", str(tmp_path)]
+    assert e2e.main(argv) == 0
+    (row,) = json.loads((tmp_path / "e2e.json").read_text())["decode"]
+    settings = row["dense_by_sdpa"]
+    assert {"default", "default_inductor"} <= set(settings)
+    assert row["dense"] == min(settings.values(), key=lambda r: r["ms_per_token"])
+
+
 def test_max_context_is_the_longest_the_host_memory_holds(monkeypatch):
     model = e2e.build_model(2, torch.device("cpu"), torch.float32, tiny=True)
     heads, dim = e2e.kv_shape(model)
