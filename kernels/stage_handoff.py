@@ -23,6 +23,11 @@ from ihip_compile.kernels.stage_handoff_ref import stage_handoff_ref
 
 # Past this many chunks per row the keys no longer fit in registers (16 warps, 64 per thread).
 MAX_ROW = 32768
+# A row is held at the first of these widths that holds it. Triton compiles the kernel per
+# width, so a width per power of two compiled a new variant each time a growing sequence's
+# stage 0 doubled its chunks (in the middle of a prompt or of a generation); three widths
+# compile at most three, and the 1024-wide one serves every later stage of the default budgets.
+ROW_WIDTHS = (1024, 8192)
 
 
 @triton.jit
@@ -101,8 +106,9 @@ def _stage_handoff_kernel(
 
 
 def _launch_shape(n: int):
-    n_p2 = max(16, triton.next_power_of_2(n))
-    return n_p2, 4 if n_p2 <= 1024 else 8 if n_p2 <= 4096 else 16
+    """(row width, warps) for rows of ``n`` chunks (at most ``MAX_ROW``)."""
+    width = next((w for w in ROW_WIDTHS if n <= w), MAX_ROW)
+    return width, 4 if width <= 1024 else 16
 
 
 def stage_handoff(scores, starts, keep: int, chunk: int, next_chunk: int, *, block_div: int = 1,

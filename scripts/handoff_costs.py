@@ -4,13 +4,15 @@
 
 Hand-off: the shapes of the paper's stages (256/32k, 32/8k, 8/2k) at 1M keys (4096 stage-0
 chunks) and 4M (16384), for one decode query block and for the 512 query blocks of a 32k prefill
-chunk; each with 4, 8, 16 and 32 warps, the launch shape the kernel picks, and the torch ops;
+chunk; each with 4, 8, 16 and 32 warps, the launch shape the kernel picks, the row at its own
+power of two (as the kernel once held it: a variant per doubling), and the torch ops;
 whether the outputs are equal. CUDA-graph timing as in ``python -m ihip_compile.bench attention``.
 """
 
 import argparse
 
 import torch
+import triton
 
 from ihip_compile.bench import print_and_save, start_gpu_script
 from ihip_compile.bench.attention import time_graphed
@@ -19,6 +21,7 @@ from ihip_compile.kernels.stage_handoff_ref import stage_handoff_ref
 
 # (query blocks, chunks per row, chunks kept, chunk, next chunk, block divisor)
 HANDOFF_SHAPES = [(1, 4096, 128, 256, 32, 1), (1, 16384, 128, 256, 32, 1), (1, 1024, 256, 32, 8, 1),
+                  (1, 2048, 256, 32, 8, 1), (1, 640, 128, 256, 32, 1),
                   (1, 1024, 256, 8, 8, 8), (512, 4096, 128, 256, 32, 1),
                   (512, 1024, 256, 32, 8, 1), (512, 1024, 256, 8, 8, 8)]
 
@@ -33,11 +36,19 @@ def handoff_costs(shape, reps=20):
     got, want = run(), ref()
     row = {"same": torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])}
     picked = handoff._launch_shape
-    for warps in (4, 8, 16, 32):
+    width = picked(n)[0]
+    # Warps that hold the row in at most 64 registers per thread (more spills, and compiles
+    # for minutes).
+    for warps in (w for w in (4, 8, 16, 32) if width <= 64 * 32 * w):
         handoff._launch_shape = lambda n_, w=warps: (picked(n_)[0], w)
         row[f"kernel_w{warps}_ms"] = time_graphed(run, reps, None)
     handoff._launch_shape = picked
     row["kernel_default_ms"] = time_graphed(run, reps, None)
+    # The row at its own power of two (a kernel variant per doubling), with the warps it had.
+    handoff._launch_shape = lambda n_: (max(16, triton.next_power_of_2(n_)),
+                                        4 if n_ <= 1024 else 8 if n_ <= 4096 else 16)
+    row["kernel_own_power_of_two_width_ms"] = time_graphed(run, reps, None)
+    handoff._launch_shape = picked
     row["torch_ms"] = time_graphed(ref, reps, None)
     return row
 

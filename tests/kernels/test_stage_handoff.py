@@ -115,3 +115,13 @@ def test_bad_shapes_are_named():
         stage_handoff(scores[..., :10], starts, 8, 32, 8)
     with pytest.raises(ValueError, match="next_chunk must divide"):
         stage_handoff(scores, starts, 8, 32, 12)
+
+
+def test_rows_of_any_length_take_one_of_three_widths():
+    """Triton compiles the kernel per row width: a growing sequence must not compile a variant
+    each time its stage 0 doubles its chunks."""
+    from ihip_compile.kernels import stage_handoff as module
+
+    shapes = {n: module._launch_shape(n) for n in range(1, module.MAX_ROW + 1, 7)}
+    assert len(set(shapes.values())) <= 3
+    assert all(n <= width <= module.MAX_ROW for n, (width, _) in shapes.items())
