@@ -51,6 +51,20 @@ def host_blocks(host: torch.Tensor, rows: torch.Tensor, device: torch.device,
     return as_bits(host)[rows.to(host.device)].view(host.dtype).to(device, out_dtype)
 
 
+def host_blocks_into(host: torch.Tensor, rows: torch.Tensor, out: torch.Tensor,
+                     dest: torch.Tensor) -> None:
+    """Blocks ``rows`` [N] of a block-major host copy written to rows ``dest`` [N] of ``out``
+    ([M, *block_shape] on the device, any strides with the last one 1; -1 in ``rows``: zeros,
+    for a spare row), read in place by the gather kernel on CUDA with no temporary."""
+    if out.is_cuda:
+        from ihip_compile.kernels.block_cache import gather_blocks as triton_gather
+
+        triton_gather(host[:1], host, torch.full_like(rows, -1), rows, out=out, dest=dest)
+        return
+    gather_blocks_ref(host[:1], host, torch.full_like(rows, -1), rows.to(host.device),
+                      out_dtype=out.dtype, out=out, dest=dest.to(out.device))
+
+
 def row_block_ids(block_ids: torch.Tensor, blocks_per_row: int) -> torch.Tensor:
     """Blocks ``block_ids`` [B, N] of each row as ids in a bank shared by the rows (row b's
     blocks follow row b - 1's); -1 (no block) stays -1."""

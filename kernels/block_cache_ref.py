@@ -11,6 +11,8 @@ bank slot (a hit) or from a staging buffer the caller filled from host memory (a
     staged    [N] int                       row of staging for a miss (ignored where slots >= 0);
                                             -1 in both: no block, zeros (nothing is read)
     returns   [N, H_KV, BLOCK_K, D]         out_dtype
+    (or, given out [M, H_KV, BLOCK_K, D] and dest [N]: block i written to out[dest[i]] where
+     dest[i] >= 0, and out returned)
 
 Exactness: with the model dtype as storage the result is a bit-exact copy; FP8 storage is widened
 to out_dtype (the FP8 rounding happened once, when the tokens were written).
@@ -28,8 +30,12 @@ def gather_blocks_ref(
     staged: torch.Tensor,
     *,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    dest: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    out_dtype = out_dtype or bank.dtype
+    """With ``dest`` [N] (row of ``out`` [M, H_KV, BLOCK_K, D] for block i; -1: not written) the
+    blocks are written into ``out``, which is returned."""
+    out_dtype = out_dtype or (bank.dtype if out is None else out.dtype)
     hit = slots >= 0
     # Indexing goes through same-width integer views: CPU indexing does not cover float8 types.
     from_bank = as_bits(bank)[slots.clamp(min=0).long()]
@@ -39,7 +45,12 @@ def gather_blocks_ref(
         from_staging = torch.zeros_like(from_bank)
     from_staging = torch.where(staged[:, None, None, None] >= 0, from_staging, 0)
     chosen = torch.where(hit[:, None, None, None], from_bank, from_staging)
-    return chosen.view(bank.dtype).to(out_dtype)
+    blocks = chosen.view(bank.dtype).to(out_dtype)
+    if dest is None:
+        return blocks
+    written = dest >= 0
+    out[dest[written].long()] = blocks[written]
+    return out
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -30,7 +30,7 @@ from ihip_compile.kernels.decode_shortcut import ArmedStep
 from ihip_compile.kernels.decode_step_graph import DecodeStepGraph
 from ihip_compile.kernels.bank_kv import BankKV
 from ihip_compile.kernels.block_bank import (
-    BlockBank, host_blocks, row_block_ids, spare_for_unnamed,
+    BlockBank, host_blocks_into, row_block_ids, spare_for_unnamed,
 )
 from ihip_compile.kernels.block_cache_ref import as_bits
 from ihip_compile.kernels.decode_selection_cache import SelectionStates
@@ -283,11 +283,7 @@ class HostKVStore:
             by_row = host[name].view(self.batch, self.blocks_per_row, self.kv_heads, bk, -1)
             by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
             for row, ids in enumerate(block_ids):
-                for lo in range(0, ids.numel(), _STREAM_BLOCKS):  # bounds the device copy
-                    part = ids[lo: lo + _STREAM_BLOCKS]
-                    piece = host_blocks(by_row[row], part, out.device, out.dtype)
-                    by_block[row].index_copy_(1, places[row, lo: lo + _STREAM_BLOCKS],
-                                              piece.transpose(0, 1))
+                host_blocks_into(by_row[row], ids, by_block[row].transpose(0, 1), places[row])
 
     def read_blocks(self, layer: int, block_ids: torch.Tensor,
                     kind: str = "attention") -> dict[str, torch.Tensor]:

@@ -67,3 +67,38 @@ def test_kernel_with_only_hits_needs_no_staging():
     staged = torch.full((3,), -1, device=device)
     out = gather_blocks(bank, bank[:0], slots, staged)
     assert torch.equal(out, bank[slots])
+
+
+def _strided_destination(rows, heads, block_k, head_dim, dtype, device):
+    """Rows of blocks inside a [H_KV, S, D] buffer (the op's scratch layout): a strided view."""
+    buffer = torch.full((heads, rows * block_k, head_dim), 7.0, dtype=dtype, device=device)
+    return buffer, buffer.view(heads, rows, block_k, head_dim).transpose(0, 1)
+
+
+def test_reference_writes_blocks_to_their_destination_rows_only():
+    bank, staging, slots, staged = _case(4, 7, 7, 2, 8, 4, torch.float32, seed=3)
+    buffer, out = _strided_destination(9, 2, 8, 4, torch.float32, "cpu")
+    dest = torch.tensor([8, 0, -1, 3, 5, 1, 6])
+    got = gather_blocks_ref(bank, staging, slots, staged, out=out, dest=dest)
+    blocks = gather_blocks_ref(bank, staging, slots, staged)
+    assert got.data_ptr() == buffer.data_ptr()
+    for i, row in enumerate(dest.tolist()):
+        if row >= 0:
+            assert torch.equal(out[row], blocks[i])
+    untouched = [r for r in range(9) if r not in dest.tolist()]
+    assert (out[untouched] == 7).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_writes_destination_rows_as_the_reference(dtype):
+    from ihip_compile.kernels.block_cache import gather_blocks
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bank, staging, slots, staged = (t.to(device) for t in _case(5, 9, 9, 3, 8, 6, dtype, seed=5))
+    dest = torch.tensor([4, -1, 0, 10, 2, 7, -1, 1, 9], device=device)
+    got_buffer, got = _strided_destination(11, 3, 8, 6, dtype, device)
+    want_buffer, want = _strided_destination(11, 3, 8, 6, dtype, device)
+    gather_blocks(bank, staging, slots, staged, out=got, dest=dest)
+    gather_blocks_ref(bank, staging, slots, staged, out=want, dest=dest)
+    assert torch.equal(got_buffer, want_buffer)
