@@ -6,7 +6,9 @@ attention paths can read: a device scratch pair [B, H_KV, S_K, D] (one per devic
 shared by all layers, grown on demand) in which exactly the keys a computation reads are filled:
     dense call                every key and value, streamed from host memory
     sparse prefill chunk      every key (stage 0 scores all of them), streamed; then the values
-                              of the sinks, the selected blocks and the chunk's window only
+                              of the sinks, the selected blocks and the chunk's window only, in
+                              a value scratch made after the selection (whose moved copy of
+                              the keys takes its memory meanwhile)
     decode, stage 0 refresh   none on CUDA: the stage kernel reads the probed keys in pinned
                               host memory (``host_keys``); elsewhere every key, streamed
     decode, stage i > 0       none: keys of stage i - 1's kept chunks go through the pruning
@@ -224,6 +226,10 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
         store.selection_states.forget(layer)
         all_keys = keys()
         store.stream_into(layer, {"keys": all_keys})
+        # The selection moves a full-length copy of the keys (``positioned_scoring``) before any
+        # value is read: the value scratch goes back to the allocator first, so that the copy
+        # takes its memory instead of adding a third full-length buffer to the GPU's share.
+        release_scratch("values", store)
         return sparse_attention(q, all_keys[:, :, :s_k], v, q_positions,
                                 inv_freq=inv_freq, kv_for_attention=kv_for_attention, **sparse)
     chunks = list(args["stage_chunks"])

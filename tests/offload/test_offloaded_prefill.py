@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ihip_compile.kernels import ops  # noqa: F401  (registers torch.ops.ihip.attention)
-from ihip_compile.kernels.offloaded_attention import release_scratch, scratch
+from ihip_compile.kernels import offloaded_attention, sparse_attention
+from ihip_compile.kernels.offloaded_attention import release_scratch
 from ihip_compile.offload import OffloadedCache
 
 OP_ARGS = dict(dense_below_tokens=64, block_size_q=16, sink_tokens=8, window_tokens=16,
@@ -13,8 +14,22 @@ OP_ARGS = dict(dense_below_tokens=64, block_size_q=16, sink_tokens=8, window_tok
 PROMPT, CHUNK = 200, 37
 
 
+def _poison_new_value_scratch(monkeypatch):
+    """Stale values in the value scratch must never be read: every one made is NaN."""
+    real = offloaded_attention.scratch
+
+    def poisoned(name, store, shape):
+        made = (name, store.device, store.dtype) not in offloaded_attention._SCRATCH
+        buf = real(name, store, shape)
+        if made and name == "values":
+            buf.fill_(float("nan"))
+        return buf
+
+    monkeypatch.setattr(offloaded_attention, "scratch", poisoned)
+
+
 @pytest.mark.parametrize("per_kv_head", [False, True])
-def test_sparse_prefill_chunk_copies_only_attended_values(per_kv_head):
+def test_sparse_prefill_chunk_copies_only_attended_values(per_kv_head, monkeypatch):
     gen = torch.Generator().manual_seed(int(per_kv_head))
     keys = torch.randn(1, 2, PROMPT + CHUNK, 16, generator=gen)
     values = torch.randn(1, 2, PROMPT + CHUNK, 16, generator=gen)
@@ -23,9 +38,8 @@ def test_sparse_prefill_chunk_copies_only_attended_values(per_kv_head):
                            dtype=torch.float32, gpu_cache_tokens=128)
     cache.update(keys[:, :, :PROMPT], values[:, :, :PROMPT], 0)
     k_proxy, v_proxy = cache.update(keys[:, :, PROMPT:], values[:, :, PROMPT:], 0)
-    # Stale values in the scratch must never be read: poison them.
     release_scratch()
-    scratch("values", cache.store, (1, 2, 248, 16)).fill_(float("nan"))
+    _poison_new_value_scratch(monkeypatch)
     pos = torch.arange(PROMPT, PROMPT + CHUNK)
     args = dict(layer=0, scale=0.25, per_kv_head=per_kv_head, **OP_ARGS)
     before = cache.store.streamed_blocks[0]
@@ -35,3 +49,28 @@ def test_sparse_prefill_chunk_copies_only_attended_values(per_kv_head):
     n_blocks = -(-(PROMPT + CHUNK) // 8)
     copied = cache.store.streamed_blocks[0] - before
     assert n_blocks < copied < 2 * n_blocks  # all key blocks, some value blocks
+
+
+def test_no_value_scratch_is_held_while_the_prefill_selection_runs(monkeypatch):
+    """The selection moves a full-length copy of the keys: the value scratch a previous chunk
+    left must not sit beside it (three full-length buffers instead of two)."""
+    gen = torch.Generator().manual_seed(3)
+    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=256,
+                           dtype=torch.float32, gpu_cache_tokens=128)
+    held = []
+    real_select = sparse_attention.select_blocks
+
+    def select(*args, **kwargs):
+        held.append(("values", cache.store.device, cache.store.dtype)
+                    in offloaded_attention._SCRATCH)
+        return real_select(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_attention, "select_blocks", select)
+    release_scratch()
+    for lo, hi in ((0, PROMPT), (PROMPT, PROMPT + CHUNK)):
+        k = torch.randn(1, 2, hi - lo, 16, generator=gen)
+        k_proxy, v_proxy = cache.update(k, torch.randn_like(k), 0)
+        q = torch.randn(1, 4, hi - lo, 16, generator=gen)
+        torch.ops.ihip.attention(q, k_proxy, v_proxy, torch.arange(lo, hi), None, None,
+                                 layer=0, scale=0.25, per_kv_head=False, **OP_ARGS)
+    assert held == [False, False]
