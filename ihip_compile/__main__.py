@@ -2,6 +2,7 @@
 
     report --model llama --out reports/graphs   graph-diff report of a tiny test model
     demo [args]                                 the main job (see ihip_compile/demo.py)
+    ask --file F --question Q [args]            answer about a long text file (ihip_compile/ask.py)
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "demo":
-        # The demo parses its own arguments; imported only when asked for.
-        return importlib.import_module("ihip_compile.demo").main(argv[1:]) or 0
+    if argv and argv[0] in ("demo", "ask"):
+        # These parse their own arguments; imported only when asked for.
+        return importlib.import_module(f"ihip_compile.{argv[0]}").main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="python -m ihip_compile")
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="graph-diff report of a tiny test model")
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a tiny model name, 'golden' (the golden set) or 'all'")
     report.add_argument("--out", default="reports/graphs", help="output directory")
     commands.add_parser("demo", help="the main job (SmolLM2 through the backend)")
+    commands.add_parser("ask", help="answer a question about a long text file")
     args = parser.parse_args(argv)
     try:
         return _report(args)

@@ -8,12 +8,16 @@ chunks through the (compiled) model, asking for the logits of the last position 
 
     cache = OffloadedCache(model.config, max_cache_tokens=ids.shape[1] + 64)
     chunked_prefill(model, ids, cache, chunk_tokens=32768)             # all but the last token
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)  # feeds the last token
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                         max_new_tokens=64)                             # feeds the last token
 
 The last prompt token is left out by default so that ``generate()`` has one token to feed (it
 computes the first new token from it); pass ``leave_last=False`` to feed everything and get the
-last token's logits back. Works with any transformers ``Cache`` (``DynamicCache`` too). Batches
-must not be padded: every row is a prompt of the same length.
+last token's logits back. Pass ``generate()`` the all-ones attention mask: without one it infers
+a mask from ``pad_token_id``, takes prompt tokens equal to it for padding (a chat prompt's
+special tokens may be), and so moves the new tokens' positions against the filled cache. Works with
+any transformers ``Cache`` (``DynamicCache`` too). Batches must not be padded: every row is a
+prompt of the same length.
 """
 
 from __future__ import annotations

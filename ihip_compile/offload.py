@@ -2,7 +2,8 @@
 
     cache = OffloadedCache(model.config, max_cache_tokens=len(prompt) + max_new_tokens)
     model.compile(backend="infinitehip")
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=...)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                         max_new_tokens=...)   # the mask: ``chunked_prefill``'s docstring
 
 How it reaches the compiled graph. Dynamo inlines ``Cache.update`` but never sees the cache
 object. Our ``update()`` calls the custom op ``ihip.kv_store_append(key, value, store_id, layer)``,

@@ -30,6 +30,28 @@ def test_generate_after_chunked_prefill_matches_plain_generate(model, batch):
     assert torch.equal(got, want)
 
 
+def test_a_prompt_holding_the_pad_token_continues_right_with_an_explicit_mask(model):
+    """Without a mask, generate() takes prompt tokens equal to a pad id that is not the eos id
+    for padding, which moves the new tokens' positions against the filled cache (logits off by
+    ~0.05 here); with the all-ones mask it continues exactly as one plain generate()."""
+    ids = _ids(29)
+    ids[0, [5, 17]] = 1
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=1, eos_token_id=2,
+                  output_logits=True, return_dict_in_generate=True)
+
+    def logits(**extra):
+        return torch.stack(model.generate(ids, **kwargs, **extra).logits)
+
+    want = logits(attention_mask=torch.ones_like(ids))
+    tolerance = 1e-5 * want.abs().max()
+    for mask in (False, True):
+        cache = DynamicCache(config=model.config)
+        chunked_prefill(model, ids, cache, chunk_tokens=8, progress=False)
+        extra = {"attention_mask": torch.ones_like(ids)} if mask else {}
+        error = (logits(past_key_values=cache, **extra) - want).abs().max()
+        assert (error <= tolerance) == mask
+
+
 def test_last_token_logits_match_one_forward(model):
     ids = _ids(23)
     full = model(ids).logits[:, -1].double()
