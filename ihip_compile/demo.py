@@ -71,8 +71,8 @@ def answer(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> tuple[st
     with torch.no_grad():
         cache = DynamicCache()
         chunked_prefill(model, ids, cache, progress=False)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             max_new_tokens=max_new_tokens, do_sample=False)
     _sync(ids.device)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), (
         time.perf_counter() - started)

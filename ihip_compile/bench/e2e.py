@@ -529,8 +529,8 @@ def passkey_section(args, device, dtype) -> dict:
     chunked_prefill(model, ids, cache, chunk_tokens=args.chunk_tokens, progress=args.progress)
     prefill_s = time.perf_counter() - t0
     per_step = StepBankCounts(cache)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=args.passkey_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.eos_token_id,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                         max_new_tokens=args.passkey_new_tokens, do_sample=False,
                          streamer=AfterEachToken(per_step))
     _sync(device)
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
