@@ -291,7 +291,7 @@ def wide_launch(rotating: bool, key_bytes: int) -> tuple[int, int, int]:
 # (chunks per program, first-step parts gathered per load, warps) for a stage of few chunks (a
 # decode step, a short prompt's last query block): both halves' probes in one load too
 # (``PAIR_HALVES``). One shape for every length: Triton compiles the kernel per shape, and a
-# shape picked by the number of chunks compiled a new variant (about 3 s on an H200) whenever a
+# shape picked by the number of chunks compiled a new variant (3-4 s on an H200) whenever a
 # sequence grew into the next range, in the middle of a prompt or of a generation. Stage 0 of a
 # decode step (256-key chunks, 32 parts, RoPE in the kernel) on an H200, this shape against the
 # fastest of seven per length (reports/bench/prefill_timeline/stage0_launch.json): 128k keys
