@@ -145,8 +145,8 @@ class OffloadedCache(Cache):
 
     @property
     def gpu_bytes(self) -> int:
-        """Device memory of the block banks and stage 0's probe copies allocated so far (scratch
-        buffers not included)."""
+        """Device memory the block banks and stage 0's probe copies hold now (scratch buffers not
+        included; a prompt's chunk gives them back, the next decode step makes them again)."""
         return self.store.gpu_bytes
 
 

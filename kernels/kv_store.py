@@ -88,7 +88,11 @@ class HostKVStore:
         self.lengths = [0] * num_layers
         self._pinned: list[int] = []  # host pointers registered with CUDA
         self._host: list[dict[str, torch.Tensor] | None] = [None] * num_layers
+        # Made at a layer's first decode read, given back while a prefill chunk runs
+        # (``release_banks``); their hits and misses outlive them here.
         self._banks: list[dict[str, BlockBank] | None] = [None] * num_layers
+        self._released_counts = [{f"{kind}_{count}": 0 for kind in self.bank_slots
+                                  for count in ("hits", "misses")} for _ in range(num_layers)]
         self.streamed_blocks = [0] * num_layers
         self.in_place_scans = [0] * num_layers  # scoring runs that read host keys in place
         self.selection_states = SelectionStates()  # decode mask caching of this sequence batch
@@ -143,12 +147,11 @@ class HostKVStore:
             self.blocks_per_row, self.capacity_tokens = old_blocks, old_blocks * self.block_tokens
             raise
         self._host = [None] * self.num_layers
-        self.resident_plans.clear()
+        self.release_banks()
         self._wait_for_device()  # appends write host memory from the device
         for layer, host in enumerate(old_host):
             if host is None:
                 continue
-            self._banks[layer] = None
             new = self._layer_host(layer)
             for name, old in host.items():
                 shape = (self.batch, -1, *old.shape[1:])
@@ -178,7 +181,7 @@ class HostKVStore:
         if s_new == 1 and key.is_cuda and self.cuda_graphs:  # a decode step: captured append
             graph = self.append_graphs.setdefault(layer, AppendStepGraph())
             graph.append(key, value, start, lambda k, v: self._writes(layer, k, v),
-                         self.blocks_per_row, (host, self._banks[layer]))
+                         self.blocks_per_row, (host, self._banks[layer] or {}))
         else:
             append_tokens(self._writes(layer, key, value), start, self.blocks_per_row)
         self.lengths[layer] = end
@@ -188,7 +191,7 @@ class HostKVStore:
         host = self._host[layer]
         return [(self._to_storage(new), host[name],
                  [(bank.slot_of_block, bank.tensors[name])
-                  for bank in self._banks[layer].values() if name in bank.tensors])
+                  for bank in (self._banks[layer] or {}).values() if name in bank.tensors])
                 for name, new in (("keys", key), ("values", value))]
 
     def reset_layer(self, layer: int) -> None:
@@ -209,6 +212,29 @@ class HostKVStore:
         for banks in self._banks:
             for bank in (banks or {}).values():
                 bank.clear()
+
+    def release_banks(self) -> None:
+        """Give every layer's banks and probe copies back to the device, with what reads them in
+        place (decode graphs, resident plans); the next decode read makes them again, empty.
+
+        A prefill chunk calls it: it reads none of them, and its full-length scratch then takes
+        their memory instead of adding to it, so the GPU's share of the KV while a prompt is
+        read is that scratch alone. Every token stays in host memory; hits and misses so far
+        stay counted (``hit_counts``)."""
+        if not any(self._banks) and not self.probe_copies:
+            return
+        for layer, banks in enumerate(self._banks):
+            for kind, bank in (banks or {}).items():
+                self._released_counts[layer][f"{kind}_hits"] += bank.hits
+                self._released_counts[layer][f"{kind}_misses"] += bank.misses
+        self._banks = [None] * self.num_layers
+        for holders in (self.probe_copies, self.step_graphs, self.armed_steps,
+                        self.append_graphs, self.resident_plans, self.held_pruning_reads):
+            holders.clear()
+        if (self.device is not None and self.device.type == "cuda"
+                and not torch.cuda.is_current_stream_capturing()):
+            # Cached bank segments are too small for the scratch: return them to the device.
+            torch.cuda.empty_cache()
 
     def allocate(self) -> None:
         """Allocate (and on CUDA pin) every layer's host memory now, not at each layer's first
@@ -304,18 +330,16 @@ class HostKVStore:
             raise ValueError(f"kind must be one of {sorted(self.bank_slots)}, got {kind!r}")
         host = self._layer_host(layer)
         ids = row_block_ids(block_ids, self.blocks_per_row).reshape(-1)
-        got = self._banks[layer][kind].read(ids, host, self.dtype)
+        got = self._layer_banks(layer)[kind].read(ids, host, self.dtype)
         return self._by_row(got)
 
     def attention_bank(self, layer: int):
-        """The layer's attention bank (allocated with the layer's host copies)."""
-        self._layer_host(layer)
-        return self._banks[layer]["attention"]
+        """The layer's attention bank (made on first use)."""
+        return self._layer_banks(layer)["attention"]
 
     def pruning_bank(self, layer: int):
-        """The layer's pruning bank (allocated with the layer's host copies)."""
-        self._layer_host(layer)
-        return self._banks[layer]["pruning"]
+        """The layer's pruning bank (made on first use)."""
+        return self._layer_banks(layer)["pruning"]
 
     def pruning_bank_keys(self, layer: int) -> BankKV:
         """The layer's pruning bank as keys the stage kernels score in its slots (``bank_kv``),
@@ -343,10 +367,10 @@ class HostKVStore:
         for layer, banks in enumerate(self._banks):
             row = {"layer": layer, "streamed_blocks": self.streamed_blocks[layer],
                    "in_place_scans": self.in_place_scans[layer]}
-            for kind in self.bank_slots:
-                bank = (banks or {}).get(kind)
-                row[f"{kind}_hits"] = bank.hits if bank else 0
-                row[f"{kind}_misses"] = bank.misses if bank else 0
+            row.update(self._released_counts[layer])
+            for bank_name, bank in (banks or {}).items():
+                row[f"{bank_name}_hits"] += bank.hits
+                row[f"{bank_name}_misses"] += bank.misses
             out.append(row)
         return out
 
@@ -361,11 +385,19 @@ class HostKVStore:
         return t.to(self.storage_dtype)
 
     def _layer_host(self, layer: int) -> dict[str, torch.Tensor]:
-        """Allocate a layer's host copies and banks on first use."""
+        """Allocate a layer's host copies on first use."""
         if self._host[layer] is None:
             with torch.inference_mode(False):  # written in place later, maybe outside it
-                self._allocate_layer(layer)
+                self._allocate_host(layer)
         return self._host[layer]
+
+    def _layer_banks(self, layer: int) -> dict[str, BlockBank]:
+        """Make a layer's banks (empty) on first use, or first use since ``release_banks``."""
+        self._layer_host(layer)
+        if self._banks[layer] is None:
+            with torch.inference_mode(False):  # written in place later, maybe outside it
+                self._banks[layer] = self._new_banks()
+        return self._banks[layer]
 
     def _host_zeros(self, shape: tuple[int, ...], pin: bool) -> torch.Tensor:
         """Zeroed host memory, pinned in place (cudaHostRegister) when the model runs on CUDA.
@@ -403,16 +435,20 @@ class HostKVStore:
             if host is not None and getattr(self, "_pinned", None):
                 self._unpin(host.values())
 
-    def _allocate_layer(self, layer: int) -> None:
+    def _block_shapes(self) -> dict[str, tuple[int, int, int]]:
+        return {"keys": (self.kv_heads, self.block_tokens, self.head_dim),
+                "values": (self.kv_heads, self.block_tokens, self.value_dim)}
+
+    def _allocate_host(self, layer: int) -> None:
         pin = self.device.type == "cuda"
         rows = self.batch * self.blocks_per_row
-        shapes = {"keys": (self.kv_heads, self.block_tokens, self.head_dim),
-                  "values": (self.kv_heads, self.block_tokens, self.value_dim)}
-        self._host[layer] = {
-            name: self._host_zeros((rows, *shape), pin) for name, shape in shapes.items()
-        }
+        self._host[layer] = {name: self._host_zeros((rows, *shape), pin)
+                             for name, shape in self._block_shapes().items()}
+
+    def _new_banks(self) -> dict[str, BlockBank]:
+        rows, shapes = self.batch * self.blocks_per_row, self._block_shapes()
         pool = self._bank_graph_pool()
-        self._banks[layer] = {
+        return {
             "attention": BlockBank(n_slots=self.bank_slots["attention"], n_blocks=rows,
                                    block_shapes=shapes, dtype=self.storage_dtype,
                                    device=self.device, graph_pool=pool),

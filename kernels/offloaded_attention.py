@@ -22,7 +22,9 @@ shared by all layers, grown on demand) in which exactly the keys a computation r
 Other positions hold stale data from another layer; the block plan guarantees nothing reads them.
 So on CUDA a decode step needs no scratch at all: the first step that attends in the bank's
 slots gives the scratch a prefill left back to the allocator, and the GPU's share of the KV is
-the two banks and stage 0's probe copy.
+the two banks and stage 0's probe copy. A prompt's chunk reads neither: it gives them back
+(``HostKVStore.release_banks``; the next decode step makes them again, empty), so while a prompt
+is read the GPU's share is its scratch alone.
 Selections are cached across decode steps (``decode_selection_cache``), per store and layer, so
 between refreshes a decode step reads only the ~3.3k attended keys, nearly all bank hits.
 """
@@ -210,7 +212,10 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     def values():
         return scratch("values", store, (b, h_kv, padded, v.shape[-1]))
 
-    if s_q > 1 or not sparse_path:
+    if s_q > 1:
+        # A prompt's chunk reads no bank: its full-length scratch takes their memory instead.
+        store.release_banks()
+    elif not sparse_path:
         store.resident_plans.pop(layer, None)
     if not sparse_path:
         store.selection_states.forget(layer)

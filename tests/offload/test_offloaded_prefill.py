@@ -74,3 +74,53 @@ def test_no_value_scratch_is_held_while_the_prefill_selection_runs(monkeypatch):
         torch.ops.ihip.attention(q, k_proxy, v_proxy, torch.arange(lo, hi), None, None,
                                  layer=0, scale=0.25, per_kv_head=False, **OP_ARGS)
     assert held == [False, False]
+
+
+def test_a_prompt_chunk_after_decode_gives_the_banks_back_and_decode_makes_them_again(
+        monkeypatch):
+    """A prompt's chunk reads no bank: while its selection runs the device holds no bank and no
+    probe copy, only its scratch. Decode after it makes the banks again; every output is the
+    in-memory op's, and the hits and misses counted before stay counted."""
+    gen = torch.Generator().manual_seed(4)
+    decode_steps = 3
+    total = PROMPT + CHUNK + 2 * decode_steps
+    keys, values = torch.randn(1, 2, total, 16, generator=gen), torch.randn(1, 2, total, 16)
+    cache = OffloadedCache(num_layers=1, kv_heads=2, head_dim=16, max_cache_tokens=256,
+                           dtype=torch.float32, gpu_cache_tokens=128)
+    device_bytes_while_selecting = []
+    real_select = sparse_attention.select_blocks
+
+    def select(*args, **kwargs):
+        device_bytes_while_selecting.append(cache.store.gpu_bytes)
+        return real_select(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_attention, "select_blocks", select)
+    op_args = dict(layer=0, scale=0.25, per_kv_head=False, refresh_intervals=[4, 2], **OP_ARGS)
+
+    def run(lo, hi):
+        k_proxy, v_proxy = cache.update(keys[:, :, lo:hi], values[:, :, lo:hi], 0)
+        q, pos = torch.randn(1, 4, hi - lo, 16, generator=gen), torch.arange(lo, hi)
+        got = torch.ops.ihip.attention(q, k_proxy, v_proxy, pos, None, None, **op_args)
+        want = torch.ops.ihip.attention(q, keys[:, :, :hi], values[:, :, :hi], pos, None, None,
+                                        **op_args)
+        assert torch.equal(got, want), (lo, hi)
+
+    def decode(start):
+        for t in range(start, start + decode_steps):
+            run(t, t + 1)
+
+    run(0, PROMPT)
+    decode(PROMPT)
+    def bank_counts():
+        return {n: c for n, c in cache.store.hit_counts()[0].items() if n.endswith(("hits",
+                                                                                   "misses"))}
+
+    counted = bank_counts()
+    assert cache.store.gpu_bytes > 0 and counted["attention_misses"] > 0
+    run(PROMPT + decode_steps, PROMPT + decode_steps + CHUNK)
+    assert cache.store.gpu_bytes == 0
+    assert bank_counts() == counted
+    decode(PROMPT + decode_steps + CHUNK)
+    assert cache.store.gpu_bytes > 0
+    assert device_bytes_while_selecting == [0] * 4  # two chunks, ours and the in-memory op's
+    assert bank_counts()["attention_misses"] > counted["attention_misses"]
