@@ -20,7 +20,9 @@ a caller's own capture the ops run as they are (and are captured there).
 
 from __future__ import annotations
 
+import inspect
 import logging
+import weakref
 from typing import Callable
 
 import torch
@@ -38,7 +40,10 @@ class AdmissionGraphs:
     """Captured admission plans of one bank, one per read size."""
 
     def __init__(self, plan: Plan, pool):
-        self._plan = plan
+        # A bank's own method is held weakly: the bank owns these graphs, and a strong reference
+        # back would be a cycle that keeps the bank's device memory until Python's cycle
+        # collector happens to run.
+        self._plan_ref = weakref.WeakMethod(plan) if inspect.ismethod(plan) else lambda: plan
         self._pool = pool  # torch.cuda.graph_pool_handle() shared by a store's banks
         self._seen: set[int] = set()
         self._captured: dict[int, tuple] = {}  # size -> (graph, block_ids, slots, outputs)
@@ -73,6 +78,10 @@ class AdmissionGraphs:
         graph.replay()
         self.replays += 1
         return victim, order.clamp(max=n - 1)
+
+    def _plan(self, block_ids: torch.Tensor, slots: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._plan_ref()(block_ids, slots)
 
     def _capture(self, size: int, block_ids: torch.Tensor) -> tuple | None:
         with torch.inference_mode(False):  # buffers reused across calls, in and out of it

@@ -181,7 +181,7 @@ class HostKVStore:
         if s_new == 1 and key.is_cuda and self.cuda_graphs:  # a decode step: captured append
             graph = self.append_graphs.setdefault(layer, AppendStepGraph())
             graph.append(key, value, start, lambda k, v: self._writes(layer, k, v),
-                         self.blocks_per_row, (host, self._banks[layer] or {}))
+                         self.blocks_per_row, (host, self._banks[layer]))
         else:
             append_tokens(self._writes(layer, key, value), start, self.blocks_per_row)
         self.lengths[layer] = end

@@ -97,6 +97,7 @@ def main() -> None:
         _sync(device)
         result["second_prompt_s"] = time.perf_counter() - t0
         result["peak_during_second_prompt_bytes"] = torch.cuda.max_memory_allocated()
+        result["allocated_after_second_prompt_bytes"] = torch.cuda.memory_allocated()
         result["banks_and_probe_copies_after_second_prompt_bytes"] = cache.gpu_bytes
         result["scratch_after_second_prompt_bytes"] = _scratch_bytes()
     result["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -6,6 +6,9 @@ which blocks were resident, every block of a read that fits is resident after it
 was evicted while an older untouched one stayed.
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -58,3 +61,17 @@ def test_random_reads_keep_the_tables_consistent_and_evict_least_recently_used(n
         if evicted and kept_untouched:
             assert max(last_read[b] for b in evicted) <= min(last_read[b] for b in kept_untouched)
         assert not evicted & distinct
+
+
+def test_a_bank_with_admission_graphs_is_freed_as_soon_as_it_is_dropped():
+    """Its admission graphs hold the bank's method weakly: no reference cycle keeps the bank's
+    device memory until Python's cycle collector runs (no graph is captured here)."""
+    gc.disable()
+    try:
+        bank = BlockBank(n_slots=4, n_blocks=N_BLOCKS, block_shapes={"keys": SHAPE},
+                         dtype=torch.float32, device=torch.device("cpu"), graph_pool=object())
+        alive = weakref.ref(bank)
+        del bank
+        assert alive() is None
+    finally:
+        gc.enable()
