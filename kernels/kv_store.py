@@ -214,10 +214,10 @@ class HostKVStore:
                 bank.clear()
 
     def release_banks(self) -> None:
-        """Give every layer's banks and probe copies back to the device, with what reads them in
+        """Give every layer's banks and probe copies back to the allocator, with what reads them in
         place (decode graphs, resident plans); the next decode read makes them again, empty.
 
-        A prefill chunk calls it: it reads none of them, and its full-length scratch then takes
+        A prefill chunk calls it: it reads none of them, and its full-length scratch then has
         their memory instead of adding to it, so the GPU's share of the KV while a prompt is
         read is that scratch alone. Every token stays in host memory; hits and misses so far
         stay counted (``hit_counts``)."""
@@ -228,13 +228,12 @@ class HostKVStore:
                 self._released_counts[layer][f"{kind}_hits"] += bank.hits
                 self._released_counts[layer][f"{kind}_misses"] += bank.misses
         self._banks = [None] * self.num_layers
+        # Their memory goes back to torch's caching allocator, which gives it to the device
+        # itself before an allocation would run out (no emptying of the cache here: that would
+        # make every later allocation of this prompt a new device allocation).
         for holders in (self.probe_copies, self.step_graphs, self.armed_steps,
                         self.append_graphs, self.resident_plans, self.held_pruning_reads):
             holders.clear()
-        if (self.device is not None and self.device.type == "cuda"
-                and not torch.cuda.is_current_stream_capturing()):
-            # Cached bank segments are too small for the scratch: return them to the device.
-            torch.cuda.empty_cache()
 
     def allocate(self) -> None:
         """Allocate (and on CUDA pin) every layer's host memory now, not at each layer's first

@@ -8,7 +8,8 @@ prefills a short prompt (compiling the graphs), then, on one cache: reads a prom
 ``--context`` tokens, decodes ``--decode-steps`` tokens (which make the GPU banks and stage 0's
 probe copies), ``reset()``s the cache and reads another prompt of the same length. Recorded: the
 device bytes of the banks and probe copies after decode, the device memory allocated when the
-second prompt starts, and the peak while it is read, with the scratch buffers it left. Prints
+second prompt starts, and the peak allocated (and reserved by torch's caching allocator) while
+it is read, with the scratch buffers it left. Prints
 and writes JSON (``--out``).
 """
 
@@ -97,6 +98,7 @@ def main() -> None:
         _sync(device)
         result["second_prompt_s"] = time.perf_counter() - t0
         result["peak_during_second_prompt_bytes"] = torch.cuda.max_memory_allocated()
+        result["peak_reserved_during_second_prompt_bytes"] = torch.cuda.max_memory_reserved()
         result["allocated_after_second_prompt_bytes"] = torch.cuda.memory_allocated()
         result["banks_and_probe_copies_after_second_prompt_bytes"] = cache.gpu_bytes
         result["scratch_after_second_prompt_bytes"] = _scratch_bytes()
