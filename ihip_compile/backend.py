@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 from ihip_compile import capture
 from ihip_compile.config import IHipConfig
 from ihip_compile.pipeline import PipelineResult, run_passes
+from ihip_compile.traced_model import with_trained_context
 
 # Results of the latest graphs compiled in this process, newest last (tests and tools read them;
 # bounded so that a long-running server does not keep every graph alive).
@@ -25,7 +26,9 @@ compiled_graphs: collections.deque[PipelineResult] = collections.deque(maxlen=64
 
 
 def rewrite(gm, config: IHipConfig) -> PipelineResult:
+    config, trained_context = with_trained_context(config)
     result = run_passes(gm, config)
+    result.trained_context = trained_context
     if config.offload_kv:  # DynamicCache K/V to host memory: ihip_compile/offload_graph.py
         from ihip_compile.offload_graph import offload_cache_concats
 

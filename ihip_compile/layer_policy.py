@@ -12,9 +12,9 @@ Layers in ``config.dense_layers`` stay exact dense attention under both.
 RoPE remapping (``config.rope_remap``): ``"always"`` remaps at every sparse call, ``"off"`` never,
 ``"auto"`` only once the keys outgrow the model's trained context (``trained_context_tokens``).
 The graph the backend sees does not carry the model's config, so that length is given as an
-option, or filled from the model by ``with_model_facts`` (the eval harness and the demo do); when
-it is unknown, ``"auto"`` remaps at every sparse call: renumbered positions are always inside the
-window, true ones may not be.
+option, filled from the model by ``with_model_facts``, or read by the backend from the model
+Dynamo is tracing (``traced_model``); when it is unknown, ``"auto"`` remaps at every sparse call:
+renumbered positions are always inside the window, true ones may not be.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ class PipelineResult:
     ops_after: Counter
     # How a decode step's static work runs: CUDA-graph segments, or why not (the backend sets it)
     cuda_graphs: str = "not considered"
+    # The model's trained context length and where it came from (the backend sets it)
+    trained_context: str = "not looked up"
 
 
 def op_name(node: fx.Node) -> str:

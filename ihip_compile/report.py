@@ -49,6 +49,7 @@ def report_data(result: PipelineResult, name: str) -> dict[str, Any]:
         "passes": [dataclasses.asdict(r) for r in result.records],
         "removed_nodes": result.context.removed_nodes,
         "cuda_graphs": result.cuda_graphs,
+        "trained_context": result.trained_context,
         "op_counts": {op: [result.ops_before[op], result.ops_after[op]] for op in ops},
         "config": config,
         "diff": diff,
@@ -89,6 +90,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"Decode CUDA graphs: {data['cuda_graphs']}.",
         "",
         "## Configuration",
+        "",
+        f"Trained context (RoPE positions are remapped beyond it with rope_remap='auto'): "
+        f"{data['trained_context']}.",
         "",
         *[f"- {k} = {json.dumps(v)}" for k, v in data["config"].items()],
         "",
