@@ -10,13 +10,16 @@ The sparse path (``sparse_attention.sparse_attention``; Triton on CUDA, the torc
 CPU) does not model padding or a model's own sliding window: calls whose ``kv_valid`` hides a key
 (other than the unused slots at the end of a static cache, which are cut off: the call then
 attends a cache of that many keys) or with ``model_window > 0`` take the exact dense path, as
-do value head dims other than q's and dtypes the kernels lack (fp64 on CUDA). RoPE is remapped
+do value head dims other than q's and dtypes the kernels lack (fp64 on CUDA); such a call at a
+long context is logged, once per reason (a model's own window is dense by design). RoPE is remapped
 (StreamingLLM renumbering in the attention, ``pruning_rope`` positions in the pruning) when
 ``remap_beyond_tokens >= 0`` and S_K > remap_beyond_tokens, and only when ``rope_layout`` and
 ``inv_freq`` describe the model's RoPE.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -29,6 +32,8 @@ from ihip_compile.kernels.kv_store import is_offload_proxy
 from ihip_compile.kernels.offloaded_attention import offloaded_attention
 from ihip_compile.kernels.padding_check import hides_nothing, valid_prefix
 from ihip_compile.kernels.prune_stage_ref import DEFAULT_FIRST_PROBES
+
+log = logging.getLogger(__name__)
 
 _ATTENTION_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor q_positions, Tensor? kv_valid, Tensor? inv_freq, *, "
@@ -97,12 +102,41 @@ def _takes_sparse_path(q, k, v, kv_valid, model_window, dense_below_tokens) -> b
     """Sparse only at long keys and for inputs the sparse kernels model (see the docstring)."""
     if k.shape[-2] < dense_below_tokens or model_window > 0:
         return False
+    reason = _no_sparse_path_for(q, v, kv_valid)
+    if reason is not None:
+        _warn_once(reason, k.shape[-2])
+        return False
+    return True
+
+
+def _no_sparse_path_for(q, v, kv_valid) -> str | None:
+    """Why long-context inputs cannot take the sparse path, or None."""
     # generate() always passes a padding mask; one that hides nothing is no padding. Checked only
     # at long contexts, once per mask tensor (a device sync; ``padding_check``).
     if kv_valid is not None and not hides_nothing(kv_valid):
-        return False
+        return ("a row of the batch has padding (the sparse kernels attend every key of a "
+                "row); run padded sequences one at a time, or unpadded")
+    if q.device.type not in ("cpu", "cuda"):
+        return f"inputs on {q.device.type} (the sparse path runs on cpu and cuda)"
     allowed = GPU_DTYPES if q.is_cuda else REFERENCE_DTYPES
-    return v.shape[-1] == q.shape[-1] and q.dtype in allowed and q.device.type in ("cpu", "cuda")
+    if q.dtype not in allowed:
+        taken = ", ".join(sorted(map(str, allowed)))
+        return f"dtype {q.dtype} on {q.device.type} (the sparse path takes {taken})"
+    if v.shape[-1] != q.shape[-1]:
+        return (f"value head dim {v.shape[-1]} differs from the query's {q.shape[-1]} (the "
+                "sparse kernels need them equal)")
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(reason: str, s_k: int) -> None:
+    """A long context on the exact dense path is slow and may not fit: say so, once per reason."""
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        log.warning("infinitehip: attention over %d keys takes the exact dense path: %s",
+                    s_k, reason)
 
 
 def _attention_contiguous(*args, **kwargs):

@@ -54,6 +54,22 @@ def test_padding_mask_and_model_window_take_the_dense_path():
     assert torch.equal(out, dense_attention(q, k, v, pos, scale=0.2, model_window=40))
 
 
+def test_a_long_context_kept_dense_by_its_inputs_says_why_once(monkeypatch, caplog):
+    monkeypatch.setattr(ops, "_WARNED", set())
+    q, k, v = _qkv()
+    valid = torch.ones(1, 150, dtype=torch.bool)
+    valid[0, :7] = False
+    with caplog.at_level("WARNING"):
+        _op(q, k, v, kv_valid=valid)
+        _op(q, k, v, kv_valid=valid)
+        _op(q, k, v[..., :16])
+        _op(q, k, v, model_window=40)  # the model's own window: dense by design, no warning
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned
+    assert "150 keys" in warned[0] and "padding" in warned[0]
+    assert "value head dim 16 differs from the query's 32" in warned[1]
+
+
 def test_padding_mask_that_hides_nothing_takes_the_sparse_path():
     # generate() passes an all-true mask at every step: it must not force dense attention.
     q, k, v = _qkv()
