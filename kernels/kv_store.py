@@ -164,9 +164,11 @@ class HostKVStore:
         self._check_layer(layer)
         batch, heads, s_new, _ = key.shape
         if (batch, heads) != (self.batch, self.kv_heads) or key.shape[-1] != self.head_dim:
+            advice = (f"make the cache with batch_size={batch}" if batch != self.batch else
+                      "make the cache from this model's config")
             raise ValueError(
                 f"layer {layer}: keys of shape {tuple(key.shape)} do not fit a store of batch "
-                f"{self.batch}, {self.kv_heads} KV heads, head dim {self.head_dim}"
+                f"{self.batch}, {self.kv_heads} KV heads, head dim {self.head_dim}: {advice}"
             )
         start, end = self.lengths[layer], self.lengths[layer] + s_new
         if end > self.capacity_tokens:

@@ -70,6 +70,12 @@ def test_cache_refuses_beam_search_style_reordering(model):
         cache.layers[0].reorder_cache(torch.tensor([0]))
 
 
+def test_rows_the_cache_was_not_made_for_are_refused_with_the_batch_size_to_use(model):
+    cache = OffloadedCache(model.config, max_cache_tokens=16)
+    with pytest.raises(ValueError, match="batch 1, .*: make the cache with batch_size=2"):
+        cache.update(torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16), 0)
+
+
 def test_cache_too_large_for_host_memory_fails_at_construction(model):
     with pytest.raises(ValueError, match="bytes of host memory .* are available"):
         OffloadedCache(model.config, max_cache_tokens=10**13)
