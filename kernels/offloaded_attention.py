@@ -213,7 +213,7 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
         return scratch("values", store, (b, h_kv, padded, v.shape[-1]))
 
     if s_q > 1:
-        # A prompt's chunk reads no bank: its full-length scratch takes their memory instead.
+        # A prompt's chunk reads no bank: giving them back frees their memory for its scratch.
         store.release_banks()
     elif not sparse_path:
         store.resident_plans.pop(layer, None)
