@@ -8,7 +8,7 @@ proxy of the concatenated shape, which DynamicCache keeps as its "keys"/"values"
 op resolves through the store (as for ``OffloadedCache``, see ``kv_store``). A call whose past is
 empty starts a new sequence for that layer. Keys and values of a layer arrive as two calls, in
 either order; the store appends them once both are there, always before the attention that reads
-the proxies runs.
+the proxies runs. The first to arrive waits as a copy (its buffer may be reused meanwhile).
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def _kv_offload_concat(past, new, *, layer, num_layers, is_value, block_tokens,
             f"layer {layer}: the cache passed {past_tokens} past tokens but the offloaded store "
             f"holds {store.lengths[layer]}; with offload_kv one DynamicCache at a time can grow"
         )
-    pending["values" if is_value else "keys"] = new
+    # The first half to arrive waits for the other in a copy: a compiler that plans the graph's
+    # buffers (Inductor) may write another result into ``new``'s memory once this op has run.
+    pending["values" if is_value else "keys"] = new if pending else new.clone()
     if len(pending) == 2:
         end = past_tokens + new.shape[-2]
         if end > store.capacity_tokens:
