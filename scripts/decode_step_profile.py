@@ -32,23 +32,17 @@ import warnings
 
 import torch
 
-from ihip_compile.bench.e2e import _sync, build_model, dense_cache, fill_cache
-from ihip_compile.config import IHipConfig
+from ihip_compile.bench.e2e import _sync, dense_cache, fill_cache
+from ihip_compile.bench.script_model import add_model_arguments, compiled_model
 from ihip_compile.kernels.decode_selection_cache import DENSE_PATH_STATES
 from ihip_compile.offload import OffloadedCache
 
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/decode_step_profile.py")
-    p.add_argument("--context", type=int, default=1 << 20)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--backend", default="infinitehip_eager",
-                   choices=["infinitehip", "infinitehip_eager"])
+    add_model_arguments(p)
     p.add_argument("--cache", default="offloaded", choices=["offloaded", "dynamic"])
     p.add_argument("--cycles", type=int, default=2)
-    p.add_argument("--options", default="{}", help="infinitehip options as JSON")
-    p.add_argument("--fp8", action="store_true",
-                   help="store the offloaded K/V as float8_e4m3fn")
     p.add_argument("--profiler", default="python", choices=["python", "gpu", "syncs", "none"])
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out-dir", default="decode-step-profile")
@@ -199,14 +193,13 @@ def main() -> None:
         raise SystemExit(f"scripts/decode_step_profile.py --profiler {args.profiler} needs a "
                          f"CUDA GPU")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = IHipConfig.from_options(json.loads(args.options))
-    model = build_model(args.layers, device, dtype, tiny=False)
-    ours = torch.compile(model, backend=args.backend, options=config.as_dict())
+    built = compiled_model(args, device, dtype)
+    config, model, ours = built.config, built.model, built.ours
     cycle = max(config.refresh_intervals)
     if args.cache == "offloaded":
         cache = OffloadedCache(model.config, max_cache_tokens=args.context + (args.cycles + 2)
                                * cycle + 8, dtype=dtype, device=device, ihip_config=config,
-                               storage_dtype=torch.float8_e4m3fn if args.fp8 else None)
+                               storage_dtype=built.storage_dtype)
         fill_cache(cache, model, args.context, device, dtype)
     else:
         cache = dense_cache(model, args.context, device, dtype)

@@ -21,31 +21,20 @@ import time
 
 import torch
 
-from ihip_compile.bench.e2e import _sync, build_model
+from ihip_compile.bench.e2e import _prompt, _sync
+from ihip_compile.bench.script_model import add_model_arguments, compiled_model
 from ihip_compile.chunked_prefill import chunked_prefill
-from ihip_compile.config import IHipConfig
 from ihip_compile.kernels import offloaded_attention
 from ihip_compile.offload import OffloadedCache
 
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/prefill_memory.py")
-    p.add_argument("--context", type=int, default=1 << 20)
+    add_model_arguments(p)
     p.add_argument("--chunk", type=int, default=32768)
-    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--decode-steps", type=int, default=40)
-    p.add_argument("--backend", default="infinitehip_eager",
-                   choices=["infinitehip", "infinitehip_eager"])
-    p.add_argument("--options", default="{}", help="infinitehip options as JSON")
-    p.add_argument("--fp8", action="store_true",
-                   help="store the offloaded K/V as float8_e4m3fn")
     p.add_argument("--out", default=None, help="write the JSON here too")
     return p.parse_args()
-
-
-def _prompt(model, tokens: int, seed: int, device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, model.config.vocab_size, (1, tokens), generator=generator).to(device)
 
 
 def _decode(ours, cache, logits, steps: int) -> None:
@@ -64,10 +53,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("scripts/prefill_memory.py measures GPU memory: it needs a CUDA device")
     device, dtype = torch.device("cuda"), torch.bfloat16
-    config = IHipConfig.from_options(json.loads(args.options))
-    model = build_model(args.layers, device, dtype, tiny=False)
-    ours = torch.compile(model, backend=args.backend, options=config.as_dict())
-    storage = torch.float8_e4m3fn if args.fp8 else None
+    built = compiled_model(args, device, dtype)
+    config, model, ours, storage = built.config, built.model, built.ours, built.storage_dtype
 
     def cache_for(tokens):
         return OffloadedCache(model.config, max_cache_tokens=tokens, dtype=dtype, device=device,

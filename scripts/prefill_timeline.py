@@ -23,21 +23,15 @@ import time
 
 import torch
 
-from ihip_compile.bench.e2e import _sync, build_model
-from ihip_compile.config import IHipConfig
+from ihip_compile.bench.e2e import _sync
+from ihip_compile.bench.script_model import add_model_arguments, compiled_model
 from ihip_compile.offload import OffloadedCache
 
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/prefill_timeline.py")
-    p.add_argument("--context", type=int, default=1 << 20)
+    add_model_arguments(p)
     p.add_argument("--chunk", type=int, default=32768)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--backend", default="infinitehip_eager",
-                   choices=["infinitehip", "infinitehip_eager"])
-    p.add_argument("--options", default="{}", help="infinitehip options as JSON")
-    p.add_argument("--fp8", action="store_true",
-                   help="store the offloaded K/V as float8_e4m3fn")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--out-dir", default="prefill-timeline")
     return p.parse_args()
@@ -94,10 +88,8 @@ def main() -> None:
     args = _parse()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = IHipConfig.from_options(json.loads(args.options))
-    model = build_model(args.layers, device, dtype, tiny=False)
-    ours = torch.compile(model, backend=args.backend, options=config.as_dict())
-    storage = torch.float8_e4m3fn if args.fp8 else None
+    built = compiled_model(args, device, dtype)
+    config, model, ours, storage = built.config, built.model, built.ours, built.storage_dtype
     ids = torch.randint(3, model.config.vocab_size, (1, args.context),
                         generator=torch.Generator().manual_seed(2)).to(device)
 
