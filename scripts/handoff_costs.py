@@ -4,15 +4,13 @@
 
 Hand-off: the shapes of the paper's stages (256/32k, 32/8k, 8/2k) at 1M keys (4096 stage-0
 chunks) and 4M (16384), for one decode query block and for the 512 query blocks of a 32k prefill
-chunk; each with 4, 8, 16 and 32 warps, the launch shape the kernel picks, the row at its own
-power of two (as the kernel once held it: a variant per doubling), and the torch ops;
-whether the outputs are equal. CUDA-graph timing as in ``python -m ihip_compile.bench attention``.
+chunk; the kernel's launch (``TILE`` chunks per loop step, ``WARPS``) and two others, and the
+torch ops; whether the outputs are equal. CUDA-graph timing as in ``python -m ihip_compile.bench attention``.
 """
 
 import argparse
 
 import torch
-import triton
 
 from ihip_compile.bench import print_and_save, start_gpu_script
 from ihip_compile.bench.attention import time_graphed
@@ -35,20 +33,12 @@ def handoff_costs(shape, reps=20):
     ref = lambda: stage_handoff_ref(scores, starts, keep, chunk, next_chunk, block_div=div)
     got, want = run(), ref()
     row = {"same": torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])}
-    picked = handoff._launch_shape
-    width = picked(n)[0]
-    # Warps that hold the row in at most 64 registers per thread (more spills, and compiles
-    # for minutes).
-    for warps in (w for w in (4, 8, 16, 32) if width <= 64 * 32 * w):
-        handoff._launch_shape = lambda n_, w=warps: (picked(n_)[0], w)
-        row[f"kernel_w{warps}_ms"] = time_graphed(run, reps, None)
-    handoff._launch_shape = picked
-    row["kernel_default_ms"] = time_graphed(run, reps, None)
-    # The row at its own power of two (a kernel variant per doubling), with the warps it had.
-    handoff._launch_shape = lambda n_: (max(16, triton.next_power_of_2(n_)),
-                                        4 if n_ <= 1024 else 8 if n_ <= 4096 else 16)
-    row["kernel_own_power_of_two_width_ms"] = time_graphed(run, reps, None)
-    handoff._launch_shape = picked
+    row["kernel_ms"] = time_graphed(run, reps, None)
+    launch = handoff.TILE, handoff.WARPS
+    for tile, warps in ((2048, 8), (4096, 16)):
+        handoff.TILE, handoff.WARPS = tile, warps
+        row[f"kernel_tile{tile}_w{warps}_ms"] = time_graphed(run, reps, None)
+    handoff.TILE, handoff.WARPS = launch
     row["torch_ms"] = time_graphed(ref, reps, None)
     return row
 

@@ -96,15 +96,22 @@ def test_plain_split_keeps_every_non_empty_chunk():
     assert torch.equal(children, stage_handoff_ref(None, starts, 0, 32, 8)[1])
 
 
-def test_rows_past_the_register_limit_take_the_reference(monkeypatch):
+def test_rows_longer_than_a_tile_match_reference_with_ties_across_tiles():
+    """The kernel reads a row a tile at a time: the cut, the ties taken at it (earliest first)
+    and the compaction carry across tiles."""
     from ihip_compile.kernels import stage_handoff as module
 
-    monkeypatch.setattr(module, "MAX_ROW", 100)
-    monkeypatch.setattr(module, "_stage_handoff_kernel", None)  # launching it would fail
-    scores, starts = _row_inputs(1, 2, 300, 32, empty_tail=4, seed=4)
-    got = module.stage_handoff(scores, starts, 50, 32, 8)
-    want = stage_handoff_ref(scores, starts, 50, 32, 8)
+    n = 2 * module.TILE + 300
+    scores, starts = _row_inputs(1, 2, n, 8, empty_tail=50, seed=11)
+    got = module.stage_handoff(scores, starts, 700, 8, 8)
+    want = stage_handoff_ref(scores, starts, 700, 8, 8)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    tied = torch.zeros(1, 1, n, device=DEVICE)
+    tied[..., -3:] = 1.0  # three best chunks in the last tile, then ties over every tile
+    grid = (torch.arange(n, dtype=torch.int32) * 8).view(1, 1, n).to(DEVICE)
+    keep = module.TILE + 10
+    kept, _ = module.stage_handoff(tied, grid, keep, 8, 8)
+    assert kept[0, 0].tolist() == grid[0, 0, :keep - 3].tolist() + grid[0, 0, -3:].tolist()
 
 
 def test_bad_shapes_are_named():
@@ -117,11 +124,21 @@ def test_bad_shapes_are_named():
         stage_handoff(scores, starts, 8, 32, 12)
 
 
-def test_rows_of_any_length_take_one_of_three_widths():
-    """Triton compiles the kernel per row width: a growing sequence must not compile a variant
-    each time its stage 0 doubles its chunks."""
+def test_rows_of_any_length_launch_one_kernel_variant(monkeypatch):
+    """Triton compiles the kernel per set of compile-time arguments: a growing sequence must not
+    compile a new variant each time its stage 0 holds more chunks, mid-prompt or mid-generation."""
     from ihip_compile.kernels import stage_handoff as module
 
-    shapes = {n: module._launch_shape(n) for n in range(1, module.MAX_ROW + 1, 7)}
-    assert len(set(shapes.values())) <= 3
-    assert all(n <= width <= module.MAX_ROW for n, (width, _) in shapes.items())
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                launched.append(constexprs)
+            return launch
+
+    monkeypatch.setattr(module, "_stage_handoff_kernel", Recorder())
+    for n in (300, 4096, 40_000):
+        scores, starts = _row_inputs(1, 1, n, 256, empty_tail=0, seed=n, grid=True)
+        module.stage_handoff(scores, starts, 128, 256, 32)
+    assert len(launched) == 3 and launched[0] == launched[1] == launched[2]

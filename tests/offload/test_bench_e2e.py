@@ -38,12 +38,28 @@ def test_e2e_smoke_writes_decode_ttft_and_capacity(tmp_path):
     assert result["ttft"]["ours_s"] > 0 and "dense_estimate_s" in result["ttft"]
     ttft = result["ttft"]
     assert ttft["ours_first_prompt_s"] > 0 and ttft["ratio_first_prompt_over_dense"] > 0
+    assert ttft["warm_up_tokens"] == 70  # the whole prompt: shorter than three chunks
     # Dense's own chunk: 70 tokens in chunks of 16 are 5 chunks, the last one sampled.
     assert result["ttft"]["dense_chunk_tokens"] == 16
     assert max(s["chunk_index"] for s in result["ttft"]["dense_chunk_samples"]) == 4
     assert result["capacity"]["ours_max_tokens"] > 0
     table = (tmp_path / "e2e.md").read_text()
     assert "## Decode" in table and "ours tok/s (static cache on the GPU)" in table
+
+
+def test_the_ttft_warm_up_crosses_the_trained_context_when_the_prompt_does():
+    """Past the model's trained context RoPE is remapped, which runs other kernel variants: the
+    warm-up goes there too, or the timed prompt would stop there to compile them."""
+    from ihip_compile.config import IHipConfig
+
+    model = torch.nn.Module()
+    model.config = type("Config", (), {"max_position_embeddings": 100})()
+    warm = e2e._warm_up_tokens
+    assert warm(IHipConfig(), model, 1000, 32) == 128  # 4 chunks: past 100 keys
+    assert warm(IHipConfig(), model, 90, 32) == 90  # the prompt is shorter than three chunks
+    assert warm(IHipConfig(trained_context_tokens=300), model, 1000, 32) == 320
+    assert warm(IHipConfig(rope_remap="off"), model, 1000, 32) == 96  # never remapped
+    assert warm(IHipConfig(), torch.nn.Module(), 1000, 32) == 96  # no trained context known
 
 
 def test_dense_compiled_is_timed_too_and_the_fastest_dense_is_the_baseline(tmp_path):
