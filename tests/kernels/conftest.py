@@ -22,3 +22,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def record_launches(monkeypatch, module, kernel_name: str) -> list[dict]:
+    """Replace ``module.kernel_name`` with a recorder: each launch appends its keyword arguments
+    (the compile-time ones) to the list returned, and runs nothing."""
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                launched.append(constexprs)
+            return launch
+
+    monkeypatch.setattr(module, kernel_name, Recorder())
+    return launched

@@ -5,7 +5,7 @@ import torch
 
 from ihip_compile.kernels.prune_stage_ref import score_chunks_ref
 from tests.helpers import assert_matches_reference
-from tests.kernels.conftest import DEVICE
+from tests.kernels.conftest import DEVICE, record_launches
 
 
 def _inputs(heads, kv_heads, blocks, pooled, keys, chunk, dtype, seed, d=32):
@@ -88,15 +88,7 @@ def test_a_decode_stage_launches_one_kernel_variant_at_every_length(monkeypatch)
     on an H200) each time it crosses a length range, mid-prompt or mid-generation."""
     from ihip_compile.kernels import prune_stage
 
-    launched = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **constexprs):
-                launched.append(constexprs)
-            return launch
-
-    monkeypatch.setattr(prune_stage, "_score_chunks_kernel", Recorder())
+    launched = record_launches(monkeypatch, prune_stage, "_score_chunks_kernel")
     for keys in (3000, 40_000, 300_000):
         q, k, starts, key_hi, pos, inv = _inputs(32, 8, 1, 1, keys, 256, torch.float32, 0,
                                                  d=16)

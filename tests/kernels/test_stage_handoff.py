@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ihip_compile.kernels.stage_handoff_ref import stage_handoff_ref
-from tests.kernels.conftest import DEVICE
+from tests.kernels.conftest import DEVICE, record_launches
 
 
 def _row_inputs(batch, blocks, n, chunk, empty_tail, seed, grid=False):
@@ -129,15 +129,7 @@ def test_rows_of_any_length_launch_one_kernel_variant(monkeypatch):
     compile a new variant each time its stage 0 holds more chunks, mid-prompt or mid-generation."""
     from ihip_compile.kernels import stage_handoff as module
 
-    launched = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **constexprs):
-                launched.append(constexprs)
-            return launch
-
-    monkeypatch.setattr(module, "_stage_handoff_kernel", Recorder())
+    launched = record_launches(monkeypatch, module, "_stage_handoff_kernel")
     for n in (300, 4096, 40_000):
         scores, starts = _row_inputs(1, 1, n, 256, empty_tail=0, seed=n, grid=True)
         module.stage_handoff(scores, starts, 128, 256, 32)
