@@ -19,6 +19,7 @@ Storage may be float8_e4m3fn (half the bytes; values beyond +-448 saturate).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import weakref
@@ -122,6 +123,12 @@ class HostKVStore:
 
     def _check_host_memory(self, needed: int, advice: str) -> None:
         available = available_host_bytes()
+        if needed > available:
+            # A dropped cache that a reference cycle still holds frees its host memory only when
+            # Python's cycle collector runs. The cache a model was compiled with is such a one:
+            # the compiler's trace records refer to it. Collect before refusing.
+            gc.collect()
+            available = available_host_bytes()
         if needed > available:
             raise ValueError(
                 f"the offloaded KV cache needs {needed:,} bytes of host memory "

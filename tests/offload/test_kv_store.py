@@ -101,6 +101,29 @@ def test_request_beyond_host_memory_fails_before_allocating(monkeypatch):
         _store()
 
 
+def test_a_dropped_store_held_by_a_reference_cycle_is_collected_before_refusing(monkeypatch):
+    """The cache a model was compiled with stays in the compiler's reference cycles after it is
+    dropped: a new cache that needs its memory must not be refused for it."""
+    import gc
+    import weakref
+
+    live = weakref.WeakSet()
+    total = int(1.5 * _store().host_bytes)  # room for one store, not two
+    monkeypatch.setattr(kv_store, "available_host_bytes",
+                        lambda: total - sum(store.host_bytes for store in live))
+    gc.disable()
+    try:
+        first = _store()
+        first.cycle = first
+        live.add(first)
+        del first
+        second = _store()  # would be refused while the first is held
+        live.add(second)
+    finally:
+        gc.enable()
+    assert list(live) == [second]
+
+
 def test_real_host_memory_is_checked():
     with pytest.raises(ValueError, match="bytes of host memory"):
         _store(capacity_tokens=10**13)
