@@ -47,8 +47,12 @@ def chunked_prefill(model, input_ids: torch.Tensor, past_key_values, *,
     with torch.no_grad():
         for lo in range(start, end, chunk_tokens):
             hi = min(end, lo + chunk_tokens)
-            out = model(input_ids=input_ids[:, lo:hi], past_key_values=past_key_values,
-                        use_cache=True, logits_to_keep=1)
+            # A chunk of its own (strides [hi - lo, 1]), not a view into the prompt: a compiled
+            # model guards its input's strides, and a view's row stride is the prompt's length,
+            # so each new prompt length recompiled the graphs (two recompiles of seconds each).
+            piece = input_ids[:, lo:hi].clone(memory_format=torch.contiguous_format)
+            out = model(input_ids=piece, past_key_values=past_key_values, use_cache=True,
+                        logits_to_keep=1)
             logits = out.logits[:, -1]
             bar.update(hi - lo)
     bar.close()

@@ -79,6 +79,19 @@ def test_chunked_prefill_into_offloaded_cache(model):
     assert cache.store.lengths == [34, 34]
 
 
+def test_a_compiled_model_is_not_recompiled_for_a_prompt_of_another_length(model):
+    """Each chunk goes in with strides of its own: a compiled model guards its inputs' strides,
+    and a view into the prompt has the prompt's length as its row stride."""
+    compiled = torch.compile(model, backend="eager")
+    counters = torch._dynamo.utils.counters["stats"]
+    for length in (41, 57):
+        before = counters["unique_graphs"]
+        chunked_prefill(compiled, _ids(length), DynamicCache(config=model.config),
+                        chunk_tokens=8, progress=False)
+        made = counters["unique_graphs"] - before
+    assert made == 0
+
+
 def test_bad_arguments_are_named(model):
     with pytest.raises(ValueError, match="chunk_tokens"):
         chunked_prefill(model, _ids(4), DynamicCache(config=model.config), chunk_tokens=0)
