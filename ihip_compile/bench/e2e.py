@@ -406,7 +406,7 @@ def _warm_up_tokens(config: IHipConfig, model, context: int, chunk: int) -> int:
     dynamic key count), and past the model's trained context when the timed prompt goes there.
     From there on RoPE is remapped, which runs other kernel variants: a first prompt that crossed
     it cold would stop there to compile them (8.5-10.5 s on an H200; Triton's disk cache keeps them
-    for later processes), reports/bench/tiled_handoff/."""
+    for later processes), reports/bench/first_prompt/."""
     from ihip_compile.layer_policy import infer_trained_context_tokens
 
     tokens = 3 * chunk
