@@ -20,7 +20,9 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ihip_compile.kernels.cuda_graph import capture_cuda_graph
+from ihip_compile.decode_step_replay import StepReplay
+from ihip_compile.kernels.cuda_graph import capture_cuda_graph, stream_capturing
+from ihip_compile.passes.fold_decode_step import fold_decode_step
 from ihip_compile.passes.segment_decode_graph import decode_graph_problem, segment_decode_graph
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ def segment_for_cuda_graphs(gm: fx.GraphModule) -> str:
     plan = segment_decode_graph(gm, "cuda", lambda m: GraphedSegment(m, capturer, in_place))
     if not plan.segments:
         return f"not used: no static stretch ({plan.summary()})"
-    return f"on: {plan.summary()}"
+    whole_step = fold_decode_step(gm, StepReplay)
+    return f"on: {plan.summary()}; whole step {whole_step}"
 
 
 class CudaGraphCapture:
@@ -83,7 +86,8 @@ class GraphedSegment(torch.nn.Module):
 
     def forward(self, *args):
         self.calls += 1
-        if self.failure is not None:
+        if self.failure is not None or stream_capturing():
+            # Inside a whole decode step being captured (``decode_step_replay``): its launches.
             return self.segment(*args)
         if torch.is_grad_enabled():
             # A replay records no autograd history: with gradients on, the segment runs eagerly.

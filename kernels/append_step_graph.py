@@ -41,11 +41,13 @@ class AppendStepGraph:
         self.failure: str | None = None
         self.captures = 0
         self.replays = 0
+        self.last_call_replayed = False  # the steady path: a whole-step graph may take over
 
     def append(self, keys, values, start: int, writes_for: WritesFor, blocks_per_row: int,
                layout: tuple) -> None:
         """Append ``keys``/``values`` [B, H_KV, 1, D] at token ``start``; ``layout``: the
         objects holding the memory ``writes_for`` writes (a new one captures again)."""
+        self.last_call_replayed = False
         if torch.cuda.is_current_stream_capturing():  # inside a caller's capture: its launch
             append_tokens_kernel(writes_for(keys, values), start, blocks_per_row)
             return
@@ -56,16 +58,31 @@ class AppendStepGraph:
             return
         self.buffers["keys"].copy_(keys)
         self.buffers["values"].copy_(values)
+        self.set_start(start)
+        self.graph.replay()
+        self.replays += 1
+        self.last_call_replayed = True
+
+    def set_start(self, start: int) -> None:
+        """Put the first token's position where the captured launch reads it."""
         if start != self.start:
             self.buffers["start"].fill_(start)
             self.start = start
-        self.graph.replay()
-        self.replays += 1
+
+    def launch_on_buffers(self, keys, values, writes_for: WritesFor, blocks_per_row: int) -> None:
+        """The captured launch, run (not replayed) on ``keys``/``values`` where they lie, at the
+        position in the start buffer: the append's part of a whole decode step being captured
+        (``step_capture``)."""
+        append_tokens_kernel(writes_for(keys, values), self.start, blocks_per_row,
+                             start_at=self.buffers["start"])
 
     def _captured_for(self, keys, values, layout: tuple) -> bool:
         return (self.graph is not None and self.shapes == _shapes(keys, values)
-                and len(layout) == len(self.layout)
-                and all(a is b for a, b in zip(layout, self.layout)))
+                and self.writes_to(layout))
+
+    def writes_to(self, layout: tuple) -> bool:
+        """Whether the captured launch writes the memory of ``layout`` (compared by identity)."""
+        return len(layout) == len(self.layout) and all(a is b for a, b in zip(layout, self.layout))
 
     def _capture(self, keys, values, start, writes_for, blocks_per_row, layout) -> None:
         with torch.inference_mode(False):  # buffers reused across calls, in and out of it
@@ -97,3 +114,30 @@ class AppendStepGraph:
 
 def _shapes(keys, values) -> tuple:
     return (tuple(keys.shape), keys.dtype, tuple(values.shape), values.dtype)
+
+
+class AppendHook:
+    """A layer's captured append as a hook of a whole-step graph (``step_capture``)."""
+
+    kind = "append"
+
+    def __init__(self, store, layer: int, graph: AppendStepGraph):
+        self.store, self.layer, self.graph = store, layer, graph
+        self.captures = graph.captures  # a new capture of the layer's graph: new buffers
+
+    def steady(self, s_k: int) -> bool:
+        """``s_k``: the layer's keys after this step's append."""
+        graph = self.graph
+        return (self.store.append_graphs.get(self.layer) is graph and graph.failure is None
+                and graph.captures == self.captures and s_k <= self.store.capacity_tokens
+                and graph.writes_to(self.store.append_layout(self.layer)))
+
+    def account(self, s_k: int) -> None:
+        self.graph.set_start(s_k - 1)
+        self.store.count_decode_append(self.layer)
+        self.graph.replays += 1
+
+    def launch(self, keys, values) -> None:
+        store, layer = self.store, self.layer
+        self.graph.launch_on_buffers(keys, values, lambda k, v: store.token_writes(layer, k, v),
+                                     store.blocks_per_row)

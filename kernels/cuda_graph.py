@@ -28,3 +28,8 @@ def capture_cuda_graph(run: Callable[[], object], device: torch.device, pool=Non
         with torch.cuda.graph(graph, pool=pool):
             outputs = run()
     return graph, outputs
+
+
+def stream_capturing() -> bool:
+    """Whether work launched now is being captured into a CUDA graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

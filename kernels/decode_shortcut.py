@@ -13,7 +13,8 @@ it continues that step exactly:
     the window within the blocks the plan holds, no slot changed hands (``still_serves``)
 It records what the ordinary path would have (the step counted and the stages aged,
 ``continue_cached``; the blocks' bank hits, ``count_resident``), then replays the layer's graph.
-Any other step takes the ordinary path, which arms again.
+Any other step takes the ordinary path, which arms again. The same test and record serve a
+whole decode step replayed as one graph (``AttentionHook``, ``step_capture``).
 """
 
 from __future__ import annotations
@@ -66,8 +67,42 @@ def take(store, layer: int, q, q_positions, s_k: int, signature: tuple) -> torch
     of the armed step (the ordinary path runs)."""
     armed = store.armed_steps.get(layer)
     graph: DecodeStepGraph | None = store.step_graphs.get(layer)
-    if (armed is None or graph is None or s_k != armed.s_k + 1 or signature != armed.signature
+    if (armed is None or graph is None or signature != armed.signature
             or not graph.fits(q, q_positions)):
+        return None
+    step = steady_step(store, layer, s_k)
+    if step is None:
+        return None
+    step.account(s_k)
+    out = graph.replay(q, q_positions, step.state.blocks, s_k - step.window)
+    return unfold_heads(out, q.shape[0])
+
+
+@dataclass
+class SteadyStep:
+    """What the shortcut found for a step that continues the armed one."""
+
+    store: object
+    layer: int
+    armed: ArmedStep
+    state: SelectionState
+    plan: ResidentBlocks
+    bank: object
+    window: int  # the widened window of this step
+
+    def account(self, s_k: int) -> None:
+        """Record what the ordinary path would have: the step counted and the stages aged
+        (``continue_cached``), the blocks' bank hits, the armed step moved on."""
+        continue_cached(self.store.selection_states, self.layer, self.state, s_k)
+        self.bank.count_resident(self.plan.block_ids.numel())
+        self.armed.s_k = s_k
+
+
+def steady_step(store, layer: int, s_k: int) -> SteadyStep | None:
+    """The armed step of ``layer`` continued at ``s_k`` keys, or None when this step cannot
+    repeat it (see the module docstring); host state only, nothing is changed."""
+    armed = store.armed_steps.get(layer)
+    if armed is None or s_k != armed.s_k + 1:
         return None
     states = store.selection_states
     state, plan = states.by_layer.get(layer), store.resident_plans.get(layer)
@@ -81,11 +116,37 @@ def take(store, layer: int, q, q_positions, s_k: int, signature: tuple) -> torch
     first = window_first_key(s_k - 1, window, min(armed.sink_tokens, s_k))
     bank = store.attention_bank(layer)
     blocks = (first // store.block_tokens, (s_k - 1) // store.block_tokens)
-    selection = per_group(state.blocks, q.shape[0])  # as the bank plan saw it
+    selection = per_group(state.blocks, store.batch)  # as the bank plan saw it
     if window > armed.max_window_tokens or not plan.still_serves(selection, blocks, bank):
         return None
-    continue_cached(states, layer, state, s_k)
-    bank.count_resident(plan.block_ids.numel())
-    armed.s_k = s_k
-    out = graph.replay(q, q_positions, state.blocks, s_k - window)
-    return unfold_heads(out, q.shape[0])
+    return SteadyStep(store, layer, armed, state, plan, bank, window)
+
+
+class AttentionHook:
+    """The shortcut of one layer as a hook of a whole-step graph (``step_capture``)."""
+
+    kind = "attention"
+
+    def __init__(self, store, layer: int, graph: DecodeStepGraph, signature: tuple,
+                 remap_beyond: int):
+        self.store, self.layer, self.graph = store, layer, graph
+        self.captures = graph.captures  # a new capture of the layer's graph: new buffers
+        self.remapped, self.remap_beyond = signature[2], remap_beyond
+        self.step: SteadyStep | None = None
+
+    def steady(self, s_k: int) -> bool:
+        graph = self.graph
+        if (self.store.step_graphs.get(self.layer) is not graph or graph.captures != self.captures
+                or (0 <= self.remap_beyond < s_k) != self.remapped):
+            return False
+        self.step = steady_step(self.store, self.layer, s_k)
+        # The graph's buffers already hold this step's blocks and window start.
+        return self.step is not None and graph.holds(self.step.state.blocks,
+                                                     s_k - self.step.window)
+
+    def account(self, s_k: int) -> None:
+        self.step.account(s_k)
+        self.graph.replays += 1
+
+    def launch(self, q, q_positions) -> torch.Tensor:
+        return unfold_heads(self.graph.launch_on_buffers(q, q_positions), q.shape[0])

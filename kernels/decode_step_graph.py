@@ -43,6 +43,7 @@ class DecodeStepGraph:
         self.failure: str | None = None
         self.captures = 0
         self.replays = 0
+        self.run_on_buffers = None  # the captured launches, as a function of the buffers
 
     def attend(self, q, q_positions, k: BankKV, v: BankKV, blocks, common: dict
                ) -> torch.Tensor:
@@ -79,6 +80,18 @@ class DecodeStepGraph:
         # The next replay rewrites the graph's output; a caller may keep this one (it did not
         # ask for a view of a buffer), so it gets its own copy.
         return self.out.clone()
+
+    def holds(self, blocks, window_start: int) -> bool:
+        """Whether the buffers hold ``blocks`` and ``window_start`` already (``replay`` would
+        copy nothing but the query)."""
+        return blocks is self.blocks_source and window_start == self.window_start
+
+    def launch_on_buffers(self, q, q_positions) -> torch.Tensor:
+        """The captured launches, run (not replayed) on the buffers with this query: the
+        attention's part of a whole decode step being captured (``step_capture``)."""
+        self.buffers["q"].copy_(q)
+        self.buffers["positions"].copy_(q_positions)
+        return self.run_on_buffers()
 
     def fits(self, q, q_positions) -> bool:
         """Whether ``replay`` can take these inputs (the shapes and dtypes captured; not
@@ -117,7 +130,7 @@ class DecodeStepGraph:
             log.warning("infinitehip: decode attention of a layer stays on ordinary launches, "
                         "its CUDA graph capture failed: %s", self.failure)
             return
-        self.key = key
+        self.key, self.run_on_buffers = key, run
         self.captures += 1
 
     @staticmethod

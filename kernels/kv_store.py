@@ -26,7 +26,7 @@ import weakref
 
 import torch
 
-from ihip_compile.kernels.append_step_graph import AppendStepGraph
+from ihip_compile.kernels.append_step_graph import AppendHook, AppendStepGraph
 from ihip_compile.kernels.decode_shortcut import ArmedStep
 from ihip_compile.kernels.decode_step_graph import DecodeStepGraph
 from ihip_compile.kernels.bank_kv import BankKV
@@ -38,6 +38,7 @@ from ihip_compile.kernels.decode_selection_cache import SelectionStates
 from ihip_compile.kernels.host_keys import BlockMajorKeys
 from ihip_compile.kernels.probe_key_copy import ProbeKeyCopy
 from ihip_compile.kernels.resident_blocks import ResidentBlocks
+from ihip_compile.kernels.step_capture import hook_to_launch, observe
 from ihip_compile.kernels.token_append import append_tokens
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -186,16 +187,26 @@ class HostKVStore:
         if key.dtype != self.dtype:
             raise ValueError(f"layer {layer}: keys of dtype {key.dtype}, store of {self.dtype}")
         self.device = self.device or key.device
-        host = self._layer_host(layer)
+        self._layer_host(layer)  # allocated on first use
         if s_new == 1 and key.is_cuda and self.cuda_graphs:  # a decode step: captured append
             graph = self.append_graphs.setdefault(layer, AppendStepGraph())
-            graph.append(key, value, start, lambda k, v: self._writes(layer, k, v),
-                         self.blocks_per_row, (host, self._banks[layer]))
+            graph.append(key, value, start, lambda k, v: self.token_writes(layer, k, v),
+                         self.blocks_per_row, self.append_layout(layer))
         else:
-            append_tokens(self._writes(layer, key, value), start, self.blocks_per_row)
+            append_tokens(self.token_writes(layer, key, value), start, self.blocks_per_row)
         self.lengths[layer] = end
 
-    def _writes(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> list:
+    def append_layout(self, layer: int) -> tuple:
+        """The objects holding the memory an append to ``layer`` writes (host copy, banks): a
+        captured append is valid while they stay the same objects."""
+        return (self._host[layer], self._banks[layer])
+
+    def count_decode_append(self, layer: int) -> None:
+        """Record a one-token append to ``layer`` that a replayed graph wrote."""
+        self.lengths[layer] += 1
+        mark_appended(layer, self)
+
+    def token_writes(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> list:
         """``token_append``'s writes of new tokens to a layer's host copy and banks."""
         host = self._host[layer]
         return [(self._to_storage(new), host[name],
@@ -520,12 +531,19 @@ _lib.define("kv_store_append(Tensor key, Tensor value, Tensor store_id, int laye
 
 
 def _kv_store_append(key, value, store_id, layer):
+    hook = hook_to_launch("append", layer)
+    if hook is not None:  # a whole decode step being captured: the launch only
+        hook.launch(key, value)
+        return torch.full((1,), float("nan"), dtype=key.dtype, device=key.device)
     store_key = int(store_id.reshape(-1)[0])
     store = _STORES.get(store_key)
     if store is None:
         raise ValueError(f"no offloaded KV store with id {store_key} (was its cache deleted?)")
     store.append(layer, key, value)
     mark_appended(layer, store)
+    graph = store.append_graphs.get(layer) if key.shape[2] == 1 else None
+    observe(AppendHook(store, layer, graph) if graph is not None and graph.last_call_replayed
+            else None)
     return torch.full((1,), float("nan"), dtype=key.dtype, device=key.device)
 
 

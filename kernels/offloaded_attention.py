@@ -39,7 +39,7 @@ from ihip_compile.kernels import decode_shortcut
 from ihip_compile.kernels.bank_kv import BankKV
 from ihip_compile.kernels.block_bank import repeats, spare_for_unnamed
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
-from ihip_compile.kernels.decode_shortcut import op_signature
+from ihip_compile.kernels.decode_shortcut import AttentionHook, op_signature
 from ihip_compile.kernels.decode_step_graph import DecodeStepGraph
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
 from ihip_compile.kernels.padding_check import hides_nothing
@@ -48,6 +48,7 @@ from ihip_compile.kernels.resident_blocks import record, window_first_key
 from ihip_compile.kernels.sparse_attention import (
     attend_selected_blocks, sparse_attention, sparse_kwargs,
 )
+from ihip_compile.kernels.step_capture import hook_to_launch, observe
 
 log = logging.getLogger(__name__)
 
@@ -186,22 +187,38 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     selection cached per store and layer, scored keys and attended blocks filled from the banks,
     split-K sparse decode. Prefill on the sparse path: every key streamed, the values of the
     attended blocks only. Everything else: ``attend`` (the op's own implementation) on K/V
-    streamed from host memory. Each gives exactly the in-memory result.
+    streamed from host memory. Each gives exactly the in-memory result. A decode step that
+    repeats the last one (``decode_shortcut``) reports its hook to a whole-step graph
+    (``step_capture``), which may then capture and replay it.
     """
+    layer = args["layer"]
+    hook = hook_to_launch("attention", layer)
+    if hook is not None:  # a whole decode step being captured: the launch only
+        return hook.launch(q, q_positions)
     s_q, s_k = q.shape[2], k.shape[2]
     if kv_valid is not None and hides_nothing(kv_valid):
         # generate() always passes an attention mask; all-valid means no padding.
         kv_valid = None
-    layer = args["layer"]
     store = store_for_layer(layer, s_k)
     sparse_path = args["sparse_path"](q, k, v, kv_valid)
     # Decode attention as CUDA graphs (decode_step_graph, decode_shortcut)
     in_graphs = s_q == 1 and sparse_path and q.is_cuda and store.cuda_graphs
+    signature = op_signature(args, inv_freq, s_k) if in_graphs else None
     if in_graphs:
-        signature = op_signature(args, inv_freq, s_k)
         out = decode_shortcut.take(store, layer, q, q_positions, s_k, signature)
         if out is not None:
+            observe(AttentionHook(store, layer, store.step_graphs[layer], signature,
+                                  args.get("remap_beyond_tokens", -1)))
             return out
+    observe(None)
+    return _attention_of_step(store, q, k, v, q_positions, kv_valid, inv_freq, attend, args,
+                              sparse_path, in_graphs, signature)
+
+
+def _attention_of_step(store: HostKVStore, q, k, v, q_positions, kv_valid, inv_freq, attend,
+                       args: dict, sparse_path: bool, in_graphs: bool, signature):
+    """``offloaded_attention`` of a step that is not the shortcut's (see its docstring)."""
+    layer, s_q, s_k = args["layer"], q.shape[2], k.shape[2]
     bk = store.block_tokens
     padded = (-(-s_k // bk) + 1) * bk  # whole blocks and a spare one (``place_blocks``)
     b, h_kv = k.shape[:2]

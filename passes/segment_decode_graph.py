@@ -50,11 +50,11 @@ class SegmentPlan:
 
 def decode_graph_problem(gm: fx.GraphModule, device_type: str = "cuda") -> str | None:
     """Why ``gm`` is not a decode graph to segment (None: it is one)."""
-    sites = [n for n in gm.graph.nodes if _is_ihip(n) and "attention" in str(n.target)]
+    sites = [n for n in gm.graph.nodes if is_ihip(n) and "attention" in str(n.target)]
     if not sites:
         return "no rewritten attention call"
     for site in sites:
-        q = _example(site.args[0])
+        q = example_value(site.args[0])
         if not isinstance(q, torch.Tensor) or q.device.type != device_type:
             return f"attention query not a {device_type} tensor"
         if not isinstance(q.shape[-2], int) or q.shape[-2] != 1:
@@ -66,14 +66,14 @@ def eager_reason(node: fx.Node, device_type: str = "cuda") -> str | None:
     """Why ``node`` must run eagerly at every step (None: it can be captured)."""
     if node.op not in ("call_function", "call_method"):
         return node.op
-    if _is_ihip(node):
+    if is_ihip(node):
         return "ihip op"
     if _is_collective(node):
         return "collective"  # each rank's NCCL call stays where tensor parallelism put it
     if not is_removable(node):
         return "in-place or impure"
-    inputs = [_example(a) for a in _flat_nodes((node.args, node.kwargs))]
-    example = _example(node)
+    inputs = [example_value(a) for a in flat_nodes((node.args, node.kwargs))]
+    example = example_value(node)
     tensors = [v for v in inputs if isinstance(v, torch.Tensor)] + _tensors(example)
     if (any(isinstance(v, torch.SymInt) for v in inputs) or _has_symbolic_args(node)
             or any(_symbolic(t) for t in tensors)):
@@ -107,7 +107,7 @@ def segment_decode_graph(gm: fx.GraphModule, device_type: str = "cuda",
         if len(run) < MIN_SEGMENT_NODES:
             plan.eager["short stretch"] += len(run)
             continue
-        _fold(gm, run, f"{SEGMENT_PREFIX}{len(plan.segments)}", wrap)
+        fold_run(gm, run, f"{SEGMENT_PREFIX}{len(plan.segments)}", wrap)
         plan.segments.append(len(run))
     gm.graph.lint()
     gm.recompile()
@@ -140,7 +140,7 @@ def _grouped(region: list[fx.Node], reasons: dict[fx.Node, str | None]) -> list[
     waiting = {n: 0 for n in region}
     users: dict[fx.Node, list[fx.Node]] = {n: [] for n in region}
     for node in region:
-        for dep in set(_flat_nodes((node.args, node.kwargs))):
+        for dep in set(flat_nodes((node.args, node.kwargs))):
             if dep in index:  # inputs from earlier regions are already computed
                 waiting[node] += 1
                 users[dep].append(node)
@@ -166,12 +166,12 @@ def _apply_order(graph: fx.Graph, order: list[fx.Node]) -> None:
         earlier.append(later)
 
 
-def _fold(gm: fx.GraphModule, run: list[fx.Node], name: str, wrap) -> None:
+def fold_run(gm: fx.GraphModule, run: list[fx.Node], name: str, wrap) -> None:
     """Move ``run`` (contiguous, topologically ordered) into submodule ``name``."""
     members = set(run)
     inputs = []
     for node in run:
-        for arg in _flat_nodes((node.args, node.kwargs)):
+        for arg in flat_nodes((node.args, node.kwargs)):
             if arg not in members and arg not in inputs:
                 inputs.append(arg)
     outputs = [n for n in run if any(u not in members for u in n.users)]
@@ -198,7 +198,7 @@ def _fold(gm: fx.GraphModule, run: list[fx.Node], name: str, wrap) -> None:
         gm.graph.erase_node(node)
 
 
-def _is_ihip(node: fx.Node) -> bool:
+def is_ihip(node: fx.Node) -> bool:
     return node.op == "call_function" and str(node.target).startswith("ihip.")
 
 
@@ -208,13 +208,13 @@ def _is_collective(node: fx.Node) -> bool:
     return "c10d" in text or "torch.distributed" in text
 
 
-def _example(value):
+def example_value(value):
     if isinstance(value, fx.Node):
         return value.meta.get("example_value", value.meta.get("val"))
     return value
 
 
-def _flat_nodes(args) -> list[fx.Node]:
+def flat_nodes(args) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(args, found.append)
     return found

@@ -70,3 +70,37 @@ def test_decode_graphs_replay_between_calls():
     segments = [m for name, m in decode.gm.named_children() if name.startswith("cuda_graph_")]
     assert segments and all(s.failure is None for s in segments)
     assert all(s.captures >= 1 and s.calls >= 5 for s in segments)
+
+
+def _whole_step(compiled_graphs):
+    decode = [g for g in compiled_graphs if g.cuda_graphs.startswith("on:")][-1]
+    return decode, getattr(decode.gm, "decode_step_replay", None)
+
+
+@pytest.mark.parametrize("steps", [40])
+def test_whole_decode_steps_replay_as_one_graph_with_the_same_logits(steps):
+    options = {**OPTIONS, "refresh_intervals": [16, 8]}  # steady steps in a row between refreshes
+    model = _model()
+    ids = torch.randint(3, tiny_hf.VOCAB, (1, 40), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(7))
+    logits = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        ihip_backend.compiled_graphs.clear()
+        compiled = torch.compile(model, backend=ihip_backend.backend(
+            {**options, "decode_cuda_graphs": graphs}))
+        cache = OffloadedCache(model.config, max_cache_tokens=40 + steps + 1, gpu_cache_tokens=64)
+        got = []
+        with torch.no_grad():
+            token = compiled(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+            for _ in range(steps):
+                out = compiled(input_ids=token, past_key_values=cache).logits
+                got.append(out)
+                token = out[:, -1:].argmax(-1)
+        logits[graphs] = torch.cat(got, dim=1)
+        assert cache.get_seq_length() == 40 + steps
+    decode, step = _whole_step(ihip_backend.compiled_graphs)
+    assert step is not None, decode.cuda_graphs
+    assert step.failure is None and step.stats["captures"] >= 1
+    assert step.stats["replays"] >= steps // 3, step.stats
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,131 @@
+"""Fold a segmented decode graph's layers, from the first offloaded op on, into one module.
+
+Between refreshes a decode step over the offloaded cache repeats its device work exactly: the
+segments replay their graphs and each layer's append and attention replay theirs
+(``kernels/step_capture.py``). Folding that stretch into one module lets it run as one CUDA graph
+(``ihip_compile.decode_step_replay``) instead of a replay, copies and Python per piece.
+
+Matches   a decode graph already cut into segments (``segment_decode_graph``) whose attention
+          reads an offloaded cache (``ihip.kv_store_append`` feeds it).
+Emits     one ``call_module`` node ``decode_step_replay`` that runs every node from the first
+          ``ihip`` op to the graph's output (``wrap`` turns the extracted GraphModule into the
+          runner). Around it:
+            - pure eager nodes that read nothing inside the stretch (a padding mask's gather,
+              a position's arithmetic) move before it: they run at every step as before;
+            - the views of an op's marker that the graph returns (the cache's zero-stride
+              proxies, whose length grows every step) are made again after it, from its output,
+              so that they have this step's shape;
+            - the copies of its outputs that the graph returns stay after it.
+Refuses   (says why, the graph keeps its segments) anything else in the stretch: device work
+          outside a segment that reads the stretch's own values, an impure node, another op.
+Order     after ``segment_decode_graph``.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch.fx as fx
+
+from ihip_compile.passes.remove_dead_code import is_removable
+from ihip_compile.passes.segment_decode_graph import (
+    SEGMENT_PREFIX, flat_nodes, fold_run, is_ihip,
+)
+
+STEP_MODULE = "decode_step_replay"
+_OFFLOADED_OPS = ("ihip.kv_store_append", "ihip.attention")
+_MARKER_VIEWS = ("view", "expand")
+
+
+def fold_decode_step(gm: fx.GraphModule, wrap: Callable[[fx.GraphModule], object]) -> str:
+    """Fold the stretch in place; returns "on: ..." or why it was not folded."""
+    nodes = list(gm.graph.nodes)
+    first = next((i for i, n in enumerate(nodes) if is_ihip(n)), None)
+    if first is None:
+        return "not used: no offloaded op"
+    stretch, before, after, markers = [], [], [], {}
+    inside: set[fx.Node] = set()
+    for node in nodes[first:]:
+        if node.op == "output":
+            continue
+        if any(a in after for a in flat_nodes((node.args, node.kwargs))):
+            return f"not used: a node reads a copy of the step's output ({node.name})"
+        kind = _kind(node, inside, markers)
+        if kind.startswith("refuse"):
+            return f"not used: {kind[len('refuse: '):]} ({node.name})"
+        {"stretch": stretch, "before": before, "after": after}[kind].append(node)
+        if kind == "stretch":
+            inside.add(node)
+    targets = {str(n.target).rsplit(".", 1)[0] if str(n.target).endswith(".default")
+               else str(n.target) for n in stretch if is_ihip(n)}
+    if not set(_OFFLOADED_OPS) <= targets:
+        return "not used: the attention does not read an offloaded cache"
+    _move_before(before, nodes[first])
+    _move_after(after, stretch[-1])
+    _remake_returned_markers(gm, markers, inside)
+    fold_run(gm, stretch, STEP_MODULE, wrap)
+    gm.graph.lint()
+    gm.recompile()
+    layers = sum(1 for n in stretch if str(n.target).startswith("ihip.attention"))
+    return f"on: one graph for {layers} attention layers and {len(stretch)} nodes"
+
+
+def _kind(node: fx.Node, inside: set[fx.Node], markers: dict) -> str:
+    """Where ``node`` (after the first offloaded op) goes: "stretch", "before" (moves before
+    it), "after", or "refuse: why"."""
+    reads_inside = any(a in inside for a in flat_nodes((node.args, node.kwargs)))
+    if node.op == "call_module" and str(node.target).startswith(SEGMENT_PREFIX):
+        return "stretch"
+    if is_ihip(node):
+        if not str(node.target).startswith(_OFFLOADED_OPS):
+            return f"refuse: another op, {node.target}"
+        return "stretch"
+    if node.op == "call_function" and node.target is operator.getitem and reads_inside:
+        return "stretch"
+    if (node.op == "call_method" and node.target in _MARKER_VIEWS
+            and (is_ihip(node.args[0]) or node.args[0] in markers)):
+        markers[node] = True
+        return "stretch"
+    if not reads_inside:
+        if not is_removable(node):
+            return "refuse: an impure node among the offloaded ops"
+        return "before"
+    if (node.op == "call_method" and node.target == "clone"
+            and all(u.op == "output" for u in node.users)):
+        return "after"
+    return "refuse: device work outside a segment reads the step's own values"
+
+
+def _move_before(moved: list[fx.Node], anchor: fx.Node) -> None:
+    for node in moved:
+        anchor.prepend(node)
+
+
+def _move_after(moved: list[fx.Node], anchor: fx.Node) -> None:
+    for node in reversed(moved):
+        anchor.append(node)
+
+
+def _remake_returned_markers(gm: fx.GraphModule, markers: dict, inside: set[fx.Node]) -> None:
+    """Users outside the stretch of a marker view get a copy made after it (see the module
+    docstring): the copy reads the op's output, which the stretch returns."""
+    copies: dict[fx.Node, fx.Node] = {}
+    graph_output = next(n for n in gm.graph.nodes if n.op == "output")
+
+    def copy_of(node: fx.Node) -> fx.Node:
+        if node not in markers:
+            return node  # the op itself: the stretch returns it
+        if node not in copies:
+            args = fx.node.map_arg(node.args, copy_of)
+            with gm.graph.inserting_before(graph_output):
+                copies[node] = gm.graph.call_method(node.target, args, dict(node.kwargs))
+            copies[node].meta = dict(node.meta)
+        return copies[node]
+
+    for node in list(markers):
+        outside = [u for u in node.users if u not in inside]
+        if outside:
+            copy = copy_of(node)
+            for user in outside:
+                user.replace_input_with(node, copy)
