@@ -9,8 +9,8 @@ figures are in ``reports/bench/whole_step_graph/``). This module runs the folded
                     (``kernels/step_capture.py``), None when it did not take its steady path
     next step       if every hook says the step would repeat its steady path, the stretch is
                     captured once (the ops launch their work on their graphs' buffers and
-                    change no host state), then the hooks record the step's bookkeeping and
-                    the graph replays; later such steps only record and replay
+                    change no host state), then the graph replays and the hooks record the
+                    step's bookkeeping while it runs; later such steps only replay and record
     any other step  (a refresh, a window entering a new block, a new prompt) runs as observed
 Inputs: tensors at the same address in consecutive steps (weights, the outputs of segments that
 run before the stretch) are read in place and checked at every replay; other tensors are
@@ -25,6 +25,7 @@ A capture that fails leaves the stretch on the observed path, with a warning tha
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.fx as fx
@@ -46,7 +47,7 @@ class StepReplay(torch.nn.Module):
         self.hooks: list | None = None  # of the last observed step, if it was steady
         self.last_addresses: dict[int, int] = {}
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.captured_with: list = []  # (graph, captures) of each hook at the capture
+        self.captured_with: list = []  # (weak graph, captures) of each hook at the capture
         self.buffers: dict[int, torch.Tensor] = {}
         self.addresses: dict[int, int] = {}
         self.outputs: tuple = ()
@@ -85,7 +86,7 @@ class StepReplay(torch.nn.Module):
     def _captured_for(self, args) -> bool:
         if self.graph is None or len(self.hooks) != len(self.captured_with):
             return False
-        if any(h.graph is not g or h.captures != c
+        if any(h.graph is not g() or h.captures != c
                for h, (g, c) in zip(self.hooks, self.captured_with)):
             return False  # some layer's graph was captured again: other buffers
         if any(args[i].data_ptr() != a for i, a in self.addresses.items()):
@@ -116,15 +117,17 @@ class StepReplay(torch.nn.Module):
         self.addresses = {i: a.data_ptr() for i, a in enumerate(args)
                           if isinstance(a, torch.Tensor) and i not in staged
                           and i not in self.mask_inputs}
-        self.captured_with = [(h.graph, h.captures) for h in self.hooks]
+        self.captured_with = [(weakref.ref(h.graph), h.captures) for h in self.hooks]
         self.stats["captures"] += 1
 
     def _replay(self, args, lengths: list[int]) -> tuple:
         for i, buffer in self.buffers.items():
             buffer.copy_(args[i])
         for hook, s_k in zip(self.hooks, lengths):
-            hook.account(s_k)
+            hook.prepare(s_k)
         self.graph.replay()
+        for hook, s_k in zip(self.hooks, lengths):  # host bookkeeping while the GPU runs
+            hook.account(s_k)
         self.stats["replays"] += 1
         for t in self.outputs:
             torch.autograd.graph.increment_version(t)

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ihip_compile.kernels.cuda_graph import capture_cuda_graph
+from ihip_compile.kernels.step_capture import LayerHook
 from ihip_compile.kernels.token_append import append_tokens_kernel
 
 log = logging.getLogger(__name__)
@@ -116,28 +117,33 @@ def _shapes(keys, values) -> tuple:
     return (tuple(keys.shape), keys.dtype, tuple(values.shape), values.dtype)
 
 
-class AppendHook:
+class AppendHook(LayerHook):
     """A layer's captured append as a hook of a whole-step graph (``step_capture``)."""
 
     kind = "append"
 
-    def __init__(self, store, layer: int, graph: AppendStepGraph):
-        self.store, self.layer, self.graph = store, layer, graph
-        self.captures = graph.captures  # a new capture of the layer's graph: new buffers
-
     def steady(self, s_k: int) -> bool:
         """``s_k``: the layer's keys after this step's append."""
-        graph = self.graph
-        return (self.store.append_graphs.get(self.layer) is graph and graph.failure is None
-                and graph.captures == self.captures and s_k <= self.store.capacity_tokens
-                and graph.writes_to(self.store.append_layout(self.layer)))
+        store, graph = self.store, self.graph
+        return (store is not None and graph is not None
+                and store.append_graphs.get(self.layer) is graph
+                and graph.failure is None and graph.captures == self.captures
+                and s_k <= store.capacity_tokens
+                and graph.writes_to(store.append_layout(self.layer)))
+
+    def prepare(self, s_k: int) -> None:
+        self.graph.set_start(s_k - 1)  # a no-op after a whole-step replay (``launch``)
 
     def account(self, s_k: int) -> None:
-        self.graph.set_start(s_k - 1)
+        graph = self.graph
+        graph.start = s_k  # where the replay left the start buffer
         self.store.count_decode_append(self.layer)
-        self.graph.replays += 1
+        graph.replays += 1
 
     def launch(self, keys, values) -> None:
-        store, layer = self.store, self.layer
-        self.graph.launch_on_buffers(keys, values, lambda k, v: store.token_writes(layer, k, v),
-                                     store.blocks_per_row)
+        """The append, then the start buffer moved on to the next token: consecutive whole-step
+        replays need no fill before them."""
+        store, layer, graph = self.store, self.layer, self.graph
+        graph.launch_on_buffers(keys, values, lambda k, v: store.token_writes(layer, k, v),
+                                store.blocks_per_row)
+        graph.buffers["start"].add_(1)

@@ -8,6 +8,7 @@ is set up outside it.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -32,4 +33,9 @@ def capture_cuda_graph(run: Callable[[], object], device: torch.device, pool=Non
 
 def stream_capturing() -> bool:
     """Whether work launched now is being captured into a CUDA graph (False without CUDA)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _has_cuda() and torch.cuda.is_current_stream_capturing()
+
+
+@functools.cache
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()  # asked once: a decode step calls this many times

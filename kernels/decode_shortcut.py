@@ -29,6 +29,7 @@ from ihip_compile.kernels.decode_selection_cache import (
 from ihip_compile.kernels.decode_step_graph import DecodeStepGraph
 from ihip_compile.kernels.resident_blocks import ResidentBlocks, window_first_key
 from ihip_compile.kernels.selection_scope import per_group, unfold_heads
+from ihip_compile.kernels.step_capture import LayerHook
 
 
 @dataclass
@@ -122,30 +123,34 @@ def steady_step(store, layer: int, s_k: int) -> SteadyStep | None:
     return SteadyStep(store, layer, armed, state, plan, bank, window)
 
 
-class AttentionHook:
+class AttentionHook(LayerHook):
     """The shortcut of one layer as a hook of a whole-step graph (``step_capture``)."""
 
     kind = "attention"
 
     def __init__(self, store, layer: int, graph: DecodeStepGraph, signature: tuple,
                  remap_beyond: int):
-        self.store, self.layer, self.graph = store, layer, graph
-        self.captures = graph.captures  # a new capture of the layer's graph: new buffers
+        super().__init__(store, layer, graph)
         self.remapped, self.remap_beyond = signature[2], remap_beyond
-        self.step: SteadyStep | None = None
+        self.step: SteadyStep | None = None  # found by ``steady``, dropped by ``account``
 
     def steady(self, s_k: int) -> bool:
-        graph = self.graph
-        if (self.store.step_graphs.get(self.layer) is not graph or graph.captures != self.captures
+        store, graph = self.store, self.graph
+        if (store is None or graph is None or store.step_graphs.get(self.layer) is not graph
+                or graph.captures != self.captures
                 or (0 <= self.remap_beyond < s_k) != self.remapped):
             return False
-        self.step = steady_step(self.store, self.layer, s_k)
+        self.step = steady_step(store, self.layer, s_k)
         # The graph's buffers already hold this step's blocks and window start.
         return self.step is not None and graph.holds(self.step.state.blocks,
                                                      s_k - self.step.window)
 
+    def prepare(self, s_k: int) -> None:
+        """Nothing to set: ``steady`` found the buffers holding this step's blocks."""
+
     def account(self, s_k: int) -> None:
         self.step.account(s_k)
+        self.step = None
         self.graph.replays += 1
 
     def launch(self, q, q_positions) -> torch.Tensor:

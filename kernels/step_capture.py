@@ -8,8 +8,10 @@ whole step can instead be one graph (``ihip_compile.decode_step_replay``), provi
 say three things, which it does through a *hook*:
     steady(s_k)   whether this step would take the steady path again (no refresh due, same
                   buffers, same bank plan...), asked before the step, from host state only
-    account(s_k)  the host bookkeeping the op's Python would have done (lengths, ages, counts)
-                  and the buffers it would have set before its launch
+    prepare(s_k)  what the op would have set in its buffers before its launch (before the
+                  replay)
+    account(s_k)  the host bookkeeping the op's Python would have done (lengths, ages, counts;
+                  after the replay is launched, while the GPU runs it)
     launch(...)   the op's device work on those buffers, while the step is being captured;
                   it changes no host state (a capture that fails leaves everything as it was)
 An op reports its hook after a call that took the steady path while a step is observed
@@ -21,17 +23,40 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from typing import Iterator, Protocol
 
 
 class StepHook(Protocol):
     kind: str  # "append" or "attention"
     layer: int
-    store: object  # the HostKVStore the op reads or writes
+    store: object | None  # the HostKVStore the op reads or writes; None once it is dropped
+    graph: object | None  # the layer's own graph whose buffers the launch uses
+    captures: int  # that graph's captures when the hook was made (a new one: new buffers)
 
     def steady(self, s_k: int) -> bool: ...
 
+    def prepare(self, s_k: int) -> None: ...
+
     def account(self, s_k: int) -> None: ...
+
+
+class LayerHook:
+    """What the ops' hooks share: the store and the layer's graph, held weakly so that a
+    whole-step graph keeps neither a dropped cache's host memory nor its graphs alive."""
+
+    def __init__(self, store, layer: int, graph):
+        self._store, self._graph = weakref.ref(store), weakref.ref(graph)
+        self.layer = layer
+        self.captures = graph.captures
+
+    @property
+    def store(self):
+        return self._store()
+
+    @property
+    def graph(self):
+        return self._graph()
 
 
 class _Observation:
@@ -104,8 +129,11 @@ def step_lengths(hooks: list[StepHook]) -> list[int] | None:
     pending: dict[tuple[int, int], int] = {}
     lengths = []
     for hook in hooks:
-        key = (id(hook.store), hook.layer)
-        s_k = hook.store.lengths[hook.layer] + pending.get(key, 0)
+        store = hook.store
+        if store is None:
+            return None
+        key = (id(store), hook.layer)
+        s_k = store.lengths[hook.layer] + pending.get(key, 0)
         if hook.kind == "append":
             pending[key] = pending.get(key, 0) + 1
             s_k += 1

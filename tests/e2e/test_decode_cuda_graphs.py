@@ -1,5 +1,8 @@
 """Decode steps with CUDA-graph segments on a GPU: the same tokens as without them."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -99,6 +102,10 @@ def test_whole_decode_steps_replay_as_one_graph_with_the_same_logits(steps):
                 token = out[:, -1:].argmax(-1)
         logits[graphs] = torch.cat(got, dim=1)
         assert cache.get_seq_length() == 40 + steps
+        store = weakref.ref(cache.store)
+        del cache, out
+        gc.collect()
+        assert store() is None, "a dropped cache's host memory is freed"
     decode, step = _whole_step(ihip_backend.compiled_graphs)
     assert step is not None, decode.cuda_graphs
     assert step.failure is None and step.stats["captures"] >= 1
