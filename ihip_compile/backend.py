@@ -48,7 +48,7 @@ def _segment_decode_step(gm, config: IHipConfig) -> str:
         return "off (decode_cuda_graphs=False)"
     from ihip_compile.cuda_graph_segment import segment_for_cuda_graphs
 
-    return segment_for_cuda_graphs(gm)
+    return segment_for_cuda_graphs(gm, whole_step=config.decode_step_graph)
 
 
 def infinitehip(gm, example_inputs: list, options: Mapping[str, Any] | IHipConfig | None = None):

@@ -107,6 +107,9 @@ class IHipConfig:
     # Replay a CUDA decode step's static work (the model's own layers between attention calls)
     # as CUDA graphs: a decode step is launch-bound (ihip_compile/cuda_graph_segment.py).
     decode_cuda_graphs: bool = True
+    # With them, and the KV in host memory: a decode step between refreshes, from the first
+    # layer's append on, replayed as one CUDA graph (ihip_compile/decode_step_replay.py).
+    decode_step_graph: bool = True
     # --- RoPE beyond the training window -------------------------------------------------------
     rope_remap: str = "auto"
     trained_context_tokens: int | None = None
@@ -141,9 +144,9 @@ class IHipConfig:
         if self.pruning_cache_tokens is not None:
             _check_int(self, "pruning_cache_tokens", minimum=1)
         _check_int(self, "exact_probe_query_blocks", minimum=0)
-        if not isinstance(self.decode_cuda_graphs, bool):
-            raise ValueError(f"decode_cuda_graphs must be true or false, got "
-                             f"{self.decode_cuda_graphs!r}")
+        for name in ("decode_cuda_graphs", "decode_step_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         shared = self.first_stage_query_blocks
         if isinstance(shared, bool) or not isinstance(shared, int) or shared < 1 or \
                 shared & (shared - 1):

@@ -28,9 +28,10 @@ from ihip_compile.passes.segment_decode_graph import decode_graph_problem, segme
 log = logging.getLogger(__name__)
 
 
-def segment_for_cuda_graphs(gm: fx.GraphModule) -> str:
-    """Segment ``gm`` in place when it is a CUDA decode graph; returns what was done, starting
-    with "on" when segments were made, or why not."""
+def segment_for_cuda_graphs(gm: fx.GraphModule, whole_step: bool = True) -> str:
+    """Segment ``gm`` in place when it is a CUDA decode graph, and with ``whole_step`` fold its
+    offloaded layers for one graph per step (``passes/fold_decode_step``); returns what was
+    done, starting with "on" when segments were made, or why not."""
     problem = decode_graph_problem(gm, "cuda")
     if problem is not None:
         return f"not used: {problem}"
@@ -38,8 +39,9 @@ def segment_for_cuda_graphs(gm: fx.GraphModule) -> str:
     plan = segment_decode_graph(gm, "cuda", lambda m: GraphedSegment(m, capturer, in_place))
     if not plan.segments:
         return f"not used: no static stretch ({plan.summary()})"
-    whole_step = fold_decode_step(gm, StepReplay)
-    return f"on: {plan.summary()}; whole step {whole_step}"
+    folded = (fold_decode_step(gm, StepReplay) if whole_step
+              else "off (decode_step_graph=False)")
+    return f"on: {plan.summary()}; whole step {folded}"
 
 
 class CudaGraphCapture:

@@ -204,10 +204,11 @@ def test_collectives_stay_eager():
     assert eager_reason(reduced, "cpu") == "collective"
 
 
+@pytest.mark.parametrize("name", ["decode_cuda_graphs", "decode_step_graph"])
 @pytest.mark.parametrize("value", [1, "yes"])
-def test_decode_cuda_graphs_option_must_be_a_bool(value):
-    with pytest.raises(ValueError, match="decode_cuda_graphs must be true or false"):
-        IHipConfig(decode_cuda_graphs=value)
+def test_decode_graph_options_must_be_bools(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be true or false"):
+        IHipConfig(**{name: value})
 
 
 class _Annotate(torch.fx.Interpreter):
