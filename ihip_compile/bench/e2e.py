@@ -217,6 +217,20 @@ def largest_offloaded_context(model, storage_dtype: torch.dtype, room: int) -> i
     return tokens // 65536 * 65536
 
 
+def whole_step_counts() -> dict:
+    """Decode steps of the compiled graphs replayed as one CUDA graph, captured, or run piece by
+    piece (``decode_step_replay``), summed over the graphs compiled so far."""
+    from ihip_compile.backend import compiled_graphs
+    from ihip_compile.passes.fold_decode_step import STEP_MODULE
+
+    totals = {"replays": 0, "captures": 0, "observed": 0}
+    for result in compiled_graphs:
+        step = getattr(result.gm, STEP_MODULE, None)
+        for name in totals if step is not None else ():
+            totals[name] += step.stats[name]
+    return totals
+
+
 def decode_section(args, model, ours, device, dtype, on_row=lambda rows: None) -> list[dict]:
     from ihip_compile.kernels.offloaded_attention import release_scratch
     from ihip_compile.offload import OffloadedCache
@@ -244,11 +258,13 @@ def decode_section(args, model, ours, device, dtype, on_row=lambda rows: None) -
             # Warm-up: compile, a refresh cycle so the banks hold the selection, and one more:
             # a bank's admissions of each read size are captured at their second read.
             time_decode(ours, cache, 1, WARMUP_CYCLES * cycle, device, model.config.vocab_size)
-            before = _bank_totals(cache)
+            before, steps_before = _bank_totals(cache), whole_step_counts()
             per_step = StepBankCounts(cache)
             row["ours"] = time_decode(ours, cache, cycle, 0, device, model.config.vocab_size,
                                       per_step)
             after = _bank_totals(cache)
+            row["whole_step_graph"] = {k: n - steps_before[k]
+                                       for k, n in whole_step_counts().items()}
             row["hit_ratio"] = {k: _ratio(after, before, k) for k in ("attention", "pruning")}
             row["between_refreshes"] = per_step.between_refreshes()
             row["blocks_streamed"] = after["streamed_blocks"] - before["streamed_blocks"]

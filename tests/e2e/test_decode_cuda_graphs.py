@@ -111,3 +111,29 @@ def test_whole_decode_steps_replay_as_one_graph_with_the_same_logits(steps):
     assert step.failure is None and step.stats["captures"] >= 1
     assert step.stats["replays"] >= steps // 3, step.stats
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+
+
+def test_whole_decode_steps_replay_through_generate_with_a_padding_mask():
+    options = {**OPTIONS, "refresh_intervals": [16, 8]}
+    model = _model()
+    runs = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        ihip_backend.compiled_graphs.clear()
+        model.forward = torch.compile(model.forward, backend=ihip_backend.backend(
+            {**options, "decode_cuda_graphs": graphs}))
+        try:
+            ids = torch.randint(3, tiny_hf.VOCAB, (1, 48), device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(11))
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
+                                 do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, past_key_values=OffloadedCache(
+                                     model.config, max_cache_tokens=89, gpu_cache_tokens=128))
+        finally:
+            del model.forward
+        runs[graphs] = out.sequences, torch.stack(out.logits)
+    _, step = _whole_step(ihip_backend.compiled_graphs)
+    assert step is not None and step.mask_inputs and step.failure is None
+    assert step.stats["replays"] >= 10, step.stats
+    assert torch.equal(runs[True][0], runs[False][0])
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-4)
