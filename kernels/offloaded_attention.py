@@ -203,22 +203,14 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     sparse_path = args["sparse_path"](q, k, v, kv_valid)
     # Decode attention as CUDA graphs (decode_step_graph, decode_shortcut)
     in_graphs = s_q == 1 and sparse_path and q.is_cuda and store.cuda_graphs
-    signature = op_signature(args, inv_freq, s_k) if in_graphs else None
     if in_graphs:
+        signature = op_signature(args, inv_freq, s_k)
         out = decode_shortcut.take(store, layer, q, q_positions, s_k, signature)
         if out is not None:
             observe(AttentionHook(store, layer, store.step_graphs[layer], signature,
                                   args.get("remap_beyond_tokens", -1)))
             return out
     observe(None)
-    return _attention_of_step(store, q, k, v, q_positions, kv_valid, inv_freq, attend, args,
-                              sparse_path, in_graphs, signature)
-
-
-def _attention_of_step(store: HostKVStore, q, k, v, q_positions, kv_valid, inv_freq, attend,
-                       args: dict, sparse_path: bool, in_graphs: bool, signature):
-    """``offloaded_attention`` of a step that is not the shortcut's (see its docstring)."""
-    layer, s_q, s_k = args["layer"], q.shape[2], k.shape[2]
     bk = store.block_tokens
     padded = (-(-s_k // bk) + 1) * bk  # whole blocks and a spare one (``place_blocks``)
     b, h_kv = k.shape[:2]
