@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -37,16 +38,27 @@ from ihip_compile.kernels.padding_check import hides_nothing
 log = logging.getLogger(__name__)
 
 
-class StepReplay(torch.nn.Module):
-    """Runs the folded stretch; see the module docstring."""
+def capture_whole_step(run: Callable[[], tuple]) -> tuple[Callable[[], None], tuple]:
+    """Capture ``run`` as a CUDA graph with no warm-up run (the observed steps ran this very
+    work, and a run here would record a step's bookkeeping twice); returns (replay, outputs)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(False), torch.no_grad(), torch.cuda.graph(graph):
+        outputs = run()
+    return graph.replay, outputs
 
-    def __init__(self, stretch: fx.GraphModule):
+
+class StepReplay(torch.nn.Module):
+    """Runs the folded stretch; see the module docstring. ``capture`` makes the graph
+    (``capture_whole_step``; tests pass a stand-in)."""
+
+    def __init__(self, stretch: fx.GraphModule, capture=capture_whole_step):
         super().__init__()
         self.stretch = stretch
+        self.capture = capture
         self.mask_inputs = _mask_inputs(stretch)
         self.hooks: list | None = None  # of the last observed step, if it was steady
         self.last_addresses: dict[int, int] = {}
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.replay: Callable[[], None] | None = None  # the captured step
         self.captured_with: list = []  # (weak graph, captures) of each hook at the capture
         self.buffers: dict[int, torch.Tensor] = {}
         self.addresses: dict[int, int] = {}
@@ -60,7 +72,7 @@ class StepReplay(torch.nn.Module):
             if lengths is not None:
                 if not self._captured_for(args):
                     self._capture(args)
-                if self.graph is not None:
+                if self.replay is not None:
                     return self._replay(args, lengths)
         return self._observe(args)
 
@@ -84,7 +96,7 @@ class StepReplay(torch.nn.Module):
         return step_capture.step_lengths(self.hooks)
 
     def _captured_for(self, args) -> bool:
-        if self.graph is None or len(self.hooks) != len(self.captured_with):
+        if self.replay is None or len(self.hooks) != len(self.captured_with):
             return False
         if any(h.graph is not g() or h.captures != c
                for h, (g, c) in zip(self.hooks, self.captured_with)):
@@ -100,20 +112,21 @@ class StepReplay(torch.nn.Module):
         with torch.inference_mode(False):  # buffers reused across calls, in and out of it
             buffers = {i: args[i].clone() for i in sorted(staged)}
         inputs = [buffers.get(i, a) for i, a in enumerate(args)]
-        self.graph = None
-        graph = torch.cuda.CUDAGraph()
+        hooks = self.hooks
+        self.replay = None
+
+        def run() -> tuple:
+            with step_capture.capturing(hooks):
+                return tuple(self.stretch(*inputs))
+
         try:
-            # No warm-up run: the observed steps ran this very work (and a run here would
-            # record a step's bookkeeping twice).
-            with (torch.inference_mode(False), torch.no_grad(), torch.cuda.graph(graph),
-                  step_capture.capturing(self.hooks)):
-                outputs = tuple(self.stretch(*inputs))
+            replay, outputs = self.capture(run)
         except Exception as error:  # the stretch keeps running as observed; never silently
             self.failure = f"{type(error).__name__}: {error}"
             log.warning("infinitehip: decode steps keep one graph per piece, capturing the "
                         "whole step failed: %s", self.failure)
             return
-        self.graph, self.buffers, self.outputs = graph, buffers, outputs
+        self.replay, self.buffers, self.outputs = replay, buffers, outputs
         self.addresses = {i: a.data_ptr() for i, a in enumerate(args)
                           if isinstance(a, torch.Tensor) and i not in staged
                           and i not in self.mask_inputs}
@@ -125,7 +138,7 @@ class StepReplay(torch.nn.Module):
             buffer.copy_(args[i])
         for hook, s_k in zip(self.hooks, lengths):
             hook.prepare(s_k)
-        self.graph.replay()
+        self.replay()
         for hook, s_k in zip(self.hooks, lengths):  # host bookkeeping while the GPU runs
             hook.account(s_k)
         self.stats["replays"] += 1
