@@ -107,12 +107,17 @@ def test_steady_steps_are_captured_once_then_replayed_with_their_bookkeeping():
     assert set(replay.buffers) == {0} and set(replay.addresses) == {1}
 
 
-def test_a_step_that_is_not_steady_runs_as_observed_and_the_graph_is_kept():
-    store = Store()
+def _replayed_three_steps():
+    """A stretch observed at step 1, captured at step 2, replayed at step 3."""
+    store, w = Store(), torch.ones(3)
     replay = StepReplay(_stretch(store), capture=rerun_capture)
-    w = torch.ones(3)
     for step in range(1, 4):
         _step(replay, store, w, step)
+    return replay, store, w
+
+
+def test_a_step_that_is_not_steady_runs_as_observed_and_the_graph_is_kept():
+    replay, store, w = _replayed_three_steps()
     store.steady = False  # e.g. a refresh is due
     _step(replay, store, w, 4)
     store.steady = True
@@ -122,11 +127,7 @@ def test_a_step_that_is_not_steady_runs_as_observed_and_the_graph_is_kept():
 
 
 def test_a_new_layer_graph_or_a_moved_input_captures_again():
-    store = Store()
-    replay = StepReplay(_stretch(store), capture=rerun_capture)
-    w = torch.ones(3)
-    for step in range(1, 4):
-        _step(replay, store, w, step)
+    replay, store, w = _replayed_three_steps()
     store.graph = Graph()  # the layer captured its own graph again: other buffers
     _step(replay, store, w, 4)  # the old hook is not steady: observed
     _step(replay, store, w, 5)
