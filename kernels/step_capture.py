@@ -24,26 +24,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
-from typing import Iterator, Protocol
-
-
-class StepHook(Protocol):
-    kind: str  # "append" or "attention"
-    layer: int
-    store: object | None  # the HostKVStore the op reads or writes; None once it is dropped
-    graph: object | None  # the layer's own graph whose buffers the launch uses
-    captures: int  # that graph's captures when the hook was made (a new one: new buffers)
-
-    def steady(self, s_k: int) -> bool: ...
-
-    def prepare(self, s_k: int) -> None: ...
-
-    def account(self, s_k: int) -> None: ...
+from typing import Iterator
 
 
 class LayerHook:
-    """What the ops' hooks share: the store and the layer's graph, held weakly so that a
-    whole-step graph keeps neither a dropped cache's host memory nor its graphs alive."""
+    """The base of the ops' hooks (subclasses define ``kind``, ``steady``, ``prepare``,
+    ``account`` and ``launch``, as above). The store and the layer's graph are held weakly, so
+    that a whole-step graph keeps neither a dropped cache's host memory nor its graphs alive;
+    ``captures`` is the graph's count when the hook was made (a new capture: new buffers)."""
+
+    kind = ""  # "append" or "attention"
 
     def __init__(self, store, layer: int, graph):
         self._store, self._graph = weakref.ref(store), weakref.ref(graph)
@@ -52,20 +42,22 @@ class LayerHook:
 
     @property
     def store(self):
+        """The HostKVStore the op reads or writes; None once it is dropped."""
         return self._store()
 
     @property
     def graph(self):
+        """The layer's own graph whose buffers the launch uses; None once it is dropped."""
         return self._graph()
 
 
 class _Observation:
     def __init__(self):
-        self.hooks: list[StepHook | None] = []
+        self.hooks: list[LayerHook | None] = []
 
 
 class _Capture:
-    def __init__(self, hooks: list[StepHook]):
+    def __init__(self, hooks: list[LayerHook]):
         self.hooks = hooks
         self.next = 0
 
@@ -75,7 +67,7 @@ _ACTIVE: contextvars.ContextVar[_Observation | _Capture | None] = contextvars.Co
 
 
 @contextlib.contextmanager
-def observing() -> Iterator[list[StepHook | None]]:
+def observing() -> Iterator[list[LayerHook | None]]:
     """Collect the hooks of the ops called inside (None for an op that did not take its
     steady path)."""
     observation = _Observation()
@@ -87,7 +79,7 @@ def observing() -> Iterator[list[StepHook | None]]:
 
 
 @contextlib.contextmanager
-def capturing(hooks: list[StepHook]) -> Iterator[None]:
+def capturing(hooks: list[LayerHook]) -> Iterator[None]:
     """Route the op calls inside to ``hooks``' launches, in order."""
     capture = _Capture(hooks)
     token = _ACTIVE.set(capture)
@@ -100,14 +92,14 @@ def capturing(hooks: list[StepHook]) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def observe(hook: StepHook | None) -> None:
+def observe(hook: LayerHook | None) -> None:
     """Report an op call's hook (None: it did not take its steady path) to an observed step."""
     active = _ACTIVE.get()
     if isinstance(active, _Observation):
         active.hooks.append(hook)
 
 
-def hook_to_launch(kind: str, layer: int) -> StepHook | None:
+def hook_to_launch(kind: str, layer: int) -> LayerHook | None:
     """While a step is captured: the hook that launches this op call's work (``kind``,
     ``layer`` must match what the observed step called at this point); else None."""
     active = _ACTIVE.get()
@@ -123,7 +115,7 @@ def hook_to_launch(kind: str, layer: int) -> StepHook | None:
     return hook
 
 
-def step_lengths(hooks: list[StepHook]) -> list[int] | None:
+def step_lengths(hooks: list[LayerHook]) -> list[int] | None:
     """The key count each hook sees in this step (an attention sees the keys its layer's
     append in the same step adds), or None when some hook would not take its steady path."""
     pending: dict[tuple[int, int], int] = {}
