@@ -25,7 +25,9 @@ from ihip_compile.traced_model import with_trained_context
 compiled_graphs: collections.deque[PipelineResult] = collections.deque(maxlen=64)
 
 
-def rewrite(gm, config: IHipConfig) -> PipelineResult:
+def rewrite(gm, config: IHipConfig, compile_segments: bool = False) -> PipelineResult:
+    """Run the passes on ``gm``; a CUDA decode graph is then segmented for CUDA graphs, each
+    segment compiled by Inductor when ``compile_segments``."""
     config, trained_context = with_trained_context(config)
     result = run_passes(gm, config)
     result.trained_context = trained_context
@@ -33,7 +35,7 @@ def rewrite(gm, config: IHipConfig) -> PipelineResult:
         from ihip_compile.offload_graph import offload_cache_concats
 
         offload_cache_concats(result.gm, config)
-    result.cuda_graphs = _segment_decode_step(result.gm, config)
+    result.cuda_graphs = _segment_decode_step(result.gm, config, compile_segments)
     compiled_graphs.append(result)
     if config.report_dir is not None:
         from ihip_compile.report import write_report
@@ -42,21 +44,22 @@ def rewrite(gm, config: IHipConfig) -> PipelineResult:
     return result
 
 
-def _segment_decode_step(gm, config: IHipConfig) -> str:
+def _segment_decode_step(gm, config: IHipConfig, compile_segments: bool) -> str:
     """Fold a CUDA decode graph's static stretches into CUDA-graph segments; says what it did."""
     if not config.decode_cuda_graphs:
         return "off (decode_cuda_graphs=False)"
     from ihip_compile.cuda_graph_segment import segment_for_cuda_graphs
 
-    return segment_for_cuda_graphs(gm, whole_step=config.decode_step_graph)
+    return segment_for_cuda_graphs(gm, whole_step=config.decode_step_graph,
+                                   compiler=capture.compile_segment if compile_segments else None)
 
 
 def infinitehip(gm, example_inputs: list, options: Mapping[str, Any] | IHipConfig | None = None):
     config = IHipConfig.from_options(options)
-    result = rewrite(gm, config)
+    result = rewrite(gm, config, compile_segments=True)
     if result.cuda_graphs.startswith("on"):
-        # A decode step is launch-bound: replayed segments remove the launches that Inductor's
-        # fusion would only reduce, and its GPU time is the weights' reads either way.
+        # A decode step is launch-bound: replayed segments remove the launches, and Inductor,
+        # segment by segment, fuses the ~50 small kernels per layer that a replay still runs.
         return result.gm.forward
     return capture.compile_with_inductor(result.gm, example_inputs)
 

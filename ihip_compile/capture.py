@@ -16,6 +16,16 @@ def compile_with_inductor(gm, example_inputs: list) -> Callable:
     return compile_fx(gm, example_inputs)
 
 
+def compile_segment(segment, example_inputs: list) -> Callable:
+    """Inductor for one extracted piece of a rewritten graph (``cuda_graph_segment``), on a copy
+    of its graph: the piece keeps its own for the runs that must not use the compiled code."""
+    import torch.fx as fx
+
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(segment.graph, {}))
+    return compile_with_inductor(fx.GraphModule(segment, graph), example_inputs)
+
+
 def dynamo_counters() -> Any:
     """Dynamo's global counters (``["stats"]["unique_graphs"]``, ``["recompiles"]``, ...)."""
     from torch._dynamo.utils import counters

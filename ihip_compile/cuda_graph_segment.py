@@ -1,6 +1,10 @@
 """Run one static segment of a decode graph as a CUDA graph (``passes/segment_decode_graph``).
 
-Call 1 runs the segment eagerly and notes where its inputs live. Call 2 captures it: inputs that
+Call 1 compiles the segment when a compiler is given (Inductor for the ``infinitehip`` backend:
+a layer's norms, rotations and activations become a few fused kernels instead of ~50 ATen ones,
+and a replayed graph pays GPU time for every kernel), runs it and notes where its inputs live.
+A compiler that fails leaves the segment's ATen ops, with a warning that says why. Call 2
+captures it: inputs that
 keep their memory from call to call (parameters, buffers, the outputs of other segments) are read
 in place; the others are copied at each call into buffers the graph owns. Later calls copy those
 inputs and replay. An input read in place that has moved since the capture is staged from then on
@@ -28,20 +32,28 @@ from ihip_compile.passes.segment_decode_graph import decode_graph_problem, segme
 log = logging.getLogger(__name__)
 
 
-def segment_for_cuda_graphs(gm: fx.GraphModule, whole_step: bool = True) -> str:
-    """Segment ``gm`` in place when it is a CUDA decode graph, and with ``whole_step`` fold its
-    offloaded layers for one graph per step (``passes/fold_decode_step``); returns what was
-    done, starting with "on" when segments were made, or why not."""
+# compiler(segment, example_args) -> a callable with the segment's signature and results
+SegmentCompiler = Callable[[torch.nn.Module, list], Callable]
+
+
+def segment_for_cuda_graphs(gm: fx.GraphModule, whole_step: bool = True,
+                            compiler: SegmentCompiler | None = None) -> str:
+    """Segment ``gm`` in place when it is a CUDA decode graph, each segment compiled by
+    ``compiler`` (None: its ATen ops as traced), and with ``whole_step`` fold its offloaded
+    layers for one graph per step (``passes/fold_decode_step``); returns what was done,
+    starting with "on" when segments were made, or why not."""
     problem = decode_graph_problem(gm, "cuda")
     if problem is not None:
         return f"not used: {problem}"
     capturer, in_place = CudaGraphCapture(), set()
-    plan = segment_decode_graph(gm, "cuda", lambda m: GraphedSegment(m, capturer, in_place))
+    plan = segment_decode_graph(
+        gm, "cuda", lambda m: GraphedSegment(m, capturer, in_place, compiler))
     if not plan.segments:
         return f"not used: no static stretch ({plan.summary()})"
     folded = (fold_decode_step(gm, StepReplay) if whole_step
               else "off (decode_step_graph=False)")
-    return f"on: {plan.summary()}; whole step {folded}"
+    fused = "compiled" if compiler is not None else "ATen ops as traced"
+    return f"on: {plan.summary()} ({fused}); whole step {folded}"
 
 
 class CudaGraphCapture:
@@ -67,12 +79,16 @@ class GraphedSegment(torch.nn.Module):
 
     ``capturer`` captures (``CudaGraphCapture``; tests pass a stand-in), ``in_place`` is shared by
     the segments of one graph: the addresses of their outputs, which later segments read in place.
+    ``compiler`` (optional) turns the segment into the callable that runs and is captured.
     """
 
     def __init__(self, segment: torch.nn.Module, capturer: CudaGraphCapture,
-                 in_place: set[int]):
+                 in_place: set[int], compiler: SegmentCompiler | None = None):
         super().__init__()
         self.segment = segment
+        self.compiler = compiler
+        self.compiled: Callable | None = None  # made by ``compiler`` at call 1
+        self.compile_failure: str | None = None
         self.capturer = capturer
         self.in_place = in_place
         self.calls = 0
@@ -90,7 +106,7 @@ class GraphedSegment(torch.nn.Module):
         self.calls += 1
         if self.failure is not None or stream_capturing():
             # Inside a whole decode step being captured (``decode_step_replay``): its launches.
-            return self.segment(*args)
+            return self.run(*args)
         if torch.is_grad_enabled():
             # A replay records no autograd history: with gradients on, the segment runs eagerly.
             _warn_once_about_gradients()
@@ -98,7 +114,8 @@ class GraphedSegment(torch.nn.Module):
         if self.replay is None:
             if self.calls == 1:
                 self.first_addresses = [_address(a) for a in args]
-                return self.segment(*args)
+                self._compile(args)
+                return self.run(*args)
             return self._capture(args)
         moved = [i for i, a in self.addresses.items() if _address(args[i]) != a]
         if moved or any(args[i] != c for i, c in self.constants.items()):
@@ -111,6 +128,20 @@ class GraphedSegment(torch.nn.Module):
             torch.autograd.graph.increment_version(t)
         return self.outputs
 
+    def run(self, *args):
+        """The segment's work: compiled when it was, else its traced ops."""
+        return (self.segment if self.compiled is None else self.compiled)(*args)
+
+    def _compile(self, args) -> None:
+        if self.compiler is None:
+            return
+        try:
+            self.compiled = self.compiler(self.segment, list(args))
+        except Exception as error:  # the traced ATen ops still compute the same; never silently
+            self.compile_failure = f"{type(error).__name__}: {error}"
+            log.warning("infinitehip: a decode segment runs its ops unfused, its compilation "
+                        "failed: %s", self.compile_failure)
+
     def _capture(self, args) -> tuple:
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor) and not self._read_in_place(i, a):
@@ -122,13 +153,13 @@ class GraphedSegment(torch.nn.Module):
         self.constants = {i: a for i, a in enumerate(args) if not isinstance(a, torch.Tensor)}
         try:
             device = next(a.device for a in args if isinstance(a, torch.Tensor))
-            replay, outputs = self.capturer.capture(lambda: tuple(self.segment(*inputs)), device)
+            replay, outputs = self.capturer.capture(lambda: tuple(self.run(*inputs)), device)
         except Exception as error:  # the segment keeps working, eagerly; never silently
             self.failure = f"{type(error).__name__}: {error}"
             self.replay, self.buffers, self.addresses = None, {}, {}
             log.warning("infinitehip: a decode segment stays eager, its capture failed: %s",
                         self.failure)
-            return self.segment(*args)
+            return self.run(*args)
         self.replay, self.outputs = replay, outputs
         self.captures += 1
         self.in_place.update(_address(t) for t in outputs)

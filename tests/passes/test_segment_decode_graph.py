@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from ihip_compile import backend as ihip_backend, cuda_graph_segment
+from ihip_compile import backend as ihip_backend, capture as ihip_capture, cuda_graph_segment
 from ihip_compile.backend import keep_generation_masks_in_graph
 from ihip_compile.config import IHipConfig
 from ihip_compile.cuda_graph_segment import GraphedSegment
@@ -42,7 +42,7 @@ class RerunCapture:
         return replay, outputs
 
 
-def _segmenting_backend(capture, plans):
+def _segmenting_backend(capture, plans, compiler=None):
     config = IHipConfig.from_options(OPTIONS)
 
     def compile_graph(gm, example_inputs):
@@ -50,7 +50,7 @@ def _segmenting_backend(capture, plans):
         if decode_graph_problem(gm, "cpu") is None:
             in_place = set()
             plans.append(segment_decode_graph(
-                gm, "cpu", lambda m: GraphedSegment(m, capture, in_place)))
+                gm, "cpu", lambda m: GraphedSegment(m, capture, in_place, compiler)))
         return gm.forward
 
     return compile_graph
@@ -80,6 +80,27 @@ def test_segmented_decode_gives_the_same_logits_and_replays():
     assert plans and all(plan.segments for plan in plans)
     assert capture.captures >= len(plans[-1].segments)
     assert plans[-1].eager["ihip op"] == 2 * model.config.num_hidden_layers
+
+
+def test_inductor_compiled_segments_decode_the_same_tokens():
+    model = tiny_hf.build("llama")
+    want = _decode(model, torch.compile(model, backend=ihip_backend.backend(OPTIONS, eager=True)))
+    torch._dynamo.reset()
+    compiled = []
+
+    def inductor(segment, example_inputs):
+        compiled.append(segment)
+        return ihip_capture.compile_segment(segment, example_inputs)
+
+    capture, plans = RerunCapture(), []
+    got = _decode(model, torch.compile(model, backend=_segmenting_backend(capture, plans,
+                                                                          inductor)))
+    assert len(compiled) == sum(len(plan.segments) for plan in plans)
+    assert capture.captures >= len(plans[-1].segments)
+    # Fused kernels sum in another order: float32 rounding of the logits' scale, no more.
+    atol = 64 * torch.finfo(want.dtype).eps * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_segments_hold_no_ihip_op_and_no_symbolic_value():
@@ -183,9 +204,49 @@ def test_a_failed_capture_leaves_the_segment_eager_and_says_why(caplog):
     assert torch.equal(out, torch.ones(3))
 
 
+def test_a_compiled_segment_is_what_runs_and_is_captured():
+    compiles, runs = [], []
+
+    def compiler(segment, example_inputs):
+        compiles.append(example_inputs)
+
+        def compiled(x, w):
+            runs.append(x.clone())
+            return segment(x, w)
+
+        return compiled
+
+    capture = RerunCapture()
+    segment = GraphedSegment(_Double(), capture, set(), compiler)
+    w = torch.full((3,), 2.0)
+    for step in range(4):
+        (out,) = segment(torch.full((3,), float(step)), w)
+        assert torch.equal(out, torch.full((3,), 2.0 * step + 1))
+    assert len(compiles) == 1 and compiles[0][1] is w
+    # Call 1 ran it, call 2 captured it and replayed it, calls 3 and 4 replayed it (the
+    # stand-in capture reruns it at each).
+    assert capture.captures == 1 and [r[0].item() for r in runs] == [0.0, 1.0, 1.0, 2.0, 3.0]
+
+
+def test_a_failed_compilation_runs_the_traced_ops_and_says_why(caplog):
+    def compiler(segment, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    capture = RerunCapture()
+    segment = GraphedSegment(_Double(), capture, set(), compiler)
+    w = torch.full((3,), 2.0)
+    with caplog.at_level(logging.WARNING):
+        for step in range(3):
+            (out,) = segment(torch.full((3,), float(step)), w)
+            assert torch.equal(out, torch.full((3,), 2.0 * step + 1))
+    assert "no C++ compiler" in segment.compile_failure and "unfused" in caplog.text
+    assert capture.captures == 1
+
+
 def test_with_gradients_on_a_segment_runs_eagerly_and_keeps_history(caplog, monkeypatch):
     monkeypatch.setattr(cuda_graph_segment, "_warned_about_gradients", False)
-    segment, capture = _graphed()
+    capture = RerunCapture()
+    segment = GraphedSegment(_Double(), capture, set(), lambda *_: pytest.fail("compiled"))
     w = torch.full((3,), 2.0, requires_grad=True)
     with torch.enable_grad(), caplog.at_level(logging.WARNING):
         for _ in range(3):
