@@ -6,12 +6,14 @@ the ops' Python, their checks and bookkeeping, a replay and copies per piece, ab
 layer on an H200's host against ~0.3 ms of GPU work per layer at Llama-3.1-8B's shape (the 4-layer
 figures are in ``reports/bench/whole_step_graph/``). This module runs the folded stretch so:
     observed step   the stretch runs as before; each offloaded op reports its hook
-                    (``kernels/step_capture.py``), None when it did not take its steady path
+                    (``kernels/step_capture.py``), None when the next step cannot take its
+                    steady path (a refresh that sets that path up reports its hook too)
     next step       if every hook says the step would repeat its steady path, the stretch is
                     captured once (the ops launch their work on their graphs' buffers and
                     change no host state), then the graph replays and the hooks record the
                     step's bookkeeping while it runs; later such steps only replay and record
-    any other step  (a refresh, a window entering a new block, a new prompt) runs as observed
+    any other step  (a refresh, a window entering a new block, a new prompt) runs as
+                    observed; the step after it replays when it repeats it
 Inputs: tensors at the same address in consecutive steps (weights, the outputs of segments that
 run before the stretch) are read in place and checked at every replay; other tensors are
 copied into buffers; a padding mask that only tells the attention there is no padding is checked

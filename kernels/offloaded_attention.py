@@ -188,8 +188,9 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     split-K sparse decode. Prefill on the sparse path: every key streamed, the values of the
     attended blocks only. Everything else: ``attend`` (the op's own implementation) on K/V
     streamed from host memory. Each gives exactly the in-memory result. A decode step that
-    repeats the last one (``decode_shortcut``) reports its hook to a whole-step graph
-    (``step_capture``), which may then capture and replay it.
+    repeats the last one (``decode_shortcut``), or that arms the shortcut for the next, reports
+    its hook to a whole-step graph (``step_capture``), which may then capture and replay the
+    next step.
     """
     layer = args["layer"]
     hook = hook_to_launch("attention", layer)
@@ -203,14 +204,33 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
     sparse_path = args["sparse_path"](q, k, v, kv_valid)
     # Decode attention as CUDA graphs (decode_step_graph, decode_shortcut)
     in_graphs = s_q == 1 and sparse_path and q.is_cuda and store.cuda_graphs
+    signature = op_signature(args, inv_freq, s_k) if in_graphs else None
     if in_graphs:
-        signature = op_signature(args, inv_freq, s_k)
         out = decode_shortcut.take(store, layer, q, q_positions, s_k, signature)
         if out is not None:
-            observe(AttentionHook(store, layer, store.step_graphs[layer], signature,
-                                  args.get("remap_beyond_tokens", -1)))
+            observe(_hook(store, layer, signature, args))
             return out
-    observe(None)
+    out = _ordinary_attention(store, q, k, v, q_positions, kv_valid, inv_freq, attend, args,
+                              sparse_path, signature)
+    # A step that armed the shortcut (a refresh, a window entering a new block) can be
+    # repeated by the next one: its hook lets that step replay the whole step's graph.
+    armed = store.armed_steps.get(layer) if in_graphs else None
+    observe(_hook(store, layer, signature, args) if armed is not None and armed.s_k == s_k
+            else None)
+    return out
+
+
+def _hook(store: HostKVStore, layer: int, signature: tuple, args: dict) -> AttentionHook:
+    return AttentionHook(store, layer, store.step_graphs[layer], signature,
+                         args.get("remap_beyond_tokens", -1))
+
+
+def _ordinary_attention(store: HostKVStore, q, k, v, q_positions, kv_valid, inv_freq, attend,
+                        args: dict, sparse_path: bool, signature: tuple | None):
+    """``offloaded_attention`` without the shortcut: see its docstring and the module's.
+    ``signature``: the op's (``op_signature``) when the decode attention runs as CUDA graphs,
+    else None."""
+    layer, s_q, s_k = args["layer"], q.shape[2], k.shape[2]
     bk = store.block_tokens
     padded = (-(-s_k // bk) + 1) * bk  # whole blocks and a spare one (``place_blocks``)
     b, h_kv = k.shape[:2]
@@ -265,7 +285,7 @@ def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **a
         return pruning_keys(store, layer, needed, keys, start)
 
     in_graph, replayed = (_graph_attender(store, layer, q, q_positions, args["block_size_q"])
-                          if in_graphs else (None, {}))
+                          if signature is not None else (None, {}))
     out = cached_sparse_decode(  # k, v: the proxies; keys and values come through the callbacks
         q, k, v, q_positions, inv_freq=inv_freq, layer=layer,
         refresh_intervals=args.get("refresh_intervals") or [1] * len(chunks),

@@ -14,8 +14,9 @@ say three things, which it does through a *hook*:
                   after the replay is launched, while the GPU runs it)
     launch(...)   the op's device work on those buffers, while the step is being captured;
                   it changes no host state (a capture that fails leaves everything as it was)
-An op reports its hook after a call that took the steady path while a step is observed
-(``observing``), and None after any other call; while a step is captured (``capturing``) each
+An op reports its hook after a call that took the steady path, or that set it up for the next
+step (a refresh that armed it), while a step is observed (``observing``), and None after any
+other call; while a step is captured (``capturing``) each
 op call hands its inputs to the next hook's ``launch`` instead of running its own path.
 """
 

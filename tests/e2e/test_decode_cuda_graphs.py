@@ -92,12 +92,16 @@ def test_whole_decode_steps_replay_as_one_graph_with_the_same_logits(steps):
         ihip_backend.compiled_graphs.clear()
         compiled = torch.compile(model, backend=ihip_backend.backend(
             {**options, "decode_cuda_graphs": graphs}))
-        cache = OffloadedCache(model.config, max_cache_tokens=40 + steps + 1, gpu_cache_tokens=64)
-        got = []
+        cache = OffloadedCache(model.config, max_cache_tokens=40 + steps + 1,
+                               gpu_cache_tokens=128)
+        got, refreshed, replayed = [], [], []
         with torch.no_grad():
             token = compiled(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
             for _ in range(steps):
+                runs, replays = _stage_runs(cache), _replays(ihip_backend.compiled_graphs)
                 out = compiled(input_ids=token, past_key_values=cache).logits
+                refreshed.append(_stage_runs(cache) != runs)
+                replayed.append(_replays(ihip_backend.compiled_graphs) > replays)
                 got.append(out)
                 token = out[:, -1:].argmax(-1)
         logits[graphs] = torch.cat(got, dim=1)
@@ -110,7 +114,21 @@ def test_whole_decode_steps_replay_as_one_graph_with_the_same_logits(steps):
     assert step is not None, decode.cuda_graphs
     assert step.failure is None and step.stats["captures"] >= 1
     assert step.stats["replays"] >= steps // 3, step.stats
+    # A refresh runs observed; the step after it replays (the refresh reported the hooks that
+    # set it up). Every 8th step refreshes, as its window enters a new block.
+    after_refresh = [i for i in range(4, steps) if refreshed[i - 1] and not refreshed[i]]
+    assert len(after_refresh) >= steps // 8 - 1, refreshed
+    assert all(replayed[i] for i in after_refresh), (refreshed, replayed)
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+
+
+def _stage_runs(cache) -> int:
+    return sum(sum(runs) for runs in cache.store.selection_states.stage_runs.values())
+
+
+def _replays(compiled_graphs) -> int:
+    steps = [getattr(g.gm, "decode_step_replay", None) for g in compiled_graphs]
+    return sum(step.stats["replays"] for step in steps if step is not None)
 
 
 def test_whole_decode_steps_replay_through_generate_with_a_padding_mask():
