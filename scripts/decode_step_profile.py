@@ -6,7 +6,8 @@
 
 The end-to-end benchmark's model (Llama-3.1-8B shapes, random weights, ``--layers`` layers)
 decodes one warm-up refresh cycle, then ``--cycles`` timed cycles; each step is timed (device
-synchronised), profiled, and filed as cached (no pruning stage ran in any layer) or refresh.
+synchronised), profiled, and filed by kind: cached (no pruning stage ran in any layer) or
+``refresh_stage<i>`` (stage i was the first to run: a stage 2 refresh differs from stage 0's).
 ``--profiler python``: ``cProfile`` (host time by function; it slows Python about twofold).
 ``--profiler gpu``: ``torch.profiler`` with CUDA activity only, the GPU time of each step's
 kernels and copies (a step whose GPU time is far below its wall time is bound by the host), and
@@ -14,8 +15,8 @@ each step's kernels of 0.1 ms or more in launch order (which layer and stage a c
 ``--profiler none``: step times only (for comparing two versions of the code).
 ``--profiler syncs``: the device-to-host syncs of each step, by call site (CUDA's sync debug
 mode; each one stops the host from queueing work while the GPU drains).
-Writes ``steps.json`` (per-step ms, GPU ms, kind) and ``cached.txt`` / ``refresh.txt`` (the
-heaviest functions or kernels) under ``--out-dir``. ``python`` runs on the CPU too (kernels'
+Writes ``steps.json`` (per-step ms, GPU ms, kind) and ``<kind>.txt`` (the heaviest functions or
+kernels of each kind's steps) under ``--out-dir``. ``python`` runs on the CPU too (kernels'
 torch references: a different profile).
 """
 
@@ -61,10 +62,18 @@ def _bank_counts(cache) -> dict[str, int]:
     return totals
 
 
-def _stage_runs(cache) -> int:
+def _stage_runs(cache) -> list[int]:
+    """Runs of each pruning stage so far, summed over layers."""
     offloaded = isinstance(cache, OffloadedCache)
     states = cache.store.selection_states if offloaded else DENSE_PATH_STATES
-    return sum(sum(runs) for runs in states.stage_runs.values())
+    return [sum(per_stage) for per_stage in zip(*states.stage_runs.values())]
+
+
+def _step_kind(runs_before: list[int], runs_after: list[int]) -> str:
+    """"cached" when no stage ran, else "refresh_stage<i>", i the first stage that ran (a
+    refresh recomputes every later stage too)."""
+    ran = [i for i, (b, a) in enumerate(zip(runs_before, runs_after)) if a != b]
+    return f"refresh_stage{ran[0]}" if ran else "cached"
 
 
 class PythonProfile:
@@ -225,7 +234,7 @@ def main() -> None:
             if i <= cycle:
                 warm_hits = _bank_counts(cache)
                 continue  # warm-up: compilation and the first selection
-            kind = "refresh" if _stage_runs(cache) != runs else "cached"
+            kind = _step_kind(runs, _stage_runs(cache))
             counts = {name: count - counts_before.get(name, 0)
                       for name, count in _bank_counts(cache).items()}
             steps.append({"ms": ms, "kind": kind, "bank_counts": counts})
@@ -239,7 +248,7 @@ def main() -> None:
     if isinstance(profiler, GpuProfile):
         for step, long in zip(steps, profiler.long_kernels[-len(steps):]):
             step["long_kernels"] = long
-    for kind in ("cached", "refresh"):
+    for kind in sorted({s["kind"] for s in steps}):
         of_kind = [s for s in steps if s["kind"] == kind]
         summary[f"{kind}_mean_ms"] = (sum(s["ms"] for s in of_kind) / len(of_kind)
                                       if of_kind else None)
