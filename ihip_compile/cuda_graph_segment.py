@@ -4,11 +4,11 @@ Call 1 compiles the segment when a compiler is given (Inductor for the ``infinit
 a layer's norms, rotations and activations become a few fused kernels instead of ~50 ATen ones,
 and a replayed graph pays GPU time for every kernel), runs it and notes where its inputs live.
 A compiler that fails leaves the segment's ATen ops, with a warning that says why. Call 2
-captures it: inputs that
-keep their memory from call to call (parameters, buffers, the outputs of other segments) are read
-in place; the others are copied at each call into buffers the graph owns. Later calls copy those
-inputs and replay. An input read in place that has moved since the capture is staged from then on
-(one more capture); a capture that fails leaves the segment eager, with a warning that says why.
+captures it: inputs that keep their memory from call to call (parameters, buffers, the outputs
+of other segments) are read in place; the others are copied at each call into buffers the graph
+owns. Later calls copy those inputs and replay. An input read in place that has moved since the
+capture is staged from then on (one more capture); a capture that fails leaves the segment
+eager, with a warning that says why.
 
 With gradients enabled (training, or a forward outside ``torch.no_grad``) segments run eagerly:
 a replay records no autograd history. A replay writes the segment's outputs into the same

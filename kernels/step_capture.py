@@ -16,8 +16,8 @@ say three things, which it does through a *hook*:
                   it changes no host state (a capture that fails leaves everything as it was)
 An op reports its hook after a call that took the steady path, or that set it up for the next
 step (a refresh that armed it), while a step is observed (``observing``), and None after any
-other call; while a step is captured (``capturing``) each
-op call hands its inputs to the next hook's ``launch`` instead of running its own path.
+other call; while a step is captured (``capturing``) each op call hands its inputs to the next
+hook's ``launch`` instead of running its own path.
 """
 
 from __future__ import annotations
