@@ -144,15 +144,44 @@ class BlockBank:
         named twice is counted and admitted once. No host sync: hits, misses and admissions are
         worked out on the device, so the host goes on queueing work while the GPU reads.
         """
-        device = self._block_of_slot.device
-        block_ids = block_ids.to(device=device, dtype=torch.int64)
-        slots = torch.where(block_ids >= 0, self._slot_of_block[block_ids], -1)
+        block_ids, slots = self._lookup(block_ids)
         # Misses come from their rows of the host copy: "staging" is the whole host copy.
         raw = {name: gather_blocks(self.tensors[name], host[name], slots, block_ids,
                                    out_dtype=self.tensors[name].dtype)
                for name in self.tensors}
-        self._admit(block_ids, slots, raw)
+        planned = self._plan(block_ids, slots)
+        if planned is not None:
+            victim, order = planned
+            for name, bank in self._blocks.items():
+                as_bits(bank)[victim] = as_bits(raw[name])[order]
         return {name: t.to(out_dtype) for name, t in raw.items()}
+
+    def fetch(self, block_ids: torch.Tensor, host: dict[str, torch.Tensor]) -> bool:
+        """``read`` for a caller that reads the blocks in their slots (``bank_kv``): the same
+        bookkeeping, but only the misses are copied, from host memory straight into the slots
+        they take, and nothing is returned. A read of every block copies each one (hits out of
+        the bank included) and then the whole read again into the slots; at a refresh that
+        names tens of thousands of blocks, those device copies cost more than the misses.
+
+        Returns True when every block of ``block_ids`` [N] is resident afterwards; False, with
+        nothing done, when N exceeds the slots (the blocks may not all fit: ``read`` them)."""
+        if block_ids.numel() > self.n_slots:
+            return False
+        block_ids, slots = self._lookup(block_ids)
+        planned = self._plan(block_ids, slots)
+        if planned is not None:
+            victim, order = planned
+            admitted = victim < self.n_slots
+            rows = torch.where(admitted, block_ids[order], -1)
+            dest = torch.where(admitted, victim, -1)
+            for name, bank in self._blocks.items():
+                host_blocks_into(as_bits(host[name]), rows, as_bits(bank), dest)
+        return True
+
+    def _lookup(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``block_ids`` as int64 on the bank's device, and the slot of each (-1: a miss)."""
+        block_ids = block_ids.to(device=self._block_of_slot.device, dtype=torch.int64)
+        return block_ids, torch.where(block_ids >= 0, self._slot_of_block[block_ids], -1)
 
     def count_resident(self, n: int) -> None:
         """Count ``n`` blocks read in their slots (``bank_kv``), known to be there: hits."""
@@ -164,19 +193,18 @@ class BlockBank:
         held = (block_ids.to(self._read_counts.device) >= 0).sum()
         self._read_counts[0] += held
 
-    def _admit(self, block_ids: torch.Tensor, slots: torch.Tensor,
-               fetched: dict[str, torch.Tensor]) -> None:
-        """Count this read's distinct hits and misses and move the missed blocks (``fetched``,
-        in ``block_ids`` order) into the least recently used slots this read did not touch;
-        when they do not all fit, the misses of the highest block ids are admitted."""
+    def _plan(self, block_ids: torch.Tensor, slots: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Count this read's distinct hits and misses and plan where its missed blocks go: the
+        least recently used slots this read did not touch; when they do not all fit, the misses
+        of the highest block ids are admitted. (victim, order) as ``_admission_plan`` gives
+        them; None for an empty read."""
         n = block_ids.numel()
         self.admissions += 1
         self.last_read_resident = n <= self.n_slots  # distinct blocks <= n <= slots: all fit
         if n == 0:
-            return
-        victim, order = self._plan_admission(block_ids, slots)
-        for name, bank in self._blocks.items():
-            as_bits(bank)[victim] = as_bits(fetched[name])[order]
+            return None
+        return self._plan_admission(block_ids, slots)
 
     def _admission_plan(self, block_ids: torch.Tensor, slots: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:

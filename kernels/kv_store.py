@@ -344,13 +344,25 @@ class HostKVStore:
     def read_bank_blocks(self, layer: int, block_ids: torch.Tensor,
                          kind: str = "attention") -> dict[str, torch.Tensor]:
         """``read_blocks`` as the bank returns them: [B, N, H_KV, BLOCK_K, D] (a view, no copy)."""
+        bank, ids = self._bank_and_ids(layer, block_ids, kind)
+        return self._by_row(bank.read(ids, self._layer_host(layer), self.dtype))
+
+    def fetch_bank_blocks(self, layer: int, block_ids: torch.Tensor,
+                          kind: str = "attention") -> bool:
+        """Blocks ``block_ids`` [B, N] (-1: none) made resident in the layer's ``kind`` bank,
+        to be read in its slots (``pruning_bank_keys``, ``attention_bank_kv``): only the misses
+        are copied (``BlockBank.fetch``). False, with nothing done, when they may not all fit
+        the bank: ``read_bank_blocks`` then."""
+        bank, ids = self._bank_and_ids(layer, block_ids, kind)
+        return bank.fetch(ids, self._layer_host(layer))
+
+    def _bank_and_ids(self, layer: int, block_ids: torch.Tensor, kind: str):
+        """The layer's ``kind`` bank and ``block_ids`` [B, N] as its ids [B * N]."""
         self._check_layer(layer)
         if kind not in self.bank_slots:
             raise ValueError(f"kind must be one of {sorted(self.bank_slots)}, got {kind!r}")
-        host = self._layer_host(layer)
         ids = row_block_ids(block_ids, self.blocks_per_row).reshape(-1)
-        got = self._layer_banks(layer)[kind].read(ids, host, self.dtype)
-        return self._by_row(got)
+        return self._layer_banks(layer)[kind], ids
 
     def attention_bank(self, layer: int):
         """The layer's attention bank (made on first use)."""

@@ -92,11 +92,11 @@ def pruning_keys(store: HostKVStore, layer: int, block_ids: torch.Tensor, keys,
     if stage > 1 and store.held_pruning_reads.get(layer) == bank.admissions:
         bank.count_held(block_ids)
         return store.pruning_bank_keys(layer)
-    got = store.read_bank_blocks(layer, block_ids, "pruning")
-    if bank.last_read_resident:
+    if store.fetch_bank_blocks(layer, block_ids, "pruning"):
         store.held_pruning_reads[layer] = bank.admissions
         return store.pruning_bank_keys(layer)
     store.held_pruning_reads.pop(layer, None)
+    got = store.read_bank_blocks(layer, block_ids, "pruning")
     warn_bank_overflow(store, "pruning", block_ids)
     all_keys = keys()
     place_blocks(got, block_ids, {"keys": all_keys})
@@ -116,15 +116,15 @@ def attended_kv(store: HostKVStore, layer: int, selection: torch.Tensor,
         bank.count_resident(plan.block_ids.numel())
         return store.attention_bank_kv(layer)
     block_ids = needed()
-    got = store.read_bank_blocks(layer, block_ids, "attention")
-    plan = record(selection, window_blocks, block_ids, bank)
-    store.resident_plans[layer] = plan
-    if plan is not None:
+    if store.fetch_bank_blocks(layer, block_ids, "attention"):
+        store.resident_plans[layer] = record(selection, window_blocks, block_ids, bank)
         # Decode reads keys and values where they lie from now on: the scratch a prefill left
         # goes back to the allocator, leaving the banks as the GPU's share of the KV.
         release_scratch("keys", store)
         release_scratch("values", store)
         return store.attention_bank_kv(layer)
+    store.resident_plans.pop(layer, None)
+    got = store.read_bank_blocks(layer, block_ids, "attention")
     warn_bank_overflow(store, "attention", block_ids)
     place_blocks(got, block_ids, dst())
     return None

@@ -75,3 +75,30 @@ def test_a_bank_with_admission_graphs_is_freed_as_soon_as_it_is_dropped():
         assert alive() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_fetch_leaves_the_bank_as_a_read_does(dtype):
+    """Two banks take the same random reads, one by ``read``, one by ``fetch``: the tables, the
+    counts and every resident block agree bit for bit. A fetch naming more blocks than the slots
+    does nothing and says so; the reading bank then reads them, and the two go on agreeing."""
+    host = _host(7).to(dtype)
+    banks = [BlockBank(n_slots=6, n_blocks=N_BLOCKS, block_shapes={"keys": SHAPE},
+                       dtype=dtype, device=torch.device("cpu")) for _ in range(2)]
+    read, fetched = banks
+    g = torch.Generator().manual_seed(8)
+    for _ in range(25):
+        n = int(torch.randint(0, 9, (), generator=g))
+        ids = torch.randint(-1, N_BLOCKS, (n,), generator=g)
+        read.read(ids, {"keys": host}, dtype)
+        fits = fetched.fetch(ids, {"keys": host})
+        assert fits == (n <= 6)
+        if not fits:
+            fetched.read(ids, {"keys": host}, dtype)
+        for name in ("slot_of_block", "block_of_slot", "last_used"):
+            assert torch.equal(getattr(read, name), getattr(fetched, name)), name
+        assert (read.hits, read.misses) == (fetched.hits, fetched.misses)
+        assert fetched.last_read_resident == read.last_read_resident
+        for block, slot in _resident(fetched).items():
+            assert torch.equal(fetched.tensors["keys"][slot].view(torch.uint8),
+                               host[block].view(torch.uint8))

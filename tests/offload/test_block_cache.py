@@ -90,7 +90,8 @@ def test_reference_writes_blocks_to_their_destination_rows_only():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# Integer types: a bank's admissions copy blocks as their bits (``BlockBank.fetch``).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int16, torch.uint8])
 def test_kernel_writes_destination_rows_as_the_reference(dtype):
     from ihip_compile.kernels.block_cache import gather_blocks
 

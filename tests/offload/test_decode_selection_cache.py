@@ -193,9 +193,10 @@ def test_steps_attending_the_same_blocks_read_no_bank(monkeypatch, storage):
     from ihip_compile.kernels.block_bank import BlockBank
 
     reads = []
-    original = BlockBank.read
-    monkeypatch.setattr(BlockBank, "read", lambda self, *a, **k: reads.append(self)
-                        or original(self, *a, **k))
+    for method in ("read", "fetch"):  # a read, whether it returns the blocks or not
+        original = getattr(BlockBank, method)
+        monkeypatch.setattr(BlockBank, method, lambda self, *a, _original=original, **k:
+                            reads.append(self) or _original(self, *a, **k))
     prompt = 404
     torch.manual_seed(3)
     keys, values = torch.randn(1, 2, prompt, 16), torch.randn(1, 2, prompt, 16)
@@ -405,10 +406,10 @@ def test_a_later_stage_refresh_scores_the_blocks_stage_one_left_without_reading(
     keys, values, cache = _cached_prompt(prompt, capacity=512, bank_tokens=256, seed=8)
     store = cache.store
     reads = []
-    real_read = store.read_bank_blocks
-    monkeypatch.setattr(store, "read_bank_blocks",
-                        lambda layer, ids, kind="attention": (reads.append(kind), real_read(
-                            layer, ids, kind))[1])
+    for method in ("read_bank_blocks", "fetch_bank_blocks"):  # blocks returned or not
+        real = getattr(store, method)
+        monkeypatch.setattr(store, method, lambda layer, ids, kind="attention", _real=real:
+                            (reads.append(kind), _real(layer, ids, kind))[1])
     args = dict(layer=0, scale=0.25, refresh_intervals=[8, 4, 2], **three_stages)
     pruning_reads, pruning_hits = [], []
     for step in range(12):  # stage 0 at 0 and 8; stage 1 at 0, 4, 8; stage 2 at every even step
