@@ -1,8 +1,9 @@
 """A block bank's admission bookkeeping, replayed as CUDA graphs.
 
-Every read of a bank (``BlockBank.read``) works out on the device which blocks hit, which slots
-the misses take and what they evict: ~35 small torch ops (a sort, a top-k, scans, indexed
-writes) whose launches cost the host far more than their GPU time. At a decode refresh every
+Every read of a bank (``BlockBank.read``, ``BlockBank.fetch``) works out on the device which
+blocks hit, which slots the misses take, what they evict and which copies admit them: ~40 small
+torch ops (a lookup, sorts, scans, indexed writes) whose launches cost the host far more than
+their GPU time. At a decode refresh every
 layer reads each of its banks, so those launches held refresh steps back. Their shapes depend
 only on how many blocks a read names, and every value they depend on lives on the device (the
 bank's tables and its read clock), so they are captured once per read size and replayed.
@@ -29,8 +30,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# plan(block_ids, slots) -> (victim, order): the bank's bookkeeping for one read
-Plan = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# plan(block_ids) -> (victim, order, rows, dest): the bank's bookkeeping for one read
+Plan = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 SIZE_STEP = 64
@@ -46,47 +47,43 @@ class AdmissionGraphs:
         self._plan_ref = weakref.WeakMethod(plan) if inspect.ismethod(plan) else lambda: plan
         self._pool = pool  # torch.cuda.graph_pool_handle() shared by a store's banks
         self._seen: set[int] = set()
-        self._captured: dict[int, tuple] = {}  # size -> (graph, block_ids, slots, outputs)
+        self._captured: dict[int, tuple] = {}  # size -> (graph, block_ids, outputs)
         self.failure: str | None = None
         self.captures = 0
         self.replays = 0
 
-    def __call__(self, block_ids: torch.Tensor, slots: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``plan(block_ids, slots)``, from a replay where one is captured. The outputs of a
-        replay are rewritten by the next replay of the same size: use them before then. A
-        replay's entries past the read's own name no block; their ``order`` points at its last
-        entry and their ``victim`` is the spare slot, so the data copy that follows is unchanged."""
+    def __call__(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``plan(block_ids)``, from a replay where one is captured. The outputs of a replay are
+        rewritten by the next replay of the same size: use them before then. A replay's entries
+        past the read's own name no block; their ``order`` points at its last entry, their
+        ``victim`` is the spare slot and they admit nothing, so the data copies that follow are
+        unchanged."""
         n = block_ids.numel()
         size = -(-n // SIZE_STEP) * SIZE_STEP
         if self.failure is not None or torch.cuda.is_current_stream_capturing():
-            return self._plan(block_ids, slots)
+            return self._plan(block_ids)
         captured = self._captured.get(size)
         if captured is None:
             if size not in self._seen:
                 self._seen.add(size)
-                return self._plan(block_ids, slots)
+                return self._plan(block_ids)
             captured = self._capture(size, block_ids)
             if captured is None:
-                return self._plan(block_ids, slots)
-        graph, ids_in, slots_in, (victim, order) = captured
+                return self._plan(block_ids)
+        graph, ids_in, (victim, order, rows, dest) = captured
         ids_in[:n].copy_(block_ids)
-        slots_in[:n].copy_(slots)
         if n < size:
             ids_in[n:].fill_(-1)
-            slots_in[n:].fill_(-1)
         graph.replay()
         self.replays += 1
-        return victim, order.clamp(max=n - 1)
+        return victim, order.clamp(max=n - 1), rows, dest
 
-    def _plan(self, block_ids: torch.Tensor, slots: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._plan_ref()(block_ids, slots)
+    def _plan(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._plan_ref()(block_ids)
 
     def _capture(self, size: int, block_ids: torch.Tensor) -> tuple | None:
         with torch.inference_mode(False):  # buffers reused across calls, in and out of it
             ids_in = torch.full((size,), -1, dtype=torch.int64, device=block_ids.device)
-            slots_in = torch.full((size,), -1, dtype=torch.int64, device=block_ids.device)
         graph = torch.cuda.CUDAGraph()
         # Captured on a side stream without ``torch.cuda.graph``'s device sync and cache
         # release: a new read size can come at any decode step, which makes no host sync.
@@ -96,7 +93,7 @@ class AdmissionGraphs:
             with torch.inference_mode(False), torch.no_grad(), torch.cuda.stream(side):
                 graph.capture_begin(pool=self._pool)
                 try:
-                    outputs = self._plan(ids_in, slots_in)
+                    outputs = self._plan(ids_in)
                 finally:
                     graph.capture_end()
         except Exception as error:  # the bank keeps ordinary launches; never silently
@@ -105,6 +102,6 @@ class AdmissionGraphs:
                         "their CUDA graph capture failed: %s", self.failure)
             return None
         torch.cuda.current_stream(block_ids.device).wait_stream(side)
-        self._captured[size] = captured = (graph, ids_in, slots_in, outputs)
+        self._captured[size] = captured = (graph, ids_in, outputs)
         self.captures += 1
         return captured

@@ -144,14 +144,15 @@ class BlockBank:
         named twice is counted and admitted once. No host sync: hits, misses and admissions are
         worked out on the device, so the host goes on queueing work while the GPU reads.
         """
-        block_ids, slots = self._lookup(block_ids)
+        block_ids = self._on_device(block_ids)
+        slots = self._slots(block_ids)
         # Misses come from their rows of the host copy: "staging" is the whole host copy.
         raw = {name: gather_blocks(self.tensors[name], host[name], slots, block_ids,
                                    out_dtype=self.tensors[name].dtype)
                for name in self.tensors}
-        planned = self._plan(block_ids, slots)
+        planned = self._plan(block_ids)
         if planned is not None:
-            victim, order = planned
+            victim, order, _, _ = planned
             for name, bank in self._blocks.items():
                 as_bits(bank)[victim] = as_bits(raw[name])[order]
         return {name: t.to(out_dtype) for name, t in raw.items()}
@@ -167,21 +168,19 @@ class BlockBank:
         nothing done, when N exceeds the slots (the blocks may not all fit: ``read`` them)."""
         if block_ids.numel() > self.n_slots:
             return False
-        block_ids, slots = self._lookup(block_ids)
-        planned = self._plan(block_ids, slots)
+        planned = self._plan(self._on_device(block_ids))
         if planned is not None:
-            victim, order = planned
-            admitted = victim < self.n_slots
-            rows = torch.where(admitted, block_ids[order], -1)
-            dest = torch.where(admitted, victim, -1)
+            _, _, rows, dest = planned
             for name, bank in self._blocks.items():
                 host_blocks_into(as_bits(host[name]), rows, as_bits(bank), dest)
         return True
 
-    def _lookup(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``block_ids`` as int64 on the bank's device, and the slot of each (-1: a miss)."""
-        block_ids = block_ids.to(device=self._block_of_slot.device, dtype=torch.int64)
-        return block_ids, torch.where(block_ids >= 0, self._slot_of_block[block_ids], -1)
+    def _on_device(self, block_ids: torch.Tensor) -> torch.Tensor:
+        return block_ids.to(device=self._block_of_slot.device, dtype=torch.int64)
+
+    def _slots(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """The slot of each of ``block_ids`` (int64 on the device), -1 for a miss."""
+        return torch.where(block_ids >= 0, self._slot_of_block[block_ids], -1)
 
     def count_resident(self, n: int) -> None:
         """Count ``n`` blocks read in their slots (``bank_kv``), known to be there: hits."""
@@ -193,28 +192,28 @@ class BlockBank:
         held = (block_ids.to(self._read_counts.device) >= 0).sum()
         self._read_counts[0] += held
 
-    def _plan(self, block_ids: torch.Tensor, slots: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _plan(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """Count this read's distinct hits and misses and plan where its missed blocks go: the
         least recently used slots this read did not touch; when they do not all fit, the misses
-        of the highest block ids are admitted. (victim, order) as ``_admission_plan`` gives
-        them; None for an empty read."""
+        of the highest block ids are admitted. What ``_admission_plan`` returns; None for an
+        empty read."""
         n = block_ids.numel()
         self.admissions += 1
         self.last_read_resident = n <= self.n_slots  # distinct blocks <= n <= slots: all fit
         if n == 0:
             return None
-        return self._plan_admission(block_ids, slots)
+        return self._plan_admission(block_ids)
 
-    def _admission_plan(self, block_ids: torch.Tensor, slots: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bookkeeping of a read of ``block_ids`` [N] (N >= 1) found in ``slots`` [N]: ticks
-        the clock, counts, updates the tables. Returns, per entry of ``block_ids`` sorted
-        (``order``: their places in the read), the slot its fetched block goes to (``victim``;
-        the spare slot where it is not admitted). Device ops only, no host value: capturable."""
+    def _admission_plan(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The bookkeeping of a read of ``block_ids`` [N] (N >= 1, int64 on the device): looks
+        them up, ticks the clock, counts, updates the tables. Returns, per entry of
+        ``block_ids`` sorted (``order``: their places in the read), the slot its fetched block
+        goes to (``victim``; the spare slot where it is not admitted), and the copies that
+        admit the misses from host memory: block ``rows`` into slots ``dest`` (-1 in both where
+        nothing is admitted). Device ops only, no host value: capturable."""
         self._clock += 1
         ids, order = torch.sort(block_ids)
-        slots = slots[order]
+        slots = self._slots(ids)
         first = ~repeats(ids)
         hit = slots >= 0
         miss = first & ~hit & (ids >= 0)
@@ -236,7 +235,7 @@ class BlockBank:
         self._block_of_slot[victim] = admitted
         self._slot_of_block[admitted] = victim
         self._touch(victim)
-        return victim, order
+        return victim, order, torch.where(admit, ids, -1), torch.where(admit, victim, -1)
 
     def _touch(self, slots: torch.Tensor) -> None:
         """Stamp ``slots`` with the clock (a tensor value: no host copy, no sync)."""

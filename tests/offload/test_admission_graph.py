@@ -48,3 +48,25 @@ def test_graphed_admissions_equal_launched_ones(n_slots):
     assert graphs.failure is None
     assert graphs.captures == len(padded)
     assert graphs.replays == 40 - len(padded)  # each size's first read runs the ops as they are
+
+
+@pytest.mark.parametrize("n_slots", [3, 16])
+def test_graphed_fetches_equal_launched_reads(n_slots):
+    """A fetch (misses copied host to slot, nothing returned) through replayed admissions leaves
+    the bank as a read with launched admissions does; a fetch too large for the slots does
+    nothing, and the blocks are read instead."""
+    host = torch.randn((N_BLOCKS, *SHAPE), dtype=torch.bfloat16).pin_memory()
+    graphed = _bank(n_slots, torch.cuda.graph_pool_handle())
+    launched = _bank(n_slots, None)
+    g = torch.Generator().manual_seed(100 + n_slots)
+    sizes = [1, n_slots, 2 * n_slots + 1, n_slots - 1]
+    for step in range(24):
+        n = sizes[step % len(sizes)]
+        ids = torch.randint(-1, N_BLOCKS, (n,), generator=g).cuda()
+        if not graphed.fetch(ids, {"keys": host}):
+            assert n > n_slots
+            graphed.read(ids, {"keys": host}, torch.bfloat16)
+        launched.read(ids, {"keys": host}, torch.bfloat16)
+        for a, b in zip(_state(graphed), _state(launched)):
+            assert torch.equal(a, b), step
+    assert graphed._plan_admission.replays > 0
