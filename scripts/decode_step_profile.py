@@ -1,7 +1,8 @@
 """Where the time of a decode step goes: profiles of cached and refresh steps.
 
     python scripts/decode_step_profile.py [--context 1048576] [--layers 4]
-        [--backend infinitehip_eager] [--cache offloaded|dynamic] [--profiler python|gpu]
+        [--backend infinitehip_eager] [--cache offloaded|dynamic]
+        [--profiler python|gpu|trace|syncs|none]
         [--options JSON] [--fp8] [--out-dir DIR]
 
 The end-to-end benchmark's model (Llama-3.1-8B shapes, random weights, ``--layers`` layers)
@@ -12,6 +13,11 @@ synchronised), profiled, and filed by kind: cached (no pruning stage ran in any 
 ``--profiler gpu``: ``torch.profiler`` with CUDA activity only, the GPU time of each step's
 kernels and copies (a step whose GPU time is far below its wall time is bound by the host), and
 each step's kernels of 0.1 ms or more in launch order (which layer and stage a call served).
+``--profiler trace``: ``torch.profiler`` with CPU and CUDA activity, a Chrome trace of every
+timed step (``traces/<n>_<kind>.json.gz``, for a timeline viewer: where the host is while the
+GPU waits), and per kind the host time of each offloaded attention call, split into the torch
+ops it runs (outermost ones) and the Python between them (Triton launches included). The
+profiler slows the host: compare its figures with each other, not with untraced steps.
 ``--profiler none``: step times only (for comparing two versions of the code).
 ``--profiler syncs``: the device-to-host syncs of each step, by call site (CUDA's sync debug
 mode; each one stops the host from queueing work while the GPU drains).
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gzip
 import io
 import json
 import os
@@ -44,7 +51,8 @@ def _parse() -> argparse.Namespace:
     add_model_arguments(p)
     p.add_argument("--cache", default="offloaded", choices=["offloaded", "dynamic"])
     p.add_argument("--cycles", type=int, default=2)
-    p.add_argument("--profiler", default="python", choices=["python", "gpu", "syncs", "none"])
+    p.add_argument("--profiler", default="python",
+                   choices=["python", "gpu", "trace", "syncs", "none"])
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out-dir", default="decode-step-profile")
     return p.parse_args()
@@ -144,6 +152,61 @@ class GpuProfile:
         return "\n".join(lines) + "\n"
 
 
+class TraceProfile:
+    """torch.profiler (CPU and CUDA) per step: a Chrome trace of each, and the host time of
+    each offloaded attention call, in ops and in Python."""
+
+    def __init__(self, out_dir: str):
+        self.trace_dir = os.path.join(out_dir, "traces")
+        os.makedirs(self.trace_dir, exist_ok=True)
+        self.calls: dict[str, list[str]] = {}
+        self.traced = 0
+
+    def step(self, run):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+        return prof, None
+
+    def file(self, kind: str, prof) -> None:
+        self.traced += 1
+        path = os.path.join(self.trace_dir, f"{self.traced:03d}_{kind}.json")
+        prof.export_chrome_trace(path)
+        with open(path, "rb") as f:
+            events = json.load(f)["traceEvents"]
+        with gzip.open(path + ".gz", "wb") as f:
+            f.write(json.dumps(events).encode())
+        os.remove(path)
+        rows = self.calls.setdefault(kind, [])
+        for call in _attention_calls(events):
+            rows.append(f"{self.traced:6d}  {call['ms']:8.3f}  {call['ops']:5d}  "
+                        f"{call['ops_ms']:8.3f}  {call['ms'] - call['ops_ms']:9.3f}")
+
+    def text(self, kind: str, top: int) -> str:
+        if kind not in self.calls:
+            return "no steps of this kind\n"
+        head = "  step  call ms    ops    ops ms  python ms   (each ihip::attention, in order)"
+        return "\n".join([head, *self.calls[kind]]) + "\n"
+
+
+def _attention_calls(events: list[dict]) -> list[dict]:
+    """Each ``ihip::attention`` CPU event of a trace: its ms, and the outermost ops inside it
+    (how many, their ms); the rest of its time is Python."""
+    ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"),
+                 key=lambda e: e["ts"])
+    calls = []
+    for call in (e for e in ops if e["name"] == "ihip::attention"):
+        end, outer = call["ts"] + call["dur"], []
+        for e in ops:
+            if call["ts"] < e["ts"] < end and (not outer or e["ts"] >= outer[-1]["ts"]
+                                                + outer[-1]["dur"]):
+                outer.append(e)
+        calls.append({"ms": call["dur"] / 1e3, "ops": len(outer),
+                      "ops_ms": sum(e["dur"] for e in outer) / 1e3})
+    return calls
+
+
 class SyncProfile:
     """Device-to-host syncs per step, counted by the Python line that caused them."""
 
@@ -198,7 +261,7 @@ PROFILERS = {"python": PythonProfile, "gpu": GpuProfile, "syncs": SyncProfile,
 def main() -> None:
     args = _parse()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.profiler in ("gpu", "syncs") and device.type != "cuda":
+    if args.profiler in ("gpu", "trace", "syncs") and device.type != "cuda":
         raise SystemExit(f"scripts/decode_step_profile.py --profiler {args.profiler} needs a "
                          f"CUDA GPU")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -213,7 +276,8 @@ def main() -> None:
     else:
         cache = dense_cache(model, args.context, device, dtype)
     token = torch.randint(3, model.config.vocab_size, (1, 1), device=device)
-    profiler = PROFILERS[args.profiler]()
+    profiler = (TraceProfile(args.out_dir) if args.profiler == "trace"
+                else PROFILERS[args.profiler]())
     measure = {"gpu": "gpu_ms", "syncs": "syncs"}.get(args.profiler)  # per step, in steps.json
     steps = []
     with torch.no_grad():
