@@ -3,10 +3,10 @@
 Every read of a bank (``BlockBank.read``, ``BlockBank.fetch``) works out on the device which
 blocks hit, which slots the misses take, what they evict and which copies admit them: ~40 small
 torch ops (a lookup, sorts, scans, indexed writes) whose launches cost the host far more than
-their GPU time. At a decode refresh every
-layer reads each of its banks, so those launches held refresh steps back. Their shapes depend
-only on how many blocks a read names, and every value they depend on lives on the device (the
-bank's tables and its read clock), so they are captured once per read size and replayed.
+their GPU time. At a decode refresh every layer reads each of its banks, so those launches held
+refresh steps back. Their shapes depend only on how many blocks a read names, and every value
+they depend on lives on the device (the bank's tables and its read clock), so they are captured
+once per read size and replayed.
 
 Sizes are rounded up to a multiple of ``SIZE_STEP`` blocks, the extra entries naming no block:
 a decode read's size moves with its window (which widens by a block every few steps until stage
