@@ -145,6 +145,8 @@ class BlockBank:
         worked out on the device, so the host goes on queueing work while the GPU reads.
         """
         block_ids = self._on_device(block_ids)
+        # The plan looks the blocks up again (inside its replay, so that a fetch needs no
+        # lookup of its own); a read also needs the slots first, to gather from them.
         slots = self._slots(block_ids)
         # Misses come from their rows of the host copy: "staging" is the whole host copy.
         raw = {name: gather_blocks(self.tensors[name], host[name], slots, block_ids,
