@@ -15,16 +15,24 @@ the GPU runs this one):
     last_used      [N_SLOTS]  int64   read clock value of the slot's last use (-1: never)
     clock          [1]        int64   reads so far, counted by the reads themselves
 Blocks are written through: tokens appended to a block that is in the bank land in both copies
-(``token_append``). On CUDA, a bank built with a graph pool replays its admission bookkeeping as
-CUDA graphs (``admission_graph``): its ~35 launches per read were most of a refresh's host time.
+(``token_append``). On CUDA, a bank built with a graph pool replays each kind of read as a CUDA
+graph (``replayed_work``): a read's admission bookkeeping, and for a fetch also the copies of its
+misses and the ops that name its blocks, ~40-70 launches that were most of a refresh's host time.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Hashable
+
 import torch
 
-from ihip_compile.kernels.admission_graph import AdmissionGraphs
 from ihip_compile.kernels.block_cache_ref import as_bits, gather_blocks_ref
+from ihip_compile.kernels.replayed_work import Padded, ReplayedWork, padded_size
+
+# Reads are padded to a multiple of this many blocks (the extra entries name no block): a decode
+# read's size moves with its window, which widens by a block every few steps until stage 0 runs
+# again, and one capture then serves them all.
+SIZE_STEP = 64
 
 
 def gather_blocks(bank, staging, slots, staged, *, out_dtype):
@@ -91,8 +99,8 @@ class BlockBank:
 
     def __init__(self, *, n_slots: int, n_blocks: int, block_shapes: dict[str, tuple[int, ...]],
                  dtype: torch.dtype, device: torch.device, graph_pool=None):
-        """``graph_pool`` (a ``torch.cuda.graph_pool_handle()``, CUDA only): replay admissions
-        as CUDA graphs captured in it; None: ordinary launches."""
+        """``graph_pool`` (a ``torch.cuda.graph_pool_handle()``, CUDA only): replay reads as
+        CUDA graphs captured in it; None: ordinary launches."""
         if n_slots < 1:
             raise ValueError(f"a block bank needs at least one slot, got n_slots={n_slots}")
         self.n_slots, self.n_blocks = n_slots, n_blocks
@@ -112,8 +120,8 @@ class BlockBank:
         self.last_used = self._last_used[:n_slots]
         # A device tensor, not a host count: the captured bookkeeping reads it where it lies.
         self._clock = torch.zeros(1, dtype=torch.int64, device=device)
-        self._plan_admission = (AdmissionGraphs(self._admission_plan, graph_pool)
-                                if graph_pool is not None else self._admission_plan)
+        self.replayed = (ReplayedWork(graph_pool, "a block bank's reads")
+                         if graph_pool is not None else None)
         # Hits and misses of reads, counted on the device (read back only when reported), plus
         # the hits of resident reads, known on the host.
         self._read_counts = torch.zeros(2, dtype=torch.int64, device=device)
@@ -152,9 +160,14 @@ class BlockBank:
         raw = {name: gather_blocks(self.tensors[name], host[name], slots, block_ids,
                                    out_dtype=self.tensors[name].dtype)
                for name in self.tensors}
-        planned = self._plan(block_ids)
-        if planned is not None:
-            victim, order, _, _ = planned
+        n = block_ids.numel()
+        self._note_read(n)
+        if n:
+            size = padded_size(n, SIZE_STEP)
+            victim, order, _, _ = self._replay(("plan", size), self._admission_plan,
+                                               (Padded(block_ids, size),))
+            # A padded entry's victim is the spare slot; it takes the read's last block.
+            order = order.clamp(max=n - 1)
             for name, bank in self._blocks.items():
                 as_bits(bank)[victim] = as_bits(raw[name])[order]
         return {name: t.to(out_dtype) for name, t in raw.items()}
@@ -168,14 +181,30 @@ class BlockBank:
 
         Returns True when every block of ``block_ids`` [N] is resident afterwards; False, with
         nothing done, when N exceeds the slots (the blocks may not all fit: ``read`` them)."""
-        if block_ids.numel() > self.n_slots:
+        ids = self._on_device(block_ids)
+        size = padded_size(ids.numel(), SIZE_STEP)
+        return self.fetch_named(lambda named: named, ("ids", size), (Padded(ids, size),),
+                                ids.numel(), host)
+
+    def fetch_named(self, name: Callable[..., torch.Tensor], key: Hashable, inputs: tuple,
+                    n: int, host: dict[str, torch.Tensor]) -> bool:
+        """``fetch`` of the ``n`` blocks ``name(*inputs)`` names ([n] int64 on the device, -1:
+        none; device ops only, no host value but what ``key`` names): on CUDA the naming, the
+        bookkeeping and the copies replay as one graph per ``key`` and host copy. ``inputs``
+        as ``ReplayedWork`` takes them. False, with nothing done, when n exceeds the slots."""
+        if n > self.n_slots:
             return False
-        planned = self._plan(self._on_device(block_ids))
-        if planned is not None:
-            _, _, rows, dest = planned
-            for name, bank in self._blocks.items():
-                host_blocks_into(as_bits(host[name]), rows, as_bits(bank), dest)
+        self._note_read(n)
+        if n:
+            self._replay(("fetch", key, _addresses(host)),
+                         lambda *named_by: self._admit(name(*named_by), host), inputs)
         return True
+
+    def count_held_named(self, name: Callable[..., torch.Tensor], key: Hashable,
+                         inputs: tuple) -> None:
+        """``count_held(name(*inputs))``, replayed as one graph per ``key`` on CUDA (as
+        ``fetch_named``): counting a refresh's held blocks is a dozen launches of naming them."""
+        self._replay(("held", key), lambda *named_by: self.count_held(name(*named_by)), inputs)
 
     def _on_device(self, block_ids: torch.Tensor) -> torch.Tensor:
         return block_ids.to(device=self._block_of_slot.device, dtype=torch.int64)
@@ -194,17 +223,23 @@ class BlockBank:
         held = (block_ids.to(self._read_counts.device) >= 0).sum()
         self._read_counts[0] += held
 
-    def _plan(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """Count this read's distinct hits and misses and plan where its missed blocks go: the
-        least recently used slots this read did not touch; when they do not all fit, the misses
-        of the highest block ids are admitted. What ``_admission_plan`` returns; None for an
-        empty read."""
-        n = block_ids.numel()
+    def _note_read(self, n: int) -> None:
+        """A read of ``n`` entries may move slots; it leaves all its blocks resident when they
+        fit (distinct blocks <= n <= slots)."""
         self.admissions += 1
-        self.last_read_resident = n <= self.n_slots  # distinct blocks <= n <= slots: all fit
-        if n == 0:
-            return None
-        return self._plan_admission(block_ids)
+        self.last_read_resident = n <= self.n_slots
+
+    def _replay(self, key: Hashable, work: Callable, inputs: tuple):
+        if self.replayed is None:
+            return work(*(x.tensor if isinstance(x, Padded) else x for x in inputs))
+        return self.replayed(key, work, inputs)
+
+    def _admit(self, block_ids: torch.Tensor, host: dict[str, torch.Tensor]) -> None:
+        """The bookkeeping of a read of ``block_ids`` and the copies of its admitted misses,
+        from the host copies straight into their slots."""
+        _, _, rows, dest = self._admission_plan(block_ids)
+        for name, bank in self._blocks.items():
+            host_blocks_into(as_bits(host[name]), rows, as_bits(bank), dest)
 
     def _admission_plan(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The bookkeeping of a read of ``block_ids`` [N] (N >= 1, int64 on the device): looks
@@ -224,7 +259,7 @@ class BlockBank:
         # Touched slots carry the newest clock value, so they sort after every other slot.
         self._touch(torch.where(hit, slots, self.n_slots))
         # Least recently used first, equals by slot index: the same victims whatever the read's
-        # size (a captured read is padded, admission_graph).
+        # size (a captured read is padded).
         victims = torch.sort(self.last_used, stable=True).indices
         n_admit = torch.minimum(n_miss, self.n_slots - n_hit)
         from_last = n_miss - torch.cumsum(miss.long(), 0)  # 0 for the last miss, 1 before it...
@@ -248,3 +283,8 @@ class BlockBank:
         self.slot_of_block.fill_(-1)
         self.block_of_slot.fill_(-1)
         self.last_used.fill_(-1)
+
+
+def _addresses(host: dict[str, torch.Tensor]) -> tuple:
+    """Where a fetch's host copies lie: a captured copy reads them there."""
+    return tuple((name, t.data_ptr(), tuple(t.shape), t.dtype) for name, t in host.items())

@@ -95,7 +95,7 @@ class SteadyStep:
         """Record what the ordinary path would have: the step counted and the stages aged
         (``continue_cached``), the blocks' bank hits, the armed step moved on."""
         continue_cached(self.store.selection_states, self.layer, self.state, s_k)
-        self.bank.count_resident(self.plan.block_ids.numel())
+        self.bank.count_resident(self.plan.counted)
         self.armed.s_k = s_k
 
 

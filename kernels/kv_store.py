@@ -78,11 +78,11 @@ class HostKVStore:
         # The device of the banks: given, or that of the first keys appended.
         self.dtype, self.device = dtype, None if device is None else torch.device(device)
         self.storage_dtype = storage_dtype or dtype
-        # Replay each layer's decode append and attention, and the banks' admissions, as CUDA
+        # Replay each layer's decode append and attention, and the banks' reads, as CUDA
         # graphs on CUDA (append_step_graph, decode_step_graph, decode_shortcut,
-        # admission_graph); off: ordinary launches.
+        # replayed_work); off: ordinary launches.
         self.cuda_graphs = cuda_graphs
-        self._admission_pool = None  # one memory pool for every bank's admission graphs
+        self._admission_pool = None  # one memory pool for every bank's read graphs
         self.bank_slots = {"attention": max(1, attention_bank_tokens // block_tokens),
                            "pruning": max(1, pruning_bank_tokens // block_tokens)}
         self._check_host_memory(self.host_bytes, "lower max_cache_tokens, use "
@@ -356,13 +356,35 @@ class HostKVStore:
         bank, ids = self._bank_and_ids(layer, block_ids, kind)
         return bank.fetch(ids, self._layer_host(layer))
 
+    def fetch_named_bank_blocks(self, layer: int, name, key, inputs: tuple, n: int,
+                                kind: str = "attention") -> bool:
+        """``fetch_bank_blocks`` of the blocks ``name(*inputs)`` names ([B, N] per row, -1:
+        none, ``n`` = B * N; device ops only): on CUDA one replayed graph per ``key`` names,
+        admits and copies them (``BlockBank.fetch_named``)."""
+        bank = self._kind_bank(layer, kind)
+        return bank.fetch_named(self._bank_ids_of(name), (kind, key), inputs, n,
+                                self._layer_host(layer))
+
+    def count_held_named(self, layer: int, name, key, inputs: tuple) -> None:
+        """Count the pruning bank's blocks ``name(*inputs)`` names ([B, N], as
+        ``fetch_named_bank_blocks``) as held hits (``BlockBank.count_held_named``)."""
+        bank = self._kind_bank(layer, "pruning")
+        bank.count_held_named(self._bank_ids_of(name), key, inputs)
+
+    def _bank_ids_of(self, name):
+        """``name`` (inputs -> [B, N] blocks per row) as the bank's ids [B * N]."""
+        return lambda *inputs: row_block_ids(name(*inputs), self.blocks_per_row).reshape(-1)
+
     def _bank_and_ids(self, layer: int, block_ids: torch.Tensor, kind: str):
         """The layer's ``kind`` bank and ``block_ids`` [B, N] as its ids [B * N]."""
+        bank = self._kind_bank(layer, kind)
+        return bank, row_block_ids(block_ids, self.blocks_per_row).reshape(-1)
+
+    def _kind_bank(self, layer: int, kind: str):
         self._check_layer(layer)
         if kind not in self.bank_slots:
             raise ValueError(f"kind must be one of {sorted(self.bank_slots)}, got {kind!r}")
-        ids = row_block_ids(block_ids, self.blocks_per_row).reshape(-1)
-        return self._layer_banks(layer)[kind], ids
+        return self._layer_banks(layer)[kind]
 
     def attention_bank(self, layer: int):
         """The layer's attention bank (made on first use)."""
@@ -489,7 +511,7 @@ class HostKVStore:
         }
 
     def _bank_graph_pool(self):
-        """The memory pool of the banks' admission graphs; None without CUDA graphs."""
+        """The memory pool of the banks' read graphs; None without CUDA graphs."""
         if not (self.cuda_graphs and self.device.type == "cuda"):
             return None
         if self._admission_pool is None:

@@ -37,11 +37,12 @@ import torch
 
 from ihip_compile.kernels import decode_shortcut
 from ihip_compile.kernels.bank_kv import BankKV
-from ihip_compile.kernels.block_bank import repeats, spare_for_unnamed
+from ihip_compile.kernels.block_bank import spare_for_unnamed
 from ihip_compile.kernels.decode_selection_cache import cached_sparse_decode
 from ihip_compile.kernels.decode_shortcut import AttentionHook, op_signature
 from ihip_compile.kernels.decode_step_graph import DecodeStepGraph
 from ihip_compile.kernels.kv_store import HostKVStore, store_for_layer
+from ihip_compile.kernels.named_blocks import NamedBlocks, attended_blocks, kept_chunk_blocks
 from ihip_compile.kernels.padding_check import hides_nothing
 from ihip_compile.kernels.probe_key_copy import copy_stride
 from ihip_compile.kernels.resident_blocks import record, window_first_key
@@ -77,12 +78,11 @@ def release_scratch(name: str | None = None, store: HostKVStore | None = None) -
         _SCRATCH.pop((name, store.device, store.dtype), None)
 
 
-def pruning_keys(store: HostKVStore, layer: int, block_ids: torch.Tensor, keys,
-                 stage: int):
-    """Keys of blocks ``block_ids`` [B, N] (distinct per row, -1: none) for pruning stage
-    ``stage`` (> 0) to score, read through the layer's pruning bank: scored in the bank's slots
-    (``bank_kv``) when they all fit there, else placed at their positions in the key scratch
-    ``keys()`` ([B, H_KV, S, D], its last block spare) and scored there.
+def pruning_keys(store: HostKVStore, layer: int, named: NamedBlocks, keys, stage: int):
+    """Keys of the blocks ``named`` names ([B, N], distinct per row, -1: none) for pruning
+    stage ``stage`` (> 0) to score, read through the layer's pruning bank: scored in the bank's
+    slots (``bank_kv``) when they all fit there, else placed at their positions in the key
+    scratch ``keys()`` ([B, H_KV, S, D], its last block spare) and scored there.
 
     Stage i > 1 scores chunks stage 1 kept, inside the blocks an earlier read of this
     selection (stage 1's, or stage i's) left in the bank: when no read of the bank and no new
@@ -90,12 +90,14 @@ def pruning_keys(store: HostKVStore, layer: int, block_ids: torch.Tensor, keys,
     stage 2 refresh, every 8 steps by default, then only counts them)."""
     bank = store.pruning_bank(layer)
     if stage > 1 and store.held_pruning_reads.get(layer) == bank.admissions:
-        bank.count_held(block_ids)
+        store.count_held_named(layer, named.name, named.key, named.inputs)
         return store.pruning_bank_keys(layer)
-    if store.fetch_bank_blocks(layer, block_ids, "pruning"):
+    if store.fetch_named_bank_blocks(layer, named.name, named.key, named.inputs, named.n,
+                                     "pruning"):
         store.held_pruning_reads[layer] = bank.admissions
         return store.pruning_bank_keys(layer)
     store.held_pruning_reads.pop(layer, None)
+    block_ids = named.ids()
     got = store.read_bank_blocks(layer, block_ids, "pruning")
     warn_bank_overflow(store, "pruning", block_ids)
     all_keys = keys()
@@ -104,26 +106,28 @@ def pruning_keys(store: HostKVStore, layer: int, block_ids: torch.Tensor, keys,
 
 
 def attended_kv(store: HostKVStore, layer: int, selection: torch.Tensor,
-                window_blocks: tuple[int, int], needed, dst):
-    """A decode step's attended blocks (``needed()`` -> [B, N]) through the attention bank:
-    returns the bank's slots to attend in place (``bank_kv``) once every block sits there;
-    otherwise copies the blocks into the scratch pair ``dst()`` ({"keys", "values"}: [B, H_KV,
-    S, D], its last block spare) and returns None. When the last step attended the same blocks
-    (``resident_blocks``), nothing is read or looked up."""
+                window_blocks: tuple[int, int], named: NamedBlocks, counted: int, dst):
+    """A decode step's attended blocks (``named``: [B, N]) through the attention bank: returns
+    the bank's slots to attend in place (``bank_kv``) once every block sits there; otherwise
+    copies the blocks into the scratch pair ``dst()`` ({"keys", "values"}: [B, H_KV, S, D],
+    its last block spare) and returns None. When the last step attended the same blocks
+    (``resident_blocks``), nothing is read or looked up; its ``counted`` entries count as hits
+    at each such step."""
     plan = store.resident_plans.get(layer)
     bank = store.attention_bank(layer)
     if plan is not None and plan.still_serves(selection, window_blocks, bank):
-        bank.count_resident(plan.block_ids.numel())
+        bank.count_resident(plan.counted)
         return store.attention_bank_kv(layer)
-    block_ids = needed()
-    if store.fetch_bank_blocks(layer, block_ids, "attention"):
-        store.resident_plans[layer] = record(selection, window_blocks, block_ids, bank)
+    if store.fetch_named_bank_blocks(layer, named.name, named.key, named.inputs, named.n,
+                                     "attention"):
+        store.resident_plans[layer] = record(selection, window_blocks, counted, bank)
         # Decode reads keys and values where they lie from now on: the scratch a prefill left
         # goes back to the allocator, leaving the banks as the GPU's share of the KV.
         release_scratch("keys", store)
         release_scratch("values", store)
         return store.attention_bank_kv(layer)
     store.resident_plans.pop(layer, None)
+    block_ids = named.ids()
     got = store.read_bank_blocks(layer, block_ids, "attention")
     warn_bank_overflow(store, "attention", block_ids)
     place_blocks(got, block_ids, dst())
@@ -159,25 +163,6 @@ def place_blocks(got: dict[str, torch.Tensor], block_ids: torch.Tensor,
         by_block = out.view(*out.shape[:2], -1, bk, out.shape[-1])
         for row in range(block_ids.shape[0]):
             by_block[row].index_copy_(1, places[row], got[name][row].transpose(0, 1))
-
-
-def _distinct_blocks(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Union of block lists per row ([B, *] each, -1 = none) as [B, N], N the parts' total
-    width: each block once, -1 in the other entries (nothing is read for them). Worked out on
-    the device, with no host sync, so the host keeps queueing the next layers' work."""
-    ids = torch.cat(parts, dim=1).long().sort(dim=1).values
-    return torch.where(repeats(ids), -1, ids)
-
-
-def chunk_blocks(starts: torch.Tensor, chunk: int, block_tokens: int) -> torch.Tensor:
-    """Blocks covering chunks that start at ``starts`` [B, ...] (-1 = empty): [B, *].
-
-    Selections per KV head ([B, H_KV, NQB, N]) give the union over heads: a bank block carries
-    every KV head of its tokens."""
-    per_chunk = torch.arange(max(1, chunk // block_tokens), device=starts.device)
-    blocks = starts.long()[..., None] // block_tokens + per_chunk
-    blocks = torch.where(starts[..., None] < 0, -1, blocks)
-    return blocks.flatten(1)
 
 
 def offloaded_attention(q, k, v, q_positions, kv_valid, inv_freq, *, attend, **args):
@@ -281,8 +266,8 @@ def _ordinary_attention(store: HostKVStore, q, k, v, q_positions, kv_valid, inv_
             all_keys = keys()
             store.stream_into(layer, {"keys": all_keys})
             return all_keys[:, :, :s_k]
-        needed = _distinct_blocks([chunk_blocks(candidates, chunks[start - 1], bk)])
-        return pruning_keys(store, layer, needed, keys, start)
+        return pruning_keys(store, layer, kept_chunk_blocks(candidates, chunks[start - 1], bk),
+                            keys, start)
 
     in_graph, replayed = (_graph_attender(store, layer, q, q_positions, args["block_size_q"])
                           if signature is not None else (None, {}))
@@ -328,8 +313,7 @@ def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, value
     host memory into the scratch pair (``through="host"``: a prefill chunk's blocks, read once;
     its keys are already in the scratch, streamed for scoring). Returns the (keys, values) to
     attend: the bank's slots, or views of the scratch pair (``keys()``, ``values()``)."""
-    bk = store.block_tokens
-    b, device = store.batch, store.device
+    bk, b = store.block_tokens, store.batch
 
     def fill(blocks: torch.Tensor, window: int, through: str = "host"):
         if q_positions.shape[-1] == 1:
@@ -339,23 +323,20 @@ def _attended_kv_filler(store: HostKVStore, layer: int, q_positions, keys, value
             first = last = s_k - 1
         else:
             first, last = torch.stack([q_positions.min(), q_positions.max()]).tolist()  # a sync
-        sink = min(sink_tokens, s_k)
-        win_lo = window_first_key(first, window, sink)
-
-        def needed():
-            return _distinct_blocks([
-                torch.arange(-(-sink // bk), device=device).expand(b, -1),
-                blocks.flatten(1).long(),
-                torch.arange(win_lo // bk, last // bk + 1, device=device).expand(b, -1),
-            ])
-
+        sink_blocks = -(-min(sink_tokens, s_k) // bk)
+        win_lo = window_first_key(first, window, min(sink_tokens, s_k))
+        window_blocks = (win_lo // bk, last // bk)
+        named = attended_blocks(blocks, sink_blocks, window_blocks)
         if through == "attention":
-            in_slots = attended_kv(store, layer, blocks, (win_lo // bk, last // bk), needed,
+            # Hits counted per step the plan serves: every entry of the lists it names.
+            counted = b * (sink_blocks + blocks[0].numel() + window_blocks[1] - window_blocks[0]
+                           + 1)
+            in_slots = attended_kv(store, layer, blocks, window_blocks, named, counted,
                                    lambda: {"keys": keys(), "values": values()})
             if in_slots is not None:
                 return in_slots
         else:
-            store.copy_blocks_into(layer, needed(), {"values": values()})
+            store.copy_blocks_into(layer, named.ids(), {"values": values()})
         return keys()[:, :, :s_k], values()[:, :, :s_k]
 
     return fill

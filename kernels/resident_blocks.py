@@ -25,7 +25,7 @@ class ResidentBlocks:
 
     selection: torch.Tensor  # held, so its memory is not reused: same data_ptr = same selection
     window_blocks: tuple[int, int]  # first and last block of the attended window
-    block_ids: torch.Tensor  # [B, N] blocks per row as read (-1: no block), counted as hits
+    counted: int  # entries of the read (blocks named, some maybe twice), counted as hits
     bank: BlockBank
     admissions: int  # the bank's count when recorded
 
@@ -45,9 +45,9 @@ def window_first_key(first_query: int, window: int, sink: int) -> int:
     return max(sink, first_query - window + 1)
 
 
-def record(selection: torch.Tensor, window_blocks: tuple[int, int], block_ids: torch.Tensor,
+def record(selection: torch.Tensor, window_blocks: tuple[int, int], counted: int,
            bank: BlockBank) -> ResidentBlocks | None:
     """The plan of a read that just went through ``bank``; None if it left some block out."""
     if not bank.last_read_resident:
         return None
-    return ResidentBlocks(selection, window_blocks, block_ids, bank, bank.admissions)
+    return ResidentBlocks(selection, window_blocks, counted, bank, bank.admissions)

@@ -193,7 +193,7 @@ def test_steps_attending_the_same_blocks_read_no_bank(monkeypatch, storage):
     from ihip_compile.kernels.block_bank import BlockBank
 
     reads = []
-    for method in ("read", "fetch"):  # a read, whether it returns the blocks or not
+    for method in ("read", "fetch_named"):  # a read, whether it returns the blocks or not
         original = getattr(BlockBank, method)
         monkeypatch.setattr(BlockBank, method, lambda self, *a, _original=original, **k:
                             reads.append(self) or _original(self, *a, **k))
@@ -406,10 +406,11 @@ def test_a_later_stage_refresh_scores_the_blocks_stage_one_left_without_reading(
     keys, values, cache = _cached_prompt(prompt, capacity=512, bank_tokens=256, seed=8)
     store = cache.store
     reads = []
-    for method in ("read_bank_blocks", "fetch_bank_blocks"):  # blocks returned or not
+    for method in ("read_bank_blocks", "fetch_named_bank_blocks"):  # blocks returned or not
         real = getattr(store, method)
-        monkeypatch.setattr(store, method, lambda layer, ids, kind="attention", _real=real:
-                            (reads.append(kind), _real(layer, ids, kind))[1])
+        # The decode path passes the bank's kind last.
+        monkeypatch.setattr(store, method, lambda *a, _real=real:
+                            (reads.append(a[-1]), _real(*a))[1])
     args = dict(layer=0, scale=0.25, refresh_intervals=[8, 4, 2], **three_stages)
     pruning_reads, pruning_hits = [], []
     for step in range(12):  # stage 0 at 0 and 8; stage 1 at 0, 4, 8; stage 2 at every even step
