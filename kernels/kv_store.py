@@ -347,20 +347,14 @@ class HostKVStore:
         bank, ids = self._bank_and_ids(layer, block_ids, kind)
         return self._by_row(bank.read(ids, self._layer_host(layer), self.dtype))
 
-    def fetch_bank_blocks(self, layer: int, block_ids: torch.Tensor,
-                          kind: str = "attention") -> bool:
-        """Blocks ``block_ids`` [B, N] (-1: none) made resident in the layer's ``kind`` bank,
-        to be read in its slots (``pruning_bank_keys``, ``attention_bank_kv``): only the misses
-        are copied (``BlockBank.fetch``). False, with nothing done, when they may not all fit
-        the bank: ``read_bank_blocks`` then."""
-        bank, ids = self._bank_and_ids(layer, block_ids, kind)
-        return bank.fetch(ids, self._layer_host(layer))
-
     def fetch_named_bank_blocks(self, layer: int, name, key, inputs: tuple, n: int,
                                 kind: str = "attention") -> bool:
-        """``fetch_bank_blocks`` of the blocks ``name(*inputs)`` names ([B, N] per row, -1:
-        none, ``n`` = B * N; device ops only): on CUDA one replayed graph per ``key`` names,
-        admits and copies them (``BlockBank.fetch_named``)."""
+        """The blocks ``name(*inputs)`` names ([B, N] per row, -1: none, ``n`` = B * N; device
+        ops only) made resident in the layer's ``kind`` bank, to be read in its slots
+        (``pruning_bank_keys``, ``attention_bank_kv``): only the misses are copied, and on CUDA
+        one replayed graph per ``key`` names, admits and copies them (``BlockBank.fetch_named``).
+        False, with nothing done, when they may not all fit the bank: ``read_bank_blocks``
+        then."""
         bank = self._kind_bank(layer, kind)
         return bank.fetch_named(self._bank_ids_of(name), (kind, key), inputs, n,
                                 self._layer_host(layer))
