@@ -27,7 +27,7 @@ from typing import Callable, Hashable
 import torch
 
 from ihip_compile.kernels.block_cache_ref import as_bits, gather_blocks_ref
-from ihip_compile.kernels.replayed_work import Padded, ReplayedWork, padded_size
+from ihip_compile.kernels.replayed_work import Padded, ReplayedWork, padded_size, run_as_is
 
 # Reads are padded to a multiple of this many blocks (the extra entries name no block): a decode
 # read's size moves with its window, which widens by a block every few steps until stage 0 runs
@@ -231,7 +231,7 @@ class BlockBank:
 
     def _replay(self, key: Hashable, work: Callable, inputs: tuple):
         if self.replayed is None:
-            return work(*(x.tensor if isinstance(x, Padded) else x for x in inputs))
+            return run_as_is(work, inputs)
         return self.replayed(key, work, inputs)
 
     def _admit(self, block_ids: torch.Tensor, host: dict[str, torch.Tensor]) -> None:

@@ -62,15 +62,15 @@ class ReplayedWork:
         buffers' shapes included. Run as it is, ``work`` gets a ``Padded`` input unpadded. A
         replay's outputs are rewritten by the next replay of the same key: use them before."""
         if self.failure is not None or torch.cuda.is_current_stream_capturing():
-            return _run(work, inputs)
+            return run_as_is(work, inputs)
         captured = self._captured.get(key)
         if captured is None:
             if key not in self._seen:
                 self._seen.add(key)
-                return _run(work, inputs)
+                return run_as_is(work, inputs)
             captured = self._capture(key, work, inputs)
             if captured is None:
-                return _run(work, inputs)
+                return run_as_is(work, inputs)
         graph, buffers, outputs = captured
         for buffer, value in zip(buffers, inputs):
             _set(buffer, value)
@@ -116,7 +116,8 @@ def _tensor(value):
     return value.tensor if isinstance(value, Padded) else value
 
 
-def _run(work: Callable[..., T], inputs: tuple) -> T:
+def run_as_is(work: Callable[..., T], inputs: tuple) -> T:
+    """``work`` run on ``inputs`` with ordinary launches, a ``Padded`` input unpadded."""
     return work(*(_tensor(x) for x in inputs))
 
 
