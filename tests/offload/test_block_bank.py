@@ -63,9 +63,10 @@ def test_random_reads_keep_the_tables_consistent_and_evict_least_recently_used(n
         assert not evicted & distinct
 
 
-def test_a_bank_with_admission_graphs_is_freed_as_soon_as_it_is_dropped():
-    """Its admission graphs hold the bank's method weakly: no reference cycle keeps the bank's
-    device memory until Python's cycle collector runs (no graph is captured here)."""
+def test_a_bank_with_replayed_reads_is_freed_as_soon_as_it_is_dropped():
+    """Its replayed reads (``replayed_work``) keep no reference back to the bank: no reference
+    cycle keeps the bank's device memory until Python's cycle collector runs (no graph is
+    captured here)."""
     gc.disable()
     try:
         bank = BlockBank(n_slots=4, n_blocks=N_BLOCKS, block_shapes={"keys": SHAPE},
