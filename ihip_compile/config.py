@@ -125,6 +125,11 @@ class IHipConfig:
     # refreshes' worth lets the next one find most of them there (reports/bench/bank_key_scoring/).
     gpu_cache_tokens: int = 32768
     pruning_cache_tokens: int | None = None
+    # Keep a second copy of each layer's keys in float8_e4m3fn for the pruning stages (stage 0's
+    # probes in host memory, the pruning bank) when the K/V are stored in 16 bits: a decode
+    # refresh reads half the bytes over PCIe, for a quarter more host memory; the attention
+    # still reads the stored keys and values (kernels/kv_store.py).
+    fp8_pruning_keys: bool = False
     # --- pipeline and reports -----------------------------------------------------------------
     passes: tuple[str, ...] = ALL_PASSES
     report_dir: str | None = None
@@ -144,7 +149,7 @@ class IHipConfig:
         if self.pruning_cache_tokens is not None:
             _check_int(self, "pruning_cache_tokens", minimum=1)
         _check_int(self, "exact_probe_query_blocks", minimum=0)
-        for name in ("decode_cuda_graphs", "decode_step_graph"):
+        for name in ("decode_cuda_graphs", "decode_step_graph", "fp8_pruning_keys"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         shared = self.first_stage_query_blocks

@@ -77,7 +77,8 @@ class OffloadedCache(Cache):
     sizes each layer's attention bank and ``pruning_cache_tokens`` its pruning bank (defaults:
     ``IHipConfig.gpu_cache_tokens`` and ``IHipConfig.pruning_bank_tokens``: by default twice
     the attention bank's);
-    ``storage_dtype=torch.float8_e4m3fn`` halves host memory and PCIe traffic (lossy).
+    ``storage_dtype=torch.float8_e4m3fn`` halves host memory and PCIe traffic (lossy);
+    ``IHipConfig.fp8_pruning_keys`` keeps an FP8 copy of the keys for the pruning stages alone.
     ``cuda_graphs`` (default: ``IHipConfig.decode_cuda_graphs``) replays each layer's decode
     append and attention as CUDA graphs on CUDA.
     """
@@ -106,7 +107,9 @@ class OffloadedCache(Cache):
             num_layers=num_layers, batch=batch_size, kv_heads=kv_heads, head_dim=head_dim,
             value_dim=head_dim, capacity_tokens=max_cache_tokens,
             block_tokens=ihip_config.block_size_k, dtype=dtype, device=device,
-            storage_dtype=storage_dtype, attention_bank_tokens=gpu_cache_tokens,
+            storage_dtype=storage_dtype,
+            pruning_key_dtype=torch.float8_e4m3fn if ihip_config.fp8_pruning_keys else None,
+            attention_bank_tokens=gpu_cache_tokens,
             pruning_bank_tokens=(pruning_cache_tokens
                                  or ihip_config.pruning_bank_tokens(gpu_cache_tokens)),
             cuda_graphs=(ihip_config.decode_cuda_graphs if cuda_graphs is None

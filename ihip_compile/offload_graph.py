@@ -58,7 +58,8 @@ def offload_cache_concats(gm: fx.GraphModule, config: IHipConfig) -> dict[str, i
                  "block_tokens": config.block_size_k,
                  "gpu_cache_tokens": config.gpu_cache_tokens,
                  "pruning_cache_tokens": config.pruning_bank_tokens(),
-                 "cuda_graphs": config.decode_cuda_graphs},
+                 "cuda_graphs": config.decode_cuda_graphs,
+                 "fp8_pruning_keys": config.fp8_pruning_keys},
             )
         replacement.meta.update({k: v for k, v in node.meta.items()
                                  if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})

@@ -27,8 +27,8 @@ _PENDING: dict[tuple, dict[str, torch.Tensor]] = {}
 _lib = torch.library.Library("ihip", "FRAGMENT")
 _lib.define(
     "kv_offload_concat(Tensor past, Tensor new, *, int layer, int num_layers, bool is_value, "
-    "int block_tokens, int gpu_cache_tokens, int pruning_cache_tokens, bool cuda_graphs) "
-    "-> Tensor"
+    "int block_tokens, int gpu_cache_tokens, int pruning_cache_tokens, bool cuda_graphs, "
+    "bool fp8_pruning_keys=False) -> Tensor"
 )
 
 
@@ -37,24 +37,26 @@ def _past_tokens(past: torch.Tensor):
 
 
 def _store_for(new: torch.Tensor, num_layers: int, block_tokens: int, gpu_cache_tokens: int,
-               pruning_cache_tokens: int, cuda_graphs: bool):
+               pruning_cache_tokens: int, cuda_graphs: bool, fp8_pruning_keys: bool):
     batch, heads, _, dim = new.shape
     key = (num_layers, batch, heads, dim, new.dtype, new.device, block_tokens, gpu_cache_tokens,
-           pruning_cache_tokens, cuda_graphs)
+           pruning_cache_tokens, cuda_graphs, fp8_pruning_keys)
     if key not in _STORES:
         _STORES[key] = HostKVStore(
             num_layers=num_layers, batch=batch, kv_heads=heads, head_dim=dim, value_dim=dim,
             capacity_tokens=INITIAL_TOKENS, block_tokens=block_tokens, dtype=new.dtype,
             device=new.device, attention_bank_tokens=gpu_cache_tokens,
             pruning_bank_tokens=pruning_cache_tokens, cuda_graphs=cuda_graphs,
+            pruning_key_dtype=torch.float8_e4m3fn if fp8_pruning_keys else None,
         )
     return _STORES[key]
 
 
 def _kv_offload_concat(past, new, *, layer, num_layers, is_value, block_tokens,
-                       gpu_cache_tokens, pruning_cache_tokens, cuda_graphs):
+                       gpu_cache_tokens, pruning_cache_tokens, cuda_graphs,
+                       fp8_pruning_keys=False):
     store = _store_for(new, num_layers, block_tokens, gpu_cache_tokens, pruning_cache_tokens,
-                       cuda_graphs)
+                       cuda_graphs, fp8_pruning_keys)
     past_tokens = _past_tokens(past)
     pending = _PENDING.setdefault((id(store), layer), {})
     if past_tokens == 0 and not pending:

@@ -14,7 +14,11 @@ Layout per layer: block-major host copies [B * N_BLOCKS, H_KV, BLOCK_K, D] (pinn
 registered with CUDA when the model runs on CUDA: GPU kernels read blocks and probed keys from
 them directly, and a streamed piece crosses PCIe as one DMA), and two GPU banks
 (``block_bank.BlockBank``): one of keys for pruning, one of keys and values for attention.
-Storage may be float8_e4m3fn (half the bytes; values beyond +-448 saturate).
+Storage may be float8_e4m3fn (half the bytes; values beyond +-448 saturate). With
+``pruning_key_dtype=float8_e4m3fn`` over 16-bit storage, each layer also keeps its keys in FP8
+(``pruning_keys``), and the pruning stages read those: stage 0's probes in host memory and the
+pruning bank. A decode refresh is bound by those reads over PCIe (reports/bench/fp8_pruning_keys/),
+and they are then half the bytes; the attention still reads the keys and values as stored.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class HostKVStore:
                  value_dim: int, capacity_tokens: int, block_tokens: int, dtype: torch.dtype,
                  device: torch.device | str | None = None,
                  storage_dtype: torch.dtype | None = None,
+                 pruning_key_dtype: torch.dtype | None = None,
                  attention_bank_tokens: int, pruning_bank_tokens: int, cuda_graphs: bool = True):
         for name, value in (("num_layers", num_layers), ("batch", batch), ("kv_heads", kv_heads),
                             ("head_dim", head_dim), ("value_dim", value_dim),
@@ -78,6 +83,8 @@ class HostKVStore:
         # The device of the banks: given, or that of the first keys appended.
         self.dtype, self.device = dtype, None if device is None else torch.device(device)
         self.storage_dtype = storage_dtype or dtype
+        # The keys the pruning stages read: the stored ones, or a second copy in this dtype.
+        self.pruning_key_dtype = pruning_key_dtype or self.storage_dtype
         # Replay each layer's decode append and attention, and the banks' reads, as CUDA
         # graphs on CUDA (append_step_graph, decode_step_graph, decode_shortcut,
         # replayed_work); off: ordinary launches.
@@ -112,9 +119,10 @@ class HostKVStore:
     @property
     def host_bytes(self) -> int:
         """Host bytes of all layers' K/V at full capacity (what the store may allocate)."""
-        per_token = self.kv_heads * (self.head_dim + self.value_dim)
-        item = torch.empty((), dtype=self.storage_dtype).element_size()
-        return self.num_layers * self.batch * self.capacity_tokens * per_token * item
+        shapes, dtypes = self._block_shapes(), self._host_dtypes()
+        per_token = sum(heads * dim * _item_size(dtypes[name])
+                        for name, (heads, _, dim) in shapes.items())
+        return self.num_layers * self.batch * self.capacity_tokens * per_token
 
     @property
     def gpu_bytes(self) -> int:
@@ -207,12 +215,21 @@ class HostKVStore:
         mark_appended(layer, self)
 
     def token_writes(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> list:
-        """``token_append``'s writes of new tokens to a layer's host copy and banks."""
-        host = self._host[layer]
-        return [(self._to_storage(new), host[name],
-                 [(bank.slot_of_block, bank.tensors[name])
-                  for bank in (self._banks[layer] or {}).values() if name in bank.tensors])
-                for name, new in (("keys", key), ("values", value))]
+        """``token_append``'s writes of new tokens to a layer's host copies and banks."""
+        host, banks = self._host[layer], self._banks[layer] or {}
+        dtypes, news = self._host_dtypes(), {"keys": key, "values": value, "pruning_keys": key}
+        return [(_converted(news[name], dtypes[name]), host[name],
+                 [(banks[kind].slot_of_block, banks[kind].tensors[tensor])
+                  for kind, tensor in self._bank_copies()[name] if kind in banks])
+                for name in host]
+
+    def _bank_copies(self) -> dict[str, list[tuple[str, str]]]:
+        """Host copy name -> the (bank kind, bank tensor name) pairs that hold its blocks."""
+        pruned = "pruning_keys" if self._separate_pruning_keys else "keys"
+        copies = {"keys": [("attention", "keys")], "values": [("attention", "values")],
+                  "pruning_keys": []}
+        copies[pruned].append(("pruning", "keys"))
+        return copies
 
     def reset_layer(self, layer: int) -> None:
         """Forget one layer's tokens (its next append starts a new sequence)."""
@@ -299,7 +316,7 @@ class HostKVStore:
         head for several rows (not one stride apart). The caller then streams them. With
         ``probe_stride``, the keys a stage with first-step parts of that many keys probes first
         are also kept on the device (``probe_key_copy``) and come along."""
-        host = self._layer_host(layer)["keys"]
+        host = self._kind_host(layer, "pruning")["keys"]
         if (self.device.type != "cuda" or (per_kv_head and self.batch > 1)
                 or host.data_ptr() not in self._pinned):
             return None
@@ -345,7 +362,7 @@ class HostKVStore:
                          kind: str = "attention") -> dict[str, torch.Tensor]:
         """``read_blocks`` as the bank returns them: [B, N, H_KV, BLOCK_K, D] (a view, no copy)."""
         bank, ids = self._bank_and_ids(layer, block_ids, kind)
-        return self._by_row(bank.read(ids, self._layer_host(layer), self.dtype))
+        return self._by_row(bank.read(ids, self._kind_host(layer, kind), self.dtype))
 
     def fetch_named_bank_blocks(self, layer: int, name, key, inputs: tuple, n: int,
                                 kind: str = "attention") -> bool:
@@ -357,7 +374,7 @@ class HostKVStore:
         then."""
         bank = self._kind_bank(layer, kind)
         return bank.fetch_named(self._bank_ids_of(name), (kind, key), inputs, n,
-                                self._layer_host(layer))
+                                self._kind_host(layer, kind))
 
     def count_held_named(self, layer: int, name, key, inputs: tuple) -> None:
         """Count the pruning bank's blocks ``name(*inputs)`` names ([B, N], as
@@ -426,10 +443,16 @@ class HostKVStore:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
 
-    def _to_storage(self, t: torch.Tensor) -> torch.Tensor:
-        if self.storage_dtype == torch.float8_e4m3fn and t.dtype != self.storage_dtype:
-            t = t.clamp(-FP8_MAX, FP8_MAX)
-        return t.to(self.storage_dtype)
+    @property
+    def _separate_pruning_keys(self) -> bool:
+        return self.pruning_key_dtype != self.storage_dtype
+
+    def _kind_host(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
+        """The host copies the layer's ``kind`` bank reads, by the bank's tensor names."""
+        host = self._layer_host(layer)
+        if kind == "pruning":
+            return {"keys": host["pruning_keys" if self._separate_pruning_keys else "keys"]}
+        return host
 
     def _layer_host(self, layer: int) -> dict[str, torch.Tensor]:
         """Allocate a layer's host copies on first use."""
@@ -446,13 +469,13 @@ class HostKVStore:
                 self._banks[layer] = self._new_banks()
         return self._banks[layer]
 
-    def _host_zeros(self, shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    def _host_zeros(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
         """Zeroed host memory, pinned in place (cudaHostRegister) when the model runs on CUDA.
 
         In place rather than ``pin_memory=True``: the caching pinned allocator rounds a request up
         to a power of two, which would nearly double a 2.1 GiB layer and void the memory check.
         """
-        t = torch.zeros(shape, dtype=self.storage_dtype)
+        t = torch.zeros(shape, dtype=dtype)
         if pin:
             ptr, size = t.data_ptr(), t.numel() * t.element_size()
             err = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0))
@@ -483,13 +506,21 @@ class HostKVStore:
                 self._unpin(host.values())
 
     def _block_shapes(self) -> dict[str, tuple[int, int, int]]:
-        return {"keys": (self.kv_heads, self.block_tokens, self.head_dim),
-                "values": (self.kv_heads, self.block_tokens, self.value_dim)}
+        """The block shape of each host copy of a layer."""
+        shapes = {"keys": (self.kv_heads, self.block_tokens, self.head_dim),
+                  "values": (self.kv_heads, self.block_tokens, self.value_dim)}
+        if self._separate_pruning_keys:
+            shapes["pruning_keys"] = shapes["keys"]
+        return shapes
+
+    def _host_dtypes(self) -> dict[str, torch.dtype]:
+        return {"keys": self.storage_dtype, "values": self.storage_dtype,
+                "pruning_keys": self.pruning_key_dtype}
 
     def _allocate_host(self, layer: int) -> None:
         pin = self.device.type == "cuda"
-        rows = self.batch * self.blocks_per_row
-        self._host[layer] = {name: self._host_zeros((rows, *shape), pin)
+        rows, dtypes = self.batch * self.blocks_per_row, self._host_dtypes()
+        self._host[layer] = {name: self._host_zeros((rows, *shape), dtypes[name], pin)
                              for name, shape in self._block_shapes().items()}
 
     def _new_banks(self) -> dict[str, BlockBank]:
@@ -497,11 +528,13 @@ class HostKVStore:
         pool = self._bank_graph_pool()
         return {
             "attention": BlockBank(n_slots=self.bank_slots["attention"], n_blocks=rows,
-                                   block_shapes=shapes, dtype=self.storage_dtype,
-                                   device=self.device, graph_pool=pool),
+                                   block_shapes={n: shapes[n] for n in ("keys", "values")},
+                                   dtype=self.storage_dtype, device=self.device,
+                                   graph_pool=pool),
             "pruning": BlockBank(n_slots=self.bank_slots["pruning"], n_blocks=rows,
                                  block_shapes={"keys": shapes["keys"]},
-                                 dtype=self.storage_dtype, device=self.device, graph_pool=pool),
+                                 dtype=self.pruning_key_dtype, device=self.device,
+                                 graph_pool=pool),
         }
 
     def _bank_graph_pool(self):
@@ -511,6 +544,17 @@ class HostKVStore:
         if self._admission_pool is None:
             self._admission_pool = torch.cuda.graph_pool_handle()
         return self._admission_pool
+
+
+def _item_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _converted(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; float8_e4m3fn saturates at +-448 instead of becoming NaN."""
+    if dtype == torch.float8_e4m3fn and t.dtype != dtype:
+        t = t.clamp(-FP8_MAX, FP8_MAX)
+    return t.to(dtype)
 
 
 # --- the op layer's registry ---------------------------------------------------------------------

@@ -103,20 +103,27 @@ def _checked_write(new: torch.Tensor, host: torch.Tensor, banks) -> tuple:
 
 def append_tokens_kernel(writes, start: int, blocks_per_row: int,
                          start_at: torch.Tensor | None = None) -> None:
-    """Triton launch of ``append_tokens_ref`` for each of ``writes`` ((new, host, banks), at
-    most two, e.g. the keys and the values: one launch for all); same result. ``start_at``
-    (an int64 tensor [1] on the device), when given, holds the first token's position instead
-    of ``start`` (``append_step_graph``)."""
+    """Triton launch of ``append_tokens_ref`` for each of ``writes`` ((new, host, banks), e.g.
+    the keys and the values: one launch per two writes); same result. ``start_at`` (an int64
+    tensor [1] on the device), when given, holds the first token's position instead of
+    ``start`` (``append_step_graph``)."""
     writes = list(writes)
-    if not 1 <= len(writes) <= _MAX_WRITES:
-        raise ValueError(f"one launch takes 1 to {_MAX_WRITES} writes, got {len(writes)}")
+    if not writes:
+        raise ValueError("append_tokens_kernel needs at least one write")
     batch, heads, s_new, _ = writes[0][0].shape
     for new, _, _ in writes:
         if (new.shape[0], new.shape[1], new.shape[2]) != (batch, heads, s_new):
-            raise ValueError(f"writes of one launch need the same batch, heads and tokens, got "
+            raise ValueError(f"writes of one append need the same batch, heads and tokens, got "
                              f"{[tuple(w[0].shape) for w in writes]}")
     if s_new == 0:
         return
+    for lo in range(0, len(writes), _MAX_WRITES):
+        _launch(writes[lo:lo + _MAX_WRITES], start, blocks_per_row, start_at)
+
+
+def _launch(writes: list, start: int, blocks_per_row: int, start_at) -> None:
+    """One launch of the kernel for one or two writes."""
+    batch, heads, s_new, _ = writes[0][0].shape
     args = [_checked_write(*w) for w in writes]
     args += [args[0]] * (_MAX_WRITES - len(args))
     grid = (triton.cdiv(s_new, _TOKENS), heads, batch * len(writes))

@@ -201,15 +201,24 @@ WARMUP_CYCLES = 2  # refresh cycles decoded before the timed one (offloaded cach
 HOST_HEADROOM_BYTES = 8 * 2**30
 
 
-def largest_offloaded_context(model, storage_dtype: torch.dtype, room: int) -> int:
+def stored_item_sizes(args, dtype) -> tuple[int, int]:
+    """Bytes per element of the stored keys and values, and of the keys the pruning stages read
+    (``fp8_pruning_keys``: a second copy, in host memory too)."""
+    stored = args.storage_dtype or dtype
+    pruning = torch.float8_e4m3fn if args.config.fp8_pruning_keys else stored
+    return (torch.empty((), dtype=stored).element_size(),
+            torch.empty((), dtype=pruning).element_size() if pruning != stored else 0)
+
+
+def largest_offloaded_context(model, args, dtype, room: int) -> int:
     """The longest context, in whole 64k-token pieces, whose K/V (every layer of ``model``,
-    stored as ``storage_dtype``) and ``room`` more tokens fit the available host memory less
+    stored as ``args`` says) and ``room`` more tokens fit the available host memory less
     ``HOST_HEADROOM_BYTES``."""
     from ihip_compile.kernels.kv_store import available_host_bytes
 
     heads, dim = kv_shape(model)
-    item = torch.empty((), dtype=storage_dtype).element_size()
-    per_token = model.config.num_hidden_layers * heads * 2 * dim * item
+    stored, extra_keys = stored_item_sizes(args, dtype)
+    per_token = model.config.num_hidden_layers * heads * dim * (2 * stored + extra_keys)
     tokens = (available_host_bytes() - HOST_HEADROOM_BYTES) // per_token - room
     if tokens < 65536:
         raise ValueError(f"available host memory holds {max(tokens, 0):,} tokens of this model's "
@@ -241,8 +250,7 @@ def decode_section(args, model, ours, device, dtype, on_row=lambda rows: None) -
     for context in args.contexts:
         row = {"context": context}
         if context == "max":
-            row["context"] = context = largest_offloaded_context(model, args.storage_dtype or dtype,
-                                                                 room)
+            row["context"] = context = largest_offloaded_context(model, args, dtype, room)
             row["context_note"] = ("max: the largest multiple of 64k tokens whose K/V, all "
                                    "layers, fit the available host memory less "
                                    f"{HOST_HEADROOM_BYTES / 2**30:.0f} GiB")
@@ -498,9 +506,10 @@ def capacity_section(args, model, device, dtype) -> dict:
 
     heads, dim = kv_shape(model)
     item = torch.empty((), dtype=dtype).element_size()
-    store_item = torch.empty((), dtype=args.storage_dtype or dtype).element_size()
+    store_item, extra_keys_item = stored_item_sizes(args, dtype)
+    pruning_item = extra_keys_item or store_item
     per_token_gpu = FULL_LAYERS * heads * 2 * dim * item
-    per_token_host = FULL_LAYERS * heads * 2 * dim * store_item
+    per_token_host = FULL_LAYERS * heads * dim * (2 * store_item + extra_keys_item)
     params_per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     other = sum(p.numel() for p in model.parameters()) - params_per_layer * len(model.model.layers)
     full_weights = (params_per_layer * FULL_LAYERS + other) * item
@@ -518,7 +527,8 @@ def capacity_section(args, model, device, dtype) -> dict:
     host = available_host_bytes()
     ours_tokens = host // per_token_host
     attention, pruning = args.config.gpu_cache_tokens, args.config.pruning_bank_tokens()
-    banks = FULL_LAYERS * (2 * attention + pruning) * heads * dim * item  # attention K+V, keys
+    # The attention bank's keys and values, the pruning bank's keys, as stored.
+    banks = FULL_LAYERS * (2 * attention * store_item + pruning * pruning_item) * heads * dim
     # One layer's keys and values at the full context: the scratch a prefill chunk fills. A
     # decode step on CUDA reads keys and values where they lie and gives it back.
     prefill_scratch = 2 * ours_tokens * heads * dim * item
@@ -526,7 +536,7 @@ def capacity_section(args, model, device, dtype) -> dict:
     stride = copy_stride(args.config.stages[0].chunk_size, args.config.first_probe_parts)
 
     def probe_copies(tokens):
-        return FULL_LAYERS * (tokens // stride) * heads * dim * store_item if stride else 0
+        return FULL_LAYERS * (tokens // stride) * heads * dim * pruning_item if stride else 0
 
     fixed = banks + probe_copies(ours_tokens)
     out.update(host_available_bytes=host, ours_max_tokens=ours_tokens,

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 from ihip_compile import backend as ihip_backend
 from ihip_compile.backend import keep_generation_masks_in_graph
+from ihip_compile.config import IHipConfig
 from ihip_compile.offload import OffloadedCache
 from tests.models import tiny_hf
 
@@ -23,9 +24,10 @@ def _model():
 
 
 def _cache(kind, model, tokens):
-    if kind == "offloaded":
+    if kind.startswith("offloaded"):
+        config = IHipConfig(fp8_pruning_keys=kind == "offloaded_fp8_pruning_keys")
         return {"past_key_values": OffloadedCache(model.config, max_cache_tokens=tokens,
-                                                  gpu_cache_tokens=32)}
+                                                  gpu_cache_tokens=32, ihip_config=config)}
     if kind == "static":
         return {"cache_implementation": "static", "disable_compile": True}
     return {"past_key_values": DynamicCache(config=model.config)}
@@ -48,7 +50,7 @@ def _generate(model, graphs: bool, kind: str, new=20):
     return out.sequences, torch.stack(out.logits)
 
 
-@pytest.mark.parametrize("kind", ["offloaded", "dynamic", "static"])
+@pytest.mark.parametrize("kind", ["offloaded", "offloaded_fp8_pruning_keys", "dynamic", "static"])
 def test_generate_with_decode_graphs_matches_without(kind):
     model = _model()
     tokens, logits = _generate(model, False, kind)
@@ -81,8 +83,10 @@ def _whole_step(compiled_graphs):
 
 
 @pytest.mark.parametrize("steps", [40])
-def test_whole_decode_steps_replay_as_one_graph_with_the_same_logits(steps):
-    options = {**OPTIONS, "refresh_intervals": [16, 8]}  # steady steps in a row between refreshes
+@pytest.mark.parametrize("fp8_pruning_keys", [False, True])
+def test_whole_decode_steps_replay_as_one_graph_with_the_same_logits(steps, fp8_pruning_keys):
+    # steady steps in a row between refreshes
+    options = {**OPTIONS, "refresh_intervals": [16, 8], "fp8_pruning_keys": fp8_pruning_keys}
     model = _model()
     ids = torch.randint(3, tiny_hf.VOCAB, (1, 40), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(7))
@@ -93,7 +97,7 @@ def test_whole_decode_steps_replay_as_one_graph_with_the_same_logits(steps):
         compiled = torch.compile(model, backend=ihip_backend.backend(
             {**options, "decode_cuda_graphs": graphs}))
         cache = OffloadedCache(model.config, max_cache_tokens=40 + steps + 1,
-                               gpu_cache_tokens=128)
+                               gpu_cache_tokens=128, ihip_config=IHipConfig(**options))
         got, refreshed, replayed = [], [], []
         with torch.no_grad():
             token = compiled(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)

@@ -87,14 +87,19 @@ def test_max_context_is_the_longest_the_host_memory_holds(monkeypatch):
         free = e2e.HOST_HEADROOM_BYTES + per_token * tokens
         monkeypatch.setattr(kv_store, "available_host_bytes", lambda: free)
 
+    plain, fp8 = e2e.parse_args([]), e2e.parse_args(["--fp8"])
+    fp8_pruning = e2e.parse_args(["--options", '{"fp8_pruning_keys": true}'])
     holding(3 * 65536 + room)
-    assert e2e.largest_offloaded_context(model, torch.float32, room) == 3 * 65536
-    assert e2e.largest_offloaded_context(model, torch.float8_e4m3fn, room) == 12 * 65536
+    assert e2e.largest_offloaded_context(model, plain, torch.float32, room) == 3 * 65536
+    assert e2e.largest_offloaded_context(model, fp8, torch.float32, room) == 12 * 65536
+    # A second copy of the keys in FP8: 9 bytes per key and value element instead of 8.
+    holding(9 * 65536 + 2 * room)
+    assert e2e.largest_offloaded_context(model, fp8_pruning, torch.float32, room) == 8 * 65536
     holding(3 * 65536 + room - 1)
-    assert e2e.largest_offloaded_context(model, torch.float32, room) == 2 * 65536
+    assert e2e.largest_offloaded_context(model, plain, torch.float32, room) == 2 * 65536
     holding(65535 + room)
     with pytest.raises(ValueError, match="fewer than one 64k piece"):
-        e2e.largest_offloaded_context(model, torch.float32, room)
+        e2e.largest_offloaded_context(model, plain, torch.float32, room)
     assert e2e.parse_args(["--contexts", "max,4096"]).contexts == ["max", 4096]
     with pytest.raises(SystemExit):
         e2e.parse_args(["--contexts", "1M"])

@@ -88,6 +88,30 @@ def test_fp8_storage_reads_back_the_fp8_rounding():
     assert store.host_bytes == 2 * 2 * 200 * 2 * (4 + 3) * 1
 
 
+def test_fp8_pruning_keys_serve_the_pruning_bank_and_the_stored_keys_the_rest():
+    store = _store(dtype=torch.bfloat16, pruning_key_dtype=torch.float8_e4m3fn,
+                   pruning_bank_tokens=32)
+    keys, values = _fill(store, 0, [9, 4])
+    ids = torch.tensor([[0, 1], [1, 0]])
+    store.read_blocks(0, ids, "pruning")  # the bank holds block 1: the appends write through
+    more_k, more_v = _fill(store, 0, [3], seed=4)
+    keys, values = torch.cat([keys, more_k], 2), torch.cat([values, more_v], 2)
+    fp8 = keys.to(torch.float8_e4m3fn).to(torch.bfloat16)
+    for kind, want in (("pruning", fp8), ("attention", keys)):
+        got = store.read_blocks(0, ids, kind)["keys"]
+        assert torch.equal(got[0, :, :16], want[0, :, :16])
+        assert torch.equal(got[1, :, :8], want[1, :, 8:16])
+        assert torch.equal(got[1, :, 8:16], want[1, :, :8])
+    assert store._banks[0]["pruning"].hits == 4
+    assert store._banks[0]["pruning"].tensors["keys"].dtype == torch.float8_e4m3fn
+    store.grow(300)  # every copy, the FP8 keys too, moves with the tokens
+    k_all, v_all = store.read_tokens(0)
+    assert torch.equal(k_all, keys) and torch.equal(v_all, values)
+    assert torch.equal(store.read_blocks(0, ids, "pruning")["keys"][0, :, :16], fp8[0, :, :16])
+    per_token = 2 * (4 + 3) + 4  # 16-bit keys and values, the FP8 keys
+    assert store.host_bytes == 2 * 2 * 304 * 2 * per_token
+
+
 def test_appending_past_capacity_names_the_limit():
     store = _store(capacity_tokens=16)
     _fill(store, 0, [16])
