@@ -50,7 +50,8 @@ def segment_for_cuda_graphs(gm: fx.GraphModule, whole_step: bool = True,
         gm, "cuda", lambda m: GraphedSegment(m, capturer, in_place, compiler))
     if not plan.segments:
         return f"not used: no static stretch ({plan.summary()})"
-    folded = (fold_decode_step(gm, StepReplay) if whole_step
+    folded = (fold_decode_step(gm, lambda stretch: StepReplay(stretch, in_place=in_place))
+              if whole_step
               else "off (decode_step_graph=False)")
     fused = "compiled" if compiler is not None else "ATen ops as traced"
     return f"on: {plan.summary()} ({fused}); whole step {folded}"

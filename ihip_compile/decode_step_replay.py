@@ -14,9 +14,10 @@ figures are in ``reports/bench/whole_step_graph/``). This module runs the folded
                     step's bookkeeping while it runs; later such steps only replay and record
     any other step  (a refresh, a window entering a new block, a new prompt) runs as
                     observed; the step after it replays when it repeats it
-Inputs: tensors at the same address in consecutive steps (weights, the outputs of segments that
-run before the stretch) are read in place and checked at every replay; other tensors are
-copied into buffers; a padding mask that only tells the attention there is no padding is checked
+Inputs: weights, the outputs of the segments that run before the stretch (their graphs write
+them in the same memory at every step; ``in_place``) and other tensors at the same address in
+consecutive steps are read in place and checked at every replay; other tensors are copied into
+buffers (a position computed at every step); a padding mask that only tells the attention there is no padding is checked
 at every step as the op checks it (a row with padding runs the observed path, which takes the
 dense path), and is otherwise not read. The hooks' checks make a replay exactly the step the
 observed path would run (tests/e2e/test_decode_cuda_graphs.py compares the two on a GPU).
@@ -51,12 +52,15 @@ def capture_whole_step(run: Callable[[], tuple]) -> tuple[Callable[[], None], tu
 
 class StepReplay(torch.nn.Module):
     """Runs the folded stretch; see the module docstring. ``capture`` makes the graph
-    (``capture_whole_step``; tests pass a stand-in)."""
+    (``capture_whole_step``; tests pass a stand-in); ``in_place``: the addresses of the outputs
+    of the graph's segments (``cuda_graph_segment``, which adds to it as they are captured)."""
 
-    def __init__(self, stretch: fx.GraphModule, capture=capture_whole_step):
+    def __init__(self, stretch: fx.GraphModule, capture=capture_whole_step,
+                 in_place: set[int] | None = None):
         super().__init__()
         self.stretch = stretch
         self.capture = capture
+        self.in_place = in_place if in_place is not None else set()
         self.mask_inputs = _mask_inputs(stretch)
         self.hooks: list | None = None  # of the last observed step, if it was steady
         self.last_addresses: dict[int, int] = {}
@@ -109,8 +113,11 @@ class StepReplay(torch.nn.Module):
                    for i, b in self.buffers.items())
 
     def _capture(self, args) -> None:
+        # A segment captured in the observed step itself wrote its outputs elsewhere then, yet
+        # writes them here from now on: read in place too.
         staged = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
-                  and i not in self.mask_inputs and a.data_ptr() != self.last_addresses.get(i)}
+                  and i not in self.mask_inputs and a.data_ptr() not in self.in_place
+                  and a.data_ptr() != self.last_addresses.get(i)}
         with torch.inference_mode(False):  # buffers reused across calls, in and out of it
             buffers = {i: args[i].clone() for i in sorted(staged)}
         inputs = [buffers.get(i, a) for i, a in enumerate(args)]

@@ -228,15 +228,18 @@ def largest_offloaded_context(model, args, dtype, room: int) -> int:
 
 def whole_step_counts() -> dict:
     """Decode steps of the compiled graphs replayed as one CUDA graph, captured, or run piece by
-    piece (``decode_step_replay``), summed over the graphs compiled so far."""
+    piece (``decode_step_replay``), summed over the graphs compiled so far; and the inputs
+    their last captures copy at each replay (``staged_inputs``)."""
     from ihip_compile.backend import compiled_graphs
     from ihip_compile.passes.fold_decode_step import STEP_MODULE
 
-    totals = {"replays": 0, "captures": 0, "observed": 0}
+    totals = {"replays": 0, "captures": 0, "observed": 0, "staged_inputs": 0}
     for result in compiled_graphs:
         step = getattr(result.gm, STEP_MODULE, None)
-        for name in totals if step is not None else ():
-            totals[name] += step.stats[name]
+        if step is not None:
+            for name in ("replays", "captures", "observed"):
+                totals[name] += step.stats[name]
+            totals["staged_inputs"] += len(step.buffers)
     return totals
 
 
@@ -271,8 +274,10 @@ def decode_section(args, model, ours, device, dtype, on_row=lambda rows: None) -
             row["ours"] = time_decode(ours, cache, cycle, 0, device, model.config.vocab_size,
                                       per_step)
             after = _bank_totals(cache)
-            row["whole_step_graph"] = {k: n - steps_before[k]
-                                       for k, n in whole_step_counts().items()}
+            steps_after = whole_step_counts()
+            row["whole_step_graph"] = {k: n - steps_before[k] for k, n in steps_after.items()
+                                       if k != "staged_inputs"}
+            row["whole_step_graph"]["staged_inputs"] = steps_after["staged_inputs"]
             row["hit_ratio"] = {k: _ratio(after, before, k) for k in ("attention", "pruning")}
             row["between_refreshes"] = per_step.between_refreshes()
             row["blocks_streamed"] = after["streamed_blocks"] - before["streamed_blocks"]

@@ -107,6 +107,20 @@ def test_steady_steps_are_captured_once_then_replayed_with_their_bookkeeping():
     assert set(replay.buffers) == {0} and set(replay.addresses) == {1}
 
 
+def test_a_segment_output_that_moved_at_its_capture_is_read_in_place():
+    # Step 1's segment ran eagerly (w elsewhere); step 2's replays its graph into graph-owned
+    # memory, where every later step writes it: the capture reads it there, copying nothing.
+    store, in_place = Store(), set()
+    replay = StepReplay(_stretch(store), capture=rerun_capture, in_place=in_place)
+    _step(replay, store, torch.ones(3), 1)
+    segment_output = torch.ones(3)
+    in_place.add(segment_output.data_ptr())
+    for step in range(2, 5):
+        _step(replay, store, segment_output, step)
+    assert replay.stats == {"observed": 1, "captures": 1, "replays": 3}
+    assert set(replay.buffers) == {0} and set(replay.addresses) == {1}
+
+
 def _replayed_three_steps():
     """A stretch observed at step 1, captured at step 2, replayed at step 3."""
     store, w = Store(), torch.ones(3)
