@@ -68,7 +68,9 @@ def _plant_needle(q, k, center, width, strength, block_rows):
 
 
 @pytest.mark.parametrize("use_triton", [False, True])
-def test_planted_needles_are_always_found(use_triton):
+@pytest.mark.parametrize("key_dtype", [None, torch.float8_e4m3fn])
+def test_planted_needles_are_always_found(use_triton, key_dtype):
+    # key_dtype: the keys scored as rounded to it (``fp8_pruning_keys``), the needles the same.
     d, s_k, s_q = 32, 2048, 16
     sink, window = 16, 64
     gen = torch.Generator().manual_seed(11)
@@ -79,6 +81,8 @@ def test_planted_needles_are_always_found(use_triton):
         q = (direction + 0.5 * torch.randn(1, 4, s_q, d, generator=gen)).to(DEVICE)
         k = torch.randn(1, 2, s_k, d, generator=gen).to(DEVICE)
         _plant_needle(q, k, center, width=24.0, strength=12.0, block_rows=slice(0, s_q))
+        if key_dtype is not None:
+            k = k.to(key_dtype).to(q.dtype)
         pos = torch.arange(s_k - s_q, s_k, device=DEVICE)
         blocks = select_blocks(q, k, pos, block_size_q=16, sink_tokens=sink, window_tokens=window,
                                stage_chunks=(64, 16, 8), stage_keeps=(512, 128, 64),

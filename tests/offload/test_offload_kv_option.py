@@ -1,5 +1,6 @@
 """``options={"offload_kv": True}``: generate() with its own DynamicCache, K/V in host memory."""
 
+import pytest
 import torch
 
 from ihip_compile.kernels import cache_concat_offload
@@ -7,17 +8,21 @@ from tests.models import tiny_hf
 from tests.offload.test_backend_offload import OPTIONS
 
 
-def test_offload_kv_option_moves_dynamic_cache_to_host_and_matches():
+@pytest.mark.parametrize("fp8_pruning_keys", [False, True])
+def test_offload_kv_option_moves_dynamic_cache_to_host_and_matches(fp8_pruning_keys):
     torch._dynamo.reset()
     model = tiny_hf.build("llama")
     ids = torch.randint(3, tiny_hf.VOCAB, (1, 36), generator=torch.Generator().manual_seed(3))
     want = model.generate(ids, max_new_tokens=6, do_sample=False)
-    model.compile(backend="infinitehip_eager", options={**OPTIONS, "offload_kv": True})
+    model.compile(backend="infinitehip_eager", options={**OPTIONS, "offload_kv": True,
+                                                        "fp8_pruning_keys": fp8_pruning_keys})
     cache_concat_offload._STORES.clear()
     out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, want)
     (store,) = cache_concat_offload._STORES.values()
     assert store.lengths == [41, 41]
+    want_pruning_dtype = torch.float8_e4m3fn if fp8_pruning_keys else store.storage_dtype
+    assert store.pruning_bank(0).tensors["keys"].dtype == want_pruning_dtype
     # The option's banks: the configured attention bank, a pruning bank twice its size.
     assert store.bank_slots["pruning"] == 2 * store.bank_slots["attention"]
     keys = out.past_key_values.layers[0].keys
