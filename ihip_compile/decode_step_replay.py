@@ -17,9 +17,9 @@ figures are in ``reports/bench/whole_step_graph/``). This module runs the folded
 Inputs: weights, the outputs of the segments that run before the stretch (their graphs write
 them in the same memory at every step; ``in_place``) and other tensors at the same address in
 consecutive steps are read in place and checked at every replay; other tensors are copied into
-buffers (a position computed at every step); a padding mask that only tells the attention there is no padding is checked
-at every step as the op checks it (a row with padding runs the observed path, which takes the
-dense path), and is otherwise not read. The hooks' checks make a replay exactly the step the
+buffers (a position computed at every step); a padding mask that only tells the attention there
+is no padding is checked at every step as the op checks it (a row with padding runs the observed
+path, which takes the dense path), and is otherwise not read. The hooks' checks make a replay exactly the step the
 observed path would run (tests/e2e/test_decode_cuda_graphs.py compares the two on a GPU).
 
 A capture that fails leaves the stretch on the observed path, with a warning that says why.

@@ -85,6 +85,10 @@ class HostKVStore:
         self.storage_dtype = storage_dtype or dtype
         # The keys the pruning stages read: the stored ones, or a second copy in this dtype.
         self.pruning_key_dtype = pruning_key_dtype or self.storage_dtype
+        if self.pruning_key_dtype not in (self.storage_dtype, torch.float8_e4m3fn):
+            raise ValueError(f"pruning_key_dtype must be None, the storage dtype "
+                             f"({self.storage_dtype}) or torch.float8_e4m3fn, got "
+                             f"{pruning_key_dtype}")
         # Replay each layer's decode append and attention, and the banks' reads, as CUDA
         # graphs on CUDA (append_step_graph, decode_step_graph, decode_shortcut,
         # replayed_work); off: ordinary launches.
@@ -452,7 +456,7 @@ class HostKVStore:
         host = self._layer_host(layer)
         if kind == "pruning":
             return {"keys": host["pruning_keys" if self._separate_pruning_keys else "keys"]}
-        return host
+        return {name: host[name] for name in ("keys", "values")}
 
     def _layer_host(self, layer: int) -> dict[str, torch.Tensor]:
         """Allocate a layer's host copies on first use."""

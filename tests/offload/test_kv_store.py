@@ -110,6 +110,8 @@ def test_fp8_pruning_keys_serve_the_pruning_bank_and_the_stored_keys_the_rest():
     assert torch.equal(store.read_blocks(0, ids, "pruning")["keys"][0, :, :16], fp8[0, :, :16])
     per_token = 2 * (4 + 3) + 4  # 16-bit keys and values, the FP8 keys
     assert store.host_bytes == 2 * 2 * 304 * 2 * per_token
+    with pytest.raises(ValueError, match="pruning_key_dtype must be"):
+        _store(dtype=torch.bfloat16, pruning_key_dtype=torch.float32)
 
 
 def test_appending_past_capacity_names_the_limit():
