@@ -297,10 +297,12 @@ class HostKVStore:
         length = self.lengths[layer]
         return out["keys"][:, :, :length], out["values"][:, :, :length]
 
-    def stream_into(self, layer: int, dst: dict[str, torch.Tensor]) -> None:
+    def stream_into(self, layer: int, dst: dict[str, torch.Tensor],
+                    kind: str = "attention") -> None:
         """Copy every block of a layer from host memory into ``dst`` ({"keys"/"values":
-        [B, H_KV, >= S_K rounded up to blocks, D]}), past the banks, a piece at a time."""
-        host = self._layer_host(layer)
+        [B, H_KV, >= S_K rounded up to blocks, D]}), past the banks, a piece at a time: the
+        copies the ``kind`` bank reads (``"pruning"``: the keys the pruning stages score)."""
+        host = self._kind_host(layer, kind)
         n_blocks = -(-self.lengths[layer] // self.block_tokens)
         self.streamed_blocks[layer] += n_blocks * self.batch * len(dst)
         bk = self.block_tokens
@@ -310,7 +312,7 @@ class HostKVStore:
                 hi = min(n_blocks, lo + _STREAM_BLOCKS)
                 piece = as_bits(by_row[:, lo:hi])
                 piece = piece.to(out.device, non_blocking=piece.is_pinned())
-                piece = piece.view(self.storage_dtype).to(out.dtype)
+                piece = piece.view(host[name].dtype).to(out.dtype)
                 out[:, :, lo * bk: hi * bk] = piece.permute(0, 2, 1, 3, 4).flatten(2, 3)
 
     def keys_in_place(self, layer: int, per_kv_head: bool,

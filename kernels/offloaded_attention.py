@@ -264,7 +264,8 @@ def _ordinary_attention(store: HostKVStore, q, k, v, q_positions, kv_valid, inv_
             if in_place is not None:
                 return in_place
             all_keys = keys()
-            store.stream_into(layer, {"keys": all_keys})
+            # Decode attention reads its blocks through the attention bank, never these.
+            store.stream_into(layer, {"keys": all_keys}, kind="pruning")
             return all_keys[:, :, :s_k]
         return pruning_keys(store, layer, kept_chunk_blocks(candidates, chunks[start - 1], bk),
                             keys, start)

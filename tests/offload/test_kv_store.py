@@ -104,6 +104,9 @@ def test_fp8_pruning_keys_serve_the_pruning_bank_and_the_stored_keys_the_rest():
         assert torch.equal(got[1, :, 8:16], want[1, :, :8])
     assert store._banks[0]["pruning"].hits == 4
     assert store._banks[0]["pruning"].tensors["keys"].dtype == torch.float8_e4m3fn
+    streamed = torch.empty(2, 2, 16, 4, dtype=torch.bfloat16)
+    store.stream_into(0, {"keys": streamed}, kind="pruning")  # stage 0 without in-place reads
+    assert torch.equal(streamed, fp8)
     store.grow(300)  # every copy, the FP8 keys too, moves with the tokens
     k_all, v_all = store.read_tokens(0)
     assert torch.equal(k_all, keys) and torch.equal(v_all, values)
