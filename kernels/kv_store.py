@@ -222,9 +222,10 @@ class HostKVStore:
         """``token_append``'s writes of new tokens to a layer's host copies and banks."""
         host, banks = self._host[layer], self._banks[layer] or {}
         dtypes, news = self._host_dtypes(), {"keys": key, "values": value, "pruning_keys": key}
+        copies = self._bank_copies()
         return [(_converted(news[name], dtypes[name]), host[name],
                  [(banks[kind].slot_of_block, banks[kind].tensors[tensor])
-                  for kind, tensor in self._bank_copies()[name] if kind in banks])
+                  for kind, tensor in copies[name] if kind in banks])
                 for name in host]
 
     def _bank_copies(self) -> dict[str, list[tuple[str, str]]]:
