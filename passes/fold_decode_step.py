@@ -1,4 +1,4 @@
-"""Fold a segmented decode graph's layers, from the first offloaded op on, into one module.
+"""Fold a segmented decode graph's layers, from the first segment on, into one module.
 
 Between refreshes a decode step over the offloaded cache repeats its device work exactly: the
 segments replay their graphs and each layer's append and attention replay theirs
@@ -8,8 +8,9 @@ segments replay their graphs and each layer's append and attention replay theirs
 Matches   a decode graph already cut into segments (``segment_decode_graph``) whose attention
           reads an offloaded cache (``ihip.kv_store_append`` feeds it).
 Emits     one ``call_module`` node ``decode_step_replay`` that runs every node from the first
-          ``ihip`` op to the graph's output (``wrap`` turns the extracted GraphModule into the
-          runner). Around it:
+          segment to the graph's output (``wrap`` turns the extracted GraphModule into the
+          runner); from the first ``ihip`` op when eager work between the segments before it
+          reads what they compute (those segments keep their own graphs). Around it:
             - pure eager nodes that read nothing inside the stretch (a padding mask's gather,
               a position's arithmetic) move before it: they run at every step as before;
             - the views of an op's marker that the graph returns (the cache's zero-stride
@@ -41,9 +42,29 @@ _MARKER_VIEWS = ("view", "expand")
 def fold_decode_step(gm: fx.GraphModule, wrap: Callable[[fx.GraphModule], object]) -> str:
     """Fold the stretch in place; returns "on: ..." or why it was not folded."""
     nodes = list(gm.graph.nodes)
-    first = next((i for i, n in enumerate(nodes) if is_ihip(n)), None)
-    if first is None:
+    first_op = next((i for i, n in enumerate(nodes) if is_ihip(n)), None)
+    if first_op is None:
         return "not used: no offloaded op"
+    first_segment = next(i for i, n in enumerate(nodes) if i == first_op or _is_segment(n))
+    plan = _plan(nodes, first_segment)
+    if isinstance(plan, str) and first_segment < first_op:
+        plan = _plan(nodes, first_op)  # the segments before the first op keep their graphs
+    if isinstance(plan, str):
+        return plan
+    stretch, before, after, markers = plan
+    _move_before(before, stretch[0])
+    _move_after(after, stretch[-1])
+    _remake_returned_markers(gm, markers, set(stretch))
+    fold_run(gm, stretch, STEP_MODULE, wrap)
+    gm.graph.lint()
+    gm.recompile()
+    layers = sum(1 for n in stretch if str(n.target).startswith("ihip.attention"))
+    start = "the first segment" if _is_segment(stretch[0]) else "the first offloaded op"
+    return f"on: one graph for {layers} attention layers and {len(stretch)} nodes, from {start}"
+
+
+def _plan(nodes: list[fx.Node], first: int):
+    """(stretch, before, after, markers) of a fold from ``nodes[first]`` on, or why not."""
     stretch, before, after, markers = [], [], [], {}
     inside: set[fx.Node] = set()
     for node in nodes[first:]:
@@ -61,21 +82,18 @@ def fold_decode_step(gm: fx.GraphModule, wrap: Callable[[fx.GraphModule], object
                else str(n.target) for n in stretch if is_ihip(n)}
     if not set(_OFFLOADED_OPS) <= targets:
         return "not used: the attention does not read an offloaded cache"
-    _move_before(before, nodes[first])
-    _move_after(after, stretch[-1])
-    _remake_returned_markers(gm, markers, inside)
-    fold_run(gm, stretch, STEP_MODULE, wrap)
-    gm.graph.lint()
-    gm.recompile()
-    layers = sum(1 for n in stretch if str(n.target).startswith("ihip.attention"))
-    return f"on: one graph for {layers} attention layers and {len(stretch)} nodes"
+    return stretch, before, after, markers
+
+
+def _is_segment(node: fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith(SEGMENT_PREFIX)
 
 
 def _kind(node: fx.Node, inside: set[fx.Node], markers: dict) -> str:
     """Where ``node`` (after the first offloaded op) goes: "stretch", "before" (moves before
     it), "after", or "refuse: why"."""
     reads_inside = any(a in inside for a in flat_nodes((node.args, node.kwargs)))
-    if node.op == "call_module" and str(node.target).startswith(SEGMENT_PREFIX):
+    if _is_segment(node):
         return "stretch"
     if is_ihip(node):
         if not str(node.target).startswith(_OFFLOADED_OPS):

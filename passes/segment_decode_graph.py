@@ -12,7 +12,11 @@ Emits     ``call_module`` nodes ``cuda_graph_segment_N``, each running one maxim
           segment produced are cloned (a replay overwrites the segment's outputs).
 Keeps     eager (``eager_reason``): ``ihip`` ops, collectives, nodes touching symbolic sizes
           or values (their result changes every step), in-place or impure nodes, anything not
-          on ``device``, nodes without a recorded example value. Between two impure nodes
+          on ``device``, nodes without a recorded example value; and small static values made
+          from constants alone that only eager nodes read (``_keep_feeders_eager``: the
+          ``arange(1)`` that a position adds the cache length to), which in a segment would
+          make the eager nodes wait for it and split the static work around them in two.
+          Between two impure nodes
           (``ihip`` ops, in-place writes, collectives: nothing moves across them), eager nodes
           move as early as their inputs allow, so that static nodes gather into one segment.
 Order     after the attention rewrite and dead-code removal (it only regroups the final graph).
@@ -33,6 +37,8 @@ from ihip_compile.passes.remove_dead_code import is_removable
 
 SEGMENT_PREFIX = "cuda_graph_segment_"
 MIN_SEGMENT_NODES = 4  # fewer static nodes are cheaper to run than to stage and replay
+FEEDER_MAX_ELEMENTS = 4096  # index-sized: such a value costs one small launch to run eagerly
+FEEDS_EAGER = "small static value read only by eager nodes"
 
 
 @dataclass
@@ -91,6 +97,7 @@ def segment_decode_graph(gm: fx.GraphModule, device_type: str = "cuda",
     """Reorder ``gm`` and fold its static stretches into segment modules (in place)."""
     plan = SegmentPlan()
     reasons = {n: eager_reason(n, device_type) for n in gm.graph.nodes}
+    _keep_feeders_eager(gm.graph, reasons)
     order = _schedule(gm.graph, reasons)
     runs, current = [], []
     for node in order:
@@ -112,6 +119,26 @@ def segment_decode_graph(gm: fx.GraphModule, device_type: str = "cuda",
     gm.graph.lint()
     gm.recompile()
     return plan
+
+
+def _keep_feeders_eager(graph: fx.Graph, reasons: dict[fx.Node, str | None]) -> None:
+    """Mark ``FEEDS_EAGER`` the small static nodes made from constants alone (a factory such as
+    ``arange``, or such a node's views) whose users all end up eager (see the module
+    docstring); users are decided before the nodes they read."""
+    free: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (reasons[node] is None and _small(example_value(node))
+                and all(a in free for a in flat_nodes((node.args, node.kwargs)))):
+            free.add(node)
+    for node in reversed(graph.nodes):
+        if node in free and node.users and all(
+                reasons[u] is not None and u.op != "output" for u in node.users):
+            reasons[node] = FEEDS_EAGER
+
+
+def _small(value) -> bool:
+    tensors = _tensors(value)
+    return bool(tensors) and sum(t.numel() for t in tensors) <= FEEDER_MAX_ELEMENTS
 
 
 def _schedule(graph: fx.Graph, reasons: dict[fx.Node, str | None]) -> list[fx.Node]:

@@ -59,6 +59,9 @@ def test_folded_decode_gives_the_same_tokens_through_generate():
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
     status, gm = folds[-1]
     assert status.startswith("on: one graph for 2 attention layers"), status
+    assert status.endswith("from the first segment"), status
+    outside = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target != STEP_MODULE]
+    assert not outside, "the segments before the first offloaded op run inside the step too"
     step = getattr(gm, STEP_MODULE)
     assert step.stats["observed"] >= 10 and step.stats["replays"] == 0
     assert step.mask_inputs, "the padding mask is an input the captured step does not read"
@@ -66,17 +69,21 @@ def test_folded_decode_gives_the_same_tokens_through_generate():
     assert not ops, "every offloaded op runs inside the folded module"
 
 
-def _graph_with(after_attention) -> fx.GraphModule:
-    """append -> marker -> attention -> ``after_attention(graph, attention_node)``."""
+def _graph_with(after_attention, before_append=None) -> fx.GraphModule:
+    """append -> marker -> attention -> ``after_attention(graph, attention_node)``;
+    ``before_append(graph, gm, q)`` may replace the query first."""
     graph = fx.Graph()
     q, k, store = (graph.placeholder(name) for name in ("q", "k", "store_id"))
+    root = torch.nn.Module()
+    if before_append is not None:
+        q = before_append(graph, root, q)
     marker = graph.call_function(torch.ops.ihip.kv_store_append, (k, k, store, 0))
     proxy = graph.call_method("expand", (graph.call_method("view", (marker, 1, 1, 1, 1)),
                                          1, 2, 8, 4))
     attention = graph.call_function(torch.ops.ihip.attention.default,
                                     (q, proxy, proxy, q, None, None), {"layer": 0, "scale": 1.0})
     graph.output(after_attention(graph, attention))
-    return fx.GraphModule(torch.nn.Module(), graph)
+    return fx.GraphModule(root, graph)
 
 
 def test_device_work_reading_the_step_outside_a_segment_is_refused():
@@ -84,6 +91,22 @@ def test_device_work_reading_the_step_outside_a_segment_is_refused():
     status = fold_decode_step(gm, StepReplay)
     assert status.startswith("not used: device work outside a segment"), status
     assert not hasattr(gm, STEP_MODULE)
+
+
+def test_a_segment_whose_output_eager_work_reads_keeps_its_graph():
+    """Eager work between a segment and the first op that reads the segment's output cannot
+    move before the step: the fold starts at the first op, the segment replays on its own."""
+
+    def segment_then_eager(graph, root, q):
+        root.add_module("cuda_graph_segment_0", torch.nn.Identity())
+        out = graph.call_module("cuda_graph_segment_0", (q,))
+        return graph.call_function(torch.add, (out, 1))
+
+    gm = _graph_with(lambda graph, attention: attention, segment_then_eager)
+    status = fold_decode_step(gm, StepReplay)
+    assert status.endswith("from the first offloaded op"), status
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls == ["cuda_graph_segment_0", STEP_MODULE]
 
 
 def test_attention_without_an_offloaded_cache_is_not_folded():

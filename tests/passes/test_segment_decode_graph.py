@@ -17,7 +17,7 @@ from ihip_compile.config import IHipConfig
 from ihip_compile.cuda_graph_segment import GraphedSegment
 from ihip_compile.offload import OffloadedCache
 from ihip_compile.passes.segment_decode_graph import (
-    SEGMENT_PREFIX, decode_graph_problem, eager_reason, segment_decode_graph,
+    FEEDS_EAGER, SEGMENT_PREFIX, decode_graph_problem, eager_reason, is_ihip, segment_decode_graph,
 )
 from tests.models import tiny_hf
 
@@ -122,6 +122,30 @@ def test_segments_hold_no_ihip_op_and_no_symbolic_value():
         for node in segment.graph.nodes:
             if node.op in ("call_function", "call_method"):
                 assert eager_reason(node, "cpu") is None, node.format_node()
+
+
+def test_positions_made_from_the_cache_length_leave_one_segment_before_the_first_op():
+    """The ``arange(1)`` a position adds the cache length to runs eagerly, before the segment:
+    inside it, the segment would end there and a second one would follow the addition."""
+    model = tiny_hf.build("llama")
+    graphs, plans = [], []
+
+    def keep(gm, example_inputs):
+        gm = ihip_backend.rewrite(gm, IHipConfig.from_options(OPTIONS)).gm
+        if decode_graph_problem(gm, "cpu") is None:
+            plans.append(segment_decode_graph(gm, "cpu"))
+            graphs.append(gm)
+        return gm.forward
+
+    _decode(model, torch.compile(model, backend=keep), steps=3)
+    assert plans[-1].eager[FEEDS_EAGER] >= 1
+    before_op = []
+    for node in graphs[-1].graph.nodes:
+        if is_ihip(node):
+            break
+        if node.op == "call_module":
+            before_op.append(node.target)
+    assert before_op == [f"{SEGMENT_PREFIX}0"]
 
 
 def test_prefill_graphs_are_not_segmented():
