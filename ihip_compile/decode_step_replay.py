@@ -17,7 +17,8 @@ figures are in ``reports/bench/whole_step_graph/``). This module runs the folded
 Inputs: weights, the outputs of the segments that run before the stretch (their graphs write
 them in the same memory at every step; ``in_place``) and other tensors at the same address in
 consecutive steps are read in place and checked at every replay; other tensors are copied into
-buffers (a position computed at every step); a padding mask that only tells the attention there
+buffers (the step's token); the step's integers that its positions are made of are filled into
+their ``StepInt`` modules (``ihip_compile/step_int.py``); a padding mask that only tells the attention there
 is no padding is checked at every step as the op checks it (a row with padding runs the observed
 path, which takes the dense path), and is otherwise not read. The hooks' checks make a replay exactly the step the
 observed path would run (tests/e2e/test_decode_cuda_graphs.py compares the two on a GPU).
@@ -37,6 +38,7 @@ import torch.fx as fx
 from ihip_compile.kernels import step_capture
 from ihip_compile.kernels.cuda_graph import stream_capturing
 from ihip_compile.kernels.padding_check import hides_nothing
+from ihip_compile.step_int import StepInt
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class StepReplay(torch.nn.Module):
         self.capture = capture
         self.in_place = in_place if in_place is not None else set()
         self.mask_inputs = _mask_inputs(stretch)
+        self.step_ints = _step_ints(stretch)
         self.hooks: list | None = None  # of the last observed step, if it was steady
         self.last_addresses: dict[int, int] = {}
         self.replay: Callable[[], None] | None = None  # the captured step
@@ -145,6 +148,8 @@ class StepReplay(torch.nn.Module):
     def _replay(self, args, lengths: list[int]) -> tuple:
         for i, buffer in self.buffers.items():
             buffer.copy_(args[i])
+        for module, i in self.step_ints:
+            module.set(args[i])
         for hook, s_k in zip(self.hooks, lengths):
             hook.prepare(s_k)
         self.replay()
@@ -154,6 +159,19 @@ class StepReplay(torch.nn.Module):
         for t in self.outputs:
             torch.autograd.graph.increment_version(t)
         return self.outputs
+
+
+def _step_ints(stretch: fx.GraphModule) -> list[tuple[StepInt, int]]:
+    """The stretch's ``StepInt`` modules, each with the index of the input it reads."""
+    placeholders = {p: i for i, p in enumerate(n for n in stretch.graph.nodes
+                                               if n.op == "placeholder")}
+    found = []
+    for node in stretch.graph.nodes:
+        if node.op == "call_module":
+            module = stretch.get_submodule(node.target)
+            if isinstance(module, StepInt):
+                found.append((module, placeholders[node.args[0]]))
+    return found
 
 
 def _mask_inputs(stretch: fx.GraphModule) -> set[int]:

@@ -10,7 +10,11 @@ Matches   a decode graph already cut into segments (``segment_decode_graph``) wh
 Emits     one ``call_module`` node ``decode_step_replay`` that runs every node from the first
           segment to the graph's output (``wrap`` turns the extracted GraphModule into the
           runner); from the first ``ihip`` op when eager work between the segments before it
-          reads what they compute (those segments keep their own graphs). Around it:
+          reads what they compute (those segments keep their own graphs). The positions made
+          from constants and the step's integers (``arange(1) + s``, eager before the first
+          segment) join the stretch, each integer read as a ``StepInt`` module
+          (``ihip_compile/step_int.py``): one fill per step instead of two launches and a copy
+          per position. Around it:
             - pure eager nodes that read nothing inside the stretch (a padding mask's gather,
               a position's arithmetic) move before it: they run at every step as before;
             - the views of an op's marker that the graph returns (the cache's zero-stride
@@ -27,16 +31,20 @@ from __future__ import annotations
 import operator
 from typing import Callable
 
+import torch
 import torch.fx as fx
 
 from ihip_compile.passes.remove_dead_code import is_removable
 from ihip_compile.passes.segment_decode_graph import (
-    SEGMENT_PREFIX, flat_nodes, fold_run, is_ihip,
+    SEGMENT_PREFIX, example_value, flat_nodes, fold_run, is_ihip, small_value,
 )
+from ihip_compile.step_int import StepInt
 
 STEP_MODULE = "decode_step_replay"
 _OFFLOADED_OPS = ("ihip.kv_store_append", "ihip.attention")
 _MARKER_VIEWS = ("view", "expand")
+STEP_INT_PREFIX = "step_int_"
+_INT_ELEMENTWISE = (operator.add, operator.sub, operator.mul)
 
 
 def fold_decode_step(gm: fx.GraphModule, wrap: Callable[[fx.GraphModule], object]) -> str:
@@ -46,28 +54,35 @@ def fold_decode_step(gm: fx.GraphModule, wrap: Callable[[fx.GraphModule], object
     if first_op is None:
         return "not used: no offloaded op"
     first_segment = next(i for i, n in enumerate(nodes) if i == first_op or _is_segment(n))
-    plan = _plan(nodes, first_segment)
+    pulled = _step_int_work(nodes[:first_segment])
+    plan = _plan(nodes[first_segment:], pulled)
     if isinstance(plan, str) and first_segment < first_op:
-        plan = _plan(nodes, first_op)  # the segments before the first op keep their graphs
+        pulled = []  # the segments before the first op keep their graphs
+        plan = _plan(nodes[first_op:], pulled)
     if isinstance(plan, str):
         return plan
     stretch, before, after, markers = plan
-    _move_before(before, stretch[0])
+    anchor = stretch[0]
+    _move_before(before, anchor)
+    stretch = _pull_step_int_work(gm, pulled, anchor) + stretch
     _move_after(after, stretch[-1])
     _remake_returned_markers(gm, markers, set(stretch))
     fold_run(gm, stretch, STEP_MODULE, wrap)
     gm.graph.lint()
     gm.recompile()
     layers = sum(1 for n in stretch if str(n.target).startswith("ihip.attention"))
-    start = "the first segment" if _is_segment(stretch[0]) else "the first offloaded op"
-    return f"on: one graph for {layers} attention layers and {len(stretch)} nodes, from {start}"
+    start = "the first segment" if _is_segment(anchor) else "the first offloaded op"
+    ints = sum(1 for n in stretch if str(n.target).startswith(STEP_INT_PREFIX))
+    return (f"on: one graph for {layers} attention layers and {len(stretch)} nodes, from "
+            f"{start}; step integers read on the device: {ints}")
 
 
-def _plan(nodes: list[fx.Node], first: int):
-    """(stretch, before, after, markers) of a fold from ``nodes[first]`` on, or why not."""
+def _plan(region: list[fx.Node], pulled: list[fx.Node]):
+    """(stretch, before, after, markers) of a fold of ``region`` (from its first node to the
+    graph's output) with ``pulled`` in the stretch too, or why not."""
     stretch, before, after, markers = [], [], [], {}
-    inside: set[fx.Node] = set()
-    for node in nodes[first:]:
+    inside: set[fx.Node] = set(pulled)
+    for node in region:
         if node.op == "output":
             continue
         if any(a in after for a in flat_nodes((node.args, node.kwargs))):
@@ -83,6 +98,65 @@ def _plan(nodes: list[fx.Node], first: int):
     if not set(_OFFLOADED_OPS) <= targets:
         return "not used: the attention does not read an offloaded cache"
     return stretch, before, after, markers
+
+
+def _step_int_work(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The eager nodes among ``nodes`` (before the stretch) that make a step's positions from
+    constants and the step's integers: small factories (``arange(1)``) and elementwise ops of
+    such a value with an integer, each read only by such nodes, segments and ``ihip`` ops. In
+    the stretch they run in its graph, the integer read through ``StepInt``."""
+    found: list[fx.Node] = []
+    for node in nodes:
+        if _is_small_factory(node) or _int_elementwise(node, set(found)):
+            found.append(node)
+    kept = set(found)
+    for node in reversed(found):
+        if not all(u in kept or _is_segment(u) or is_ihip(u) for u in node.users):
+            kept.discard(node)
+    return [n for n in found if n in kept]
+
+
+def _is_small_factory(node: fx.Node) -> bool:
+    value = example_value(node)
+    return (node.op == "call_function" and is_removable(node)
+            and not flat_nodes((node.args, node.kwargs))
+            and isinstance(value, torch.Tensor) and small_value(value))
+
+
+def _int_elementwise(node: fx.Node, tensors: set[fx.Node]) -> bool:
+    """``t op s``/``s op t`` with ``t`` in ``tensors`` (with dimensions) and ``s`` an integer
+    node, giving a tensor with dimensions."""
+    if (node.op != "call_function" or node.target not in _INT_ELEMENTWISE or node.kwargs
+            or len(node.args) != 2):
+        return False
+    a, b = node.args
+    t, s = (a, b) if a in tensors else (b, a)
+    value = example_value(node)
+    return (t in tensors and isinstance(s, fx.Node)
+            and isinstance(example_value(s), (int, torch.SymInt))
+            and isinstance(value, torch.Tensor) and value.dim() > 0
+            and example_value(t).dim() > 0)
+
+
+def _pull_step_int_work(gm: fx.GraphModule, pulled: list[fx.Node], anchor: fx.Node
+                        ) -> list[fx.Node]:
+    """Move ``pulled`` just before ``anchor``, each integer they read replaced by a
+    ``StepInt`` module of it (one per integer); returns the nodes now before ``anchor``."""
+    made: dict[fx.Node, fx.Node] = {}
+    moved = []
+    for node in pulled:
+        for i, arg in enumerate(node.args):
+            if isinstance(arg, fx.Node) and arg not in pulled:
+                if arg not in made:
+                    name = f"{STEP_INT_PREFIX}{len(made)}"
+                    gm.add_submodule(name, StepInt(example_value(node).device))
+                    with gm.graph.inserting_before(anchor):
+                        made[arg] = gm.graph.call_module(name, (arg,))
+                    moved.append(made[arg])
+                node.update_arg(i, made[arg])
+        anchor.prepend(node)
+        moved.append(node)
+    return moved
 
 
 def _is_segment(node: fx.Node) -> bool:

@@ -127,7 +127,7 @@ def _keep_feeders_eager(graph: fx.Graph, reasons: dict[fx.Node, str | None]) -> 
     docstring); users are decided before the nodes they read."""
     free: set[fx.Node] = set()
     for node in graph.nodes:
-        if (reasons[node] is None and _small(example_value(node))
+        if (reasons[node] is None and small_value(example_value(node))
                 and all(a in free for a in flat_nodes((node.args, node.kwargs)))):
             free.add(node)
     for node in reversed(graph.nodes):
@@ -136,7 +136,8 @@ def _keep_feeders_eager(graph: fx.Graph, reasons: dict[fx.Node, str | None]) -> 
             reasons[node] = FEEDS_EAGER
 
 
-def _small(value) -> bool:
+def small_value(value) -> bool:
+    """Whether ``value`` is tensors of ``FEEDER_MAX_ELEMENTS`` elements or fewer in all."""
     tensors = _tensors(value)
     return bool(tensors) and sum(t.numel() for t in tensors) <= FEEDER_MAX_ELEMENTS
 

@@ -172,3 +172,45 @@ def test_a_dropped_store_is_not_kept_alive_by_the_hooks():
     del _STORES[id(store)], store
     assert replay.hooks[0].store is None
     assert step_capture.step_lengths(replay.hooks) is None
+
+
+def test_step_integers_are_filled_before_each_replay(monkeypatch):
+    """A position made of the step's integer (``StepInt``) reads the integer of the step being
+    replayed, not the one the capture saw."""
+    from ihip_compile import step_int
+    from ihip_compile.step_int import StepInt
+
+    store = Store()
+    plain = _stretch(store)
+    graph = fx.Graph()
+    x, w, s = (graph.placeholder(name) for name in ("x", "w", "s"))
+    position = graph.call_module("step_int_0", (s,))
+    (out,) = [n for n in plain.graph.nodes if n.op == "output"][0].args[0]
+    env = {"x": x, "w": w}
+    for node in plain.graph.nodes:
+        if node.op == "call_function":
+            env[node.name] = graph.node_copy(node, lambda n: env[n.name])
+    graph.output((graph.call_function(torch.add, (env[out.name], position)),))
+    root = torch.nn.Module()
+    root.add_module("step_int_0", StepInt(torch.device("cpu")))
+    capturing = []
+    monkeypatch.setattr(step_int, "stream_capturing", lambda: bool(capturing))
+
+    def capture(run):
+        def as_captured():  # a CUDA graph reads the buffer as it is, never running the fill
+            capturing.append(True)
+            try:
+                return run()
+            finally:
+                capturing.clear()
+
+        return rerun_capture(as_captured)
+
+    replay = StepReplay(fx.GraphModule(root, graph), capture=capture)
+    assert [i for _, i in replay.step_ints] == [2]
+    w = torch.ones(3)
+    for step in range(1, 6):
+        x = torch.full((3,), float(step))
+        (got,) = replay(x, w, 100 + step)
+        assert torch.equal(got, (x + step) * w + 100 + step), step
+    assert replay.stats == {"observed": 1, "captures": 1, "replays": 4}

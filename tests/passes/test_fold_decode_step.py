@@ -7,6 +7,9 @@ remade at every step), and what the pass refuses. Capture and replay are tested 
 tests/e2e/test_decode_cuda_graphs.py.
 """
 
+import operator
+
+import pytest
 import torch
 import torch.fx as fx
 
@@ -17,6 +20,7 @@ from ihip_compile.decode_step_replay import StepReplay
 from ihip_compile.offload import OffloadedCache
 from ihip_compile.passes.fold_decode_step import STEP_MODULE, fold_decode_step
 from ihip_compile.passes.segment_decode_graph import decode_graph_problem, segment_decode_graph
+from ihip_compile.step_int import StepInt
 from tests.models import tiny_hf
 from tests.passes.test_segment_decode_graph import OPTIONS, RerunCapture
 
@@ -59,12 +63,13 @@ def test_folded_decode_gives_the_same_tokens_through_generate():
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
     status, gm = folds[-1]
     assert status.startswith("on: one graph for 2 attention layers"), status
-    assert status.endswith("from the first segment"), status
+    assert "from the first segment; step integers read on the device: 1" in status, status
     outside = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target != STEP_MODULE]
     assert not outside, "the segments before the first offloaded op run inside the step too"
     step = getattr(gm, STEP_MODULE)
     assert step.stats["observed"] >= 10 and step.stats["replays"] == 0
     assert step.mask_inputs, "the padding mask is an input the captured step does not read"
+    assert len(step.step_ints) == 1, "the query positions read the cache length on the device"
     ops = [n for n in gm.graph.nodes if str(n.target).startswith("ihip.")]
     assert not ops, "every offloaded op runs inside the folded module"
 
@@ -93,6 +98,17 @@ def test_device_work_reading_the_step_outside_a_segment_is_refused():
     assert not hasattr(gm, STEP_MODULE)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float32])
+@pytest.mark.parametrize("op", [operator.add, operator.sub, operator.mul])
+def test_a_step_integer_on_the_device_gives_the_values_and_dtype_of_the_integer(op, dtype):
+    index = torch.arange(3, dtype=dtype)
+    s = 1 << 20
+    want = op(index, s), op(s, index)
+    got = op(index, StepInt(torch.device("cpu"))(s)), op(StepInt(torch.device("cpu"))(s), index)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
 def test_a_segment_whose_output_eager_work_reads_keeps_its_graph():
     """Eager work between a segment and the first op that reads the segment's output cannot
     move before the step: the fold starts at the first op, the segment replays on its own."""
@@ -104,7 +120,7 @@ def test_a_segment_whose_output_eager_work_reads_keeps_its_graph():
 
     gm = _graph_with(lambda graph, attention: attention, segment_then_eager)
     status = fold_decode_step(gm, StepReplay)
-    assert status.endswith("from the first offloaded op"), status
+    assert "from the first offloaded op;" in status, status
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert calls == ["cuda_graph_segment_0", STEP_MODULE]
 
