@@ -107,8 +107,8 @@ class IHipConfig:
     # Replay a CUDA decode step's static work (the model's own layers between attention calls)
     # as CUDA graphs: a decode step is launch-bound (ihip_compile/cuda_graph_segment.py).
     decode_cuda_graphs: bool = True
-    # With them, and the KV in host memory: a decode step between refreshes, from the first
-    # layer's append on, replayed as one CUDA graph (ihip_compile/decode_step_replay.py).
+    # With them, and the KV in host memory: a decode step between refreshes, from the embedding
+    # to the logits, replayed as one CUDA graph (ihip_compile/decode_step_replay.py).
     decode_step_graph: bool = True
     # --- RoPE beyond the training window -------------------------------------------------------
     rope_remap: str = "auto"
